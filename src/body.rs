@@ -1,0 +1,143 @@
+//! Request and response bodies: the caller's stream, or bytes the layer holds.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+pin_project! {
+    /// The body of a request the inner service receives.
+    ///
+    /// Passed-through requests carry the caller's body as it streams in; a job's replayed
+    /// request carries the body the layer buffered at kick-off. axum's `Router` and most
+    /// services accept any body type, so this is invisible to them.
+    // pin-project-lite takes no doc comments on fields; the variants say what they hold.
+    #[allow(missing_docs)]
+    #[project = RequestBodyProj]
+    pub enum RequestBody<B> {
+        /// The caller's body, streaming (pass-through).
+        Streaming {
+            #[pin]
+            body: B,
+        },
+        /// A body held in memory (a job's replayed request).
+        Buffered {
+            data: Option<Bytes>,
+        },
+    }
+}
+
+impl<B> RequestBody<B> {
+    /// Wraps a streaming body.
+    pub fn streaming(body: B) -> Self {
+        Self::Streaming { body }
+    }
+
+    /// A body of the given bytes.
+    pub fn buffered(data: Bytes) -> Self {
+        Self::Buffered {
+            data: Some(data).filter(|d| !d.is_empty()),
+        }
+    }
+}
+
+impl<B> Body for RequestBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.project() {
+            RequestBodyProj::Streaming { body } => body.poll_frame(cx),
+            RequestBodyProj::Buffered { data } => {
+                Poll::Ready(data.take().map(|d| Ok(Frame::data(d))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Streaming { body } => body.is_end_stream(),
+            Self::Buffered { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Streaming { body } => body.size_hint(),
+            Self::Buffered { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// The body of a response from the layer: the inner service's, or the layer's own.
+    #[allow(missing_docs)]
+    #[project = ResponseBodyProj]
+    pub enum ResponseBody<B> {
+        /// The inner service's body, untouched (pass-through).
+        Inner {
+            #[pin]
+            body: B,
+        },
+        /// A body the layer wrote (status, completion, errors).
+        Full {
+            data: Option<Bytes>,
+        },
+    }
+}
+
+impl<B> ResponseBody<B> {
+    pub(crate) fn inner(body: B) -> Self {
+        Self::Inner { body }
+    }
+
+    pub(crate) fn full(data: Bytes) -> Self {
+        Self::Full {
+            data: Some(data).filter(|d| !d.is_empty()),
+        }
+    }
+}
+
+impl<B> Body for ResponseBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.project() {
+            ResponseBodyProj::Inner { body } => body.poll_frame(cx),
+            ResponseBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Inner { body } => body.is_end_stream(),
+            Self::Full { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Inner { body } => body.size_hint(),
+            Self::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! [`JobContext`]: what a cooperating inner service can see of the job it is running in.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::job::JobId;
+
+/// The longest `X-Progress` text sent, in characters (STATUS-4: under 100).
+const MAX_PROGRESS_CHARS: usize = 99;
+
+/// Inserted into the extensions of every request a job replays to the inner service.
+///
+/// A handler that finds it can report progress, which pollers see as `X-Progress`, and watch for
+/// cancellation to stop early. Handlers that ignore it still work: a cancelled job's inner future
+/// is dropped either way.
+///
+/// ```
+/// use axum::{Extension, Json};
+/// use tower_fhir_async::JobContext;
+///
+/// async fn reindex(job: Option<Extension<JobContext>>) -> Json<serde_json::Value> {
+///     for step in 0..10u8 {
+///         if let Some(Extension(job)) = &job {
+///             if job.is_cancelled() {
+///                 break;
+///             }
+///             job.set_percent(step * 10);
+///         }
+///         // ... one step of work ...
+///     }
+///     Json(serde_json::json!({"resourceType": "Parameters"}))
+/// }
+/// # let _ = axum::Router::<()>::new().route("/$reindex", axum::routing::post(reindex));
+/// ```
+#[derive(Clone)]
+pub struct JobContext {
+    shared: Arc<JobShared>,
+}
+
+/// State shared between a running job, its context and the layer's registry.
+pub(crate) struct JobShared {
+    pub(crate) id: JobId,
+    pub(crate) cancel: CancellationToken,
+    /// Set when the job is stopped by shutdown rather than by its caller.
+    pub(crate) stopped_by_shutdown: AtomicBool,
+    progress: Mutex<Option<Box<str>>>,
+}
+
+impl JobShared {
+    pub(crate) fn new(id: JobId) -> Arc<Self> {
+        Arc::new(Self {
+            id,
+            cancel: CancellationToken::new(),
+            stopped_by_shutdown: AtomicBool::new(false),
+            progress: Mutex::new(None),
+        })
+    }
+
+    pub(crate) fn progress(&self) -> Option<Box<str>> {
+        self.progress.lock().map_or(None, |p| p.clone())
+    }
+
+    pub(crate) fn is_stopped_by_shutdown(&self) -> bool {
+        self.stopped_by_shutdown.load(Ordering::Acquire)
+    }
+}
+
+impl JobContext {
+    pub(crate) fn new(shared: Arc<JobShared>) -> Self {
+        Self { shared }
+    }
+
+    /// The job's id.
+    pub fn id(&self) -> JobId {
+        self.shared.id
+    }
+
+    /// Reports progress as free text, sent as `X-Progress` on status polls. Kept to printable
+    /// ASCII and under 100 characters (STATUS-4); other characters become `?`.
+    pub fn set_progress(&self, text: impl AsRef<str>) {
+        let clean: Box<str> = text
+            .as_ref()
+            .chars()
+            .take(MAX_PROGRESS_CHARS)
+            .map(|c| {
+                if c.is_ascii_graphic() || c == ' ' {
+                    c
+                } else {
+                    '?'
+                }
+            })
+            .collect();
+        if let Ok(mut progress) = self.shared.progress.lock() {
+            *progress = Some(clean);
+        }
+    }
+
+    /// Reports progress as a percentage, sent as `X-Progress: 42% complete` (clamped to 100).
+    pub fn set_percent(&self, percent: u8) {
+        self.set_progress(format!("{}% complete", percent.min(100)));
+    }
+
+    /// Whether the job has been cancelled (by its caller, or by shutdown).
+    pub fn is_cancelled(&self) -> bool {
+        self.shared.cancel.is_cancelled()
+    }
+
+    /// Resolves when the job is cancelled.
+    pub fn cancelled(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.shared.cancel.clone().cancelled_owned()
+    }
+}
+
+impl fmt::Debug for JobContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JobContext")
+            .field("id", &self.shared.id)
+            .field("cancelled", &self.is_cancelled())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // STATUS-4: progress text is printable ASCII under 100 characters.
+    #[test]
+    fn status_4_progress_is_short_ascii() {
+        let ctx = JobContext::new(JobShared::new(JobId::new()));
+        ctx.set_progress(format!("ünï\r\n{}", "x".repeat(500)));
+        let progress = ctx.shared.progress().unwrap();
+        assert_eq!(progress.chars().count(), 99);
+        assert!(progress.starts_with("?n??"));
+        assert!(
+            progress
+                .bytes()
+                .all(|b| b.is_ascii_graphic() || b == b' ' || b == b'?')
+        );
+        ctx.set_percent(250);
+        assert_eq!(&*ctx.shared.progress().unwrap(), "100% complete");
+    }
+
+    #[tokio::test]
+    async fn cancellation_is_visible() {
+        let shared = JobShared::new(JobId::new());
+        let ctx = JobContext::new(shared.clone());
+        assert!(!ctx.is_cancelled());
+        let waiter = tokio::spawn(ctx.cancelled());
+        shared.cancel.cancel();
+        waiter.await.unwrap();
+        assert!(ctx.is_cancelled());
+    }
+}

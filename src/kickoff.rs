@@ -1,0 +1,357 @@
+//! Kick-off: check the request, buffer its body, record the job, spawn it, answer `202`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, CACHE_CONTROL, CONTENT_LOCATION, RETRY_AFTER};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body::Body;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tower_service::Service;
+
+use crate::body::RequestBody;
+use crate::context::JobContext;
+use crate::future::add_vary_prefer;
+use crate::job::{JobId, JobKind, JobRecord};
+use crate::layer::Shared;
+use crate::outcome::{self, IssueCode, NO_STORE, error_response};
+use crate::prefer::{self, PREFERENCE_APPLIED};
+use crate::routes::no_host;
+use crate::store::BoxError;
+
+/// How long a client should wait before retrying a refused kick-off.
+const KICK_OFF_RETRY: Duration = Duration::from_secs(5);
+
+/// Takes an eligible `respond-async` request: either `202` with a status URL, or a synchronous
+/// refusal with an OperationOutcome (KICK-5).
+pub(crate) async fn kick_off<S, ReqB, ResB>(
+    shared: Arc<Shared>,
+    inner: S,
+    request: Request<ReqB>,
+) -> Response<Bytes>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    ReqB: Body<Data = Bytes> + Send + 'static,
+    ReqB::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    let config = &shared.config;
+    let runner = &shared.runner;
+    if runner.is_shutting_down() {
+        return outcome::unavailable(
+            "The server is shutting down and accepts no new asynchronous requests; try again shortly.",
+            KICK_OFF_RETRY,
+        );
+    }
+    let (mut parts, body) = request.into_parts();
+    if let Some(refusal) = check_format(&parts.uri, &parts.headers) {
+        return refusal;
+    }
+    let Some(base) = config.public_base(&parts.uri, &parts.headers) else {
+        return no_host();
+    };
+    if query_has_output_format(&parts.uri) {
+        return bulk_not_supported();
+    }
+    let body = match buffer(body, &parts.headers, config.body_limit).await {
+        Ok(body) => body,
+        Err(refusal) => return refusal,
+    };
+    if body_has_output_format(&parts.headers, &body) {
+        return bulk_not_supported();
+    }
+
+    let id = JobId::new();
+    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let record = JobRecord::new(
+        id,
+        JobKind::Interaction,
+        parts.method.as_str(),
+        target,
+        runner.clock.now(),
+    );
+    let span = tracing::info_span!("fhir_async_job", job.id = %id, http.method = %parts.method, http.path = %parts.uri.path());
+    // KICK-9: the job is recorded before anything runs, so the first poll can never 404.
+    if let Err(error) = runner.store.create(record).await {
+        tracing::warn!(parent: &span, %error, "recording a new job failed");
+        return outcome::unavailable(
+            "The job store is temporarily unavailable; send the request again later.",
+            KICK_OFF_RETRY,
+        );
+    }
+
+    let job = runner.register(id);
+    let is_get_or_head = matches!(parts.method, Method::GET | Method::HEAD);
+    // PREFER-9: the inner service never sees `respond-async` or `wait`; the rest is forwarded.
+    prefer::strip_async_preferences(&mut parts.headers);
+    parts.headers.remove(header::TRANSFER_ENCODING);
+    parts.headers.remove(header::EXPECT);
+    if !body.is_empty() || parts.headers.contains_key(header::CONTENT_LENGTH) {
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    }
+    parts.extensions.insert(JobContext::new(job.clone()));
+    let replay = Request::from_parts(parts, RequestBody::buffered(body));
+    tracing::info!(parent: &span, "asynchronous job accepted");
+    runner.spawn(shared.clone(), job, inner, replay, span);
+
+    accepted(&config.status_url(&base, &id), is_get_or_head)
+}
+
+/// `202 Accepted` + absolute `Content-Location` (KICK-2, KICK-3, KICK-10, PREFER-10).
+fn accepted(status_url: &str, vary: bool) -> Response<Bytes> {
+    let mut response = Response::new(Bytes::new());
+    *response.status_mut() = StatusCode::ACCEPTED;
+    let headers = response.headers_mut();
+    if let Ok(location) = HeaderValue::from_str(status_url) {
+        headers.insert(CONTENT_LOCATION, location);
+    }
+    headers.insert(
+        PREFERENCE_APPLIED,
+        HeaderValue::from_static("respond-async"),
+    );
+    headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    headers.insert(CACHE_CONTROL, NO_STORE);
+    if vary {
+        add_vary_prefer(headers);
+    }
+    response
+}
+
+/// KICK-7: the Bundle and OperationOutcomes are JSON; a request that accepts no JSON (or asks for
+/// another `_format`) is refused now rather than failed at completion.
+fn check_format(uri: &Uri, headers: &HeaderMap) -> Option<Response<Bytes>> {
+    if let Some(format) = query_values(uri, "_format").next() {
+        let format = format.trim().to_ascii_lowercase();
+        let json = matches!(
+            format.as_str(),
+            "json" | "application/json" | "application/fhir+json" | "application/json+fhir"
+        ) || format.starts_with("application/fhir+json;")
+            || format.starts_with("application/json;");
+        if !json {
+            return Some(not_acceptable(&format!(
+                "_format={format} cannot be produced for an asynchronous request; only JSON (application/fhir+json) is \
+                 supported."
+            )));
+        }
+        return None;
+    }
+    let mut ranges = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter(|range| !range.trim().is_empty())
+        .peekable();
+    if ranges.peek().is_none() {
+        return None;
+    }
+    if ranges.any(accepts_json) {
+        return None;
+    }
+    Some(not_acceptable(
+        "The Accept header allows no JSON; the results of asynchronous requests are application/fhir+json. Send \
+         Accept: application/fhir+json.",
+    ))
+}
+
+/// Whether one media range of `Accept` admits `application/fhir+json` with a non-zero quality.
+fn accepts_json(range: &str) -> bool {
+    let mut pieces = range.split(';');
+    let media = pieces
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    let zero_quality = pieces.any(|param| {
+        let (name, value) = param.split_once('=').unwrap_or((param, ""));
+        name.trim().eq_ignore_ascii_case("q") && value.trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
+    });
+    !zero_quality
+        && matches!(
+            media.as_str(),
+            "application/fhir+json"
+                | "application/json"
+                | "application/json+fhir"
+                | "application/*"
+                | "*/*"
+        )
+}
+
+fn not_acceptable(diagnostics: &str) -> Response<Bytes> {
+    error_response(
+        StatusCode::NOT_ACCEPTABLE,
+        IssueCode::NotSupported,
+        diagnostics,
+    )
+}
+
+/// SEL-4: `_outputFormat` asks for the bulk pattern, which this layer does not offer.
+fn bulk_not_supported() -> Response<Bytes> {
+    error_response(
+        StatusCode::BAD_REQUEST,
+        IssueCode::NotSupported,
+        "_outputFormat asks for the asynchronous bulk data pattern, which is not supported for this request. Send \
+         the request without _outputFormat to get a batch-response Bundle.",
+    )
+}
+
+/// The decoded values of query parameter `name`.
+fn query_values<'a>(uri: &'a Uri, name: &'a str) -> impl Iterator<Item = String> + 'a {
+    form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
+        .filter(move |(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
+}
+
+fn query_has_output_format(uri: &Uri) -> bool {
+    query_values(uri, "_outputFormat").next().is_some()
+}
+
+/// SEL-6: `_outputFormat` in a form body or a `Parameters` body.
+fn body_has_output_format(headers: &HeaderMap, body: &[u8]) -> bool {
+    const NAME: &[u8] = b"_outputFormat";
+    if !body.windows(NAME.len()).any(|w| w == NAME) {
+        return false;
+    }
+    let media = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    match media.as_str() {
+        "application/x-www-form-urlencoded" => {
+            form_urlencoded::parse(body).any(|(key, _)| key == "_outputFormat")
+        }
+        "application/fhir+json" | "application/json" | "application/json+fhir" => {
+            #[derive(serde::Deserialize)]
+            struct Parameters {
+                #[serde(rename = "resourceType")]
+                resource_type: String,
+                #[serde(default)]
+                parameter: Vec<Parameter>,
+            }
+            #[derive(serde::Deserialize)]
+            struct Parameter {
+                #[serde(default)]
+                name: String,
+            }
+            serde_json::from_slice::<Parameters>(body).is_ok_and(|p| {
+                p.resource_type == "Parameters"
+                    && p.parameter.iter().any(|p| p.name == "_outputFormat")
+            })
+        }
+        _ => false,
+    }
+}
+
+/// Reads the whole request body under `limit` bytes; `413` over it, `400` if reading fails.
+async fn buffer<B>(body: B, headers: &HeaderMap, limit: usize) -> Result<Bytes, Response<Bytes>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let too_large = || {
+        error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            IssueCode::TooCostly,
+            &format!(
+                "The request body is larger than the {limit} bytes accepted for asynchronous requests."
+            ),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64)
+        || body.size_hint().lower() > limit as u64
+    {
+        return Err(too_large());
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<LengthLimitError>() => Err(too_large()),
+        Err(error) => Err(error_response(
+            StatusCode::BAD_REQUEST,
+            IssueCode::Invalid,
+            &format!("The request body could not be read: {error}"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn accept(values: &[&str]) -> Option<u16> {
+        let mut headers = HeaderMap::new();
+        for v in values {
+            headers.append(header::ACCEPT, HeaderValue::from_str(v).unwrap());
+        }
+        check_format(&"/fhir/Patient".parse().unwrap(), &headers).map(|r| r.status().as_u16())
+    }
+
+    // KICK-7 and interop.md: accept lists and q values, never an exact string.
+    #[test]
+    fn kick_7_accept_negotiation() {
+        assert_eq!(accept(&[]), None);
+        assert_eq!(accept(&["application/fhir+json"]), None);
+        assert_eq!(accept(&["application/fhir+json, */*; q=0.1"]), None);
+        assert_eq!(accept(&["application/json"]), None);
+        assert_eq!(accept(&["*/*"]), None);
+        assert_eq!(accept(&["text/html", "application/fhir+json;q=0.5"]), None);
+        assert_eq!(accept(&["application/fhir+xml"]), Some(406));
+        assert_eq!(
+            accept(&["application/fhir+json;q=0, application/fhir+xml"]),
+            Some(406)
+        );
+        assert_eq!(accept(&["text/csv"]), Some(406));
+    }
+
+    #[test]
+    fn kick_7_format_parameter_overrides_accept() {
+        let check = |uri: &str| {
+            check_format(&uri.parse().unwrap(), &HeaderMap::new()).map(|r| r.status().as_u16())
+        };
+        assert_eq!(check("/fhir/Patient?_format=json"), None);
+        assert_eq!(
+            check("/fhir/Patient?_format=application%2Ffhir%2Bjson"),
+            None
+        );
+        assert_eq!(check("/fhir/Patient?_format=xml"), Some(406));
+    }
+
+    // SEL-4, SEL-6: `_outputFormat` in the query, a form body or a Parameters body.
+    #[test]
+    fn sel_6_output_format_is_found_everywhere() {
+        assert!(query_has_output_format(
+            &"/fhir/Patient?_outputFormat=ndjson".parse().unwrap()
+        ));
+        assert!(!query_has_output_format(
+            &"/fhir/Patient?name=_outputFormat".parse().unwrap()
+        ));
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-www-form-urlencoded"),
+        );
+        assert!(body_has_output_format(
+            &headers,
+            b"name=x&_outputFormat=ndjson"
+        ));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let params = br#"{"resourceType":"Parameters","parameter":[{"name":"_outputFormat","valueString":"ndjson"}]}"#;
+        assert!(body_has_output_format(&headers, params));
+        let patient = br#"{"resourceType":"Patient","name":[{"text":"_outputFormat"}]}"#;
+        assert!(!body_has_output_format(&headers, patient));
+    }
+}

@@ -1,0 +1,561 @@
+//! [`AsyncLayer`], its builder, and the configuration every service clone shares.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderMap, Method, Uri};
+use tower_layer::Layer;
+
+use crate::clock::Clock;
+use crate::job::JobId;
+use crate::runner::Runner;
+use crate::service::AsyncService;
+use crate::shutdown::ShutdownHandle;
+use crate::store::{DynStore, JobStore};
+
+/// Adds the FHIR asynchronous request patterns to the service it wraps.
+///
+/// A request with `Prefer: respond-async` that the layer finds eligible is recorded in the job
+/// store, answered at once with `202 Accepted` and an absolute `Content-Location` status URL, and
+/// replayed to the inner service in the background. The layer serves the status (`GET`/`HEAD`)
+/// and cancel (`DELETE`) routes under `{base path}{status path}/` itself. Every other request
+/// passes through untouched.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower::ServiceBuilder;
+/// use tower_fhir_async::{AsyncLayer, MemoryStore};
+///
+/// # async fn fhir(_: http::Request<tower_fhir_async::RequestBody<String>>)
+/// #     -> Result<http::Response<String>, std::convert::Infallible> { unimplemented!() }
+/// let layer = AsyncLayer::builder(MemoryStore::default())
+///     .base_url("https://fhir.example.org/fhir")
+///     .retention(Duration::from_secs(24 * 3600))
+///     .build();
+/// let service = ServiceBuilder::new().layer(layer).service_fn(fhir);
+/// # drop(service);
+/// ```
+#[derive(Clone)]
+pub struct AsyncLayer {
+    shared: Arc<Shared>,
+}
+
+/// What every clone of the service shares: configuration and the job runner.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) runner: Runner,
+}
+
+impl AsyncLayer {
+    /// Starts configuring a layer that keeps its jobs in `store`.
+    pub fn builder<S: JobStore>(store: S) -> AsyncLayerBuilder {
+        AsyncLayerBuilder::new(Arc::new(store))
+    }
+
+    /// A layer with the default configuration, keeping its jobs in `store`.
+    pub fn new<S: JobStore>(store: S) -> Self {
+        Self::builder(store).build()
+    }
+
+    /// A handle to shut the layer down gracefully (see [`ShutdownHandle::shutdown`]).
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle::new(self.shared.clone())
+    }
+
+    /// A task that deletes expired jobs from the store every `every`, to reclaim space. Spawn
+    /// it once; it runs until dropped or aborted. Expired jobs are never served either way.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// # let layer = tower_fhir_async::AsyncLayer::new(tower_fhir_async::MemoryStore::default());
+    /// let sweeper = tokio::spawn(layer.sweeper(std::time::Duration::from_secs(60)));
+    /// # sweeper.abort();
+    /// # }
+    /// ```
+    pub fn sweeper(&self, every: Duration) -> impl Future<Output = ()> + Send + 'static {
+        let shared = self.shared.clone();
+        let every = every.max(Duration::from_millis(1));
+        async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let runner = &shared.runner;
+                match runner.store.sweep(runner.clock.now()).await {
+                    Ok(0) => {}
+                    Ok(swept) => tracing::debug!(swept, "swept expired asynchronous jobs"),
+                    Err(error) => {
+                        tracing::warn!(%error, "sweeping expired asynchronous jobs failed")
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<S> Layer<S> for AsyncLayer {
+    type Service = AsyncService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AsyncService::new(inner, self.shared.clone())
+    }
+}
+
+impl fmt::Debug for AsyncLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AsyncLayer")
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The method, URI and headers of a request, as the eligibility predicate sees them.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct RequestHead<'a> {
+    /// The request method.
+    pub method: &'a Method,
+    /// The request URI (path and query as the wrapped service sees them).
+    pub uri: &'a Uri,
+    /// The request headers.
+    pub headers: &'a HeaderMap,
+}
+
+type Predicate = dyn Fn(&RequestHead<'_>) -> bool + Send + Sync;
+
+/// The layer's configuration, fixed at build time.
+pub(crate) struct Config {
+    /// The public FHIR base URL without a trailing slash, when configured.
+    pub(crate) public_base: Option<String>,
+    /// The scheme of status URLs derived from `Host` when no base URL is configured.
+    pub(crate) scheme: String,
+    /// The FHIR base's path as the wrapped service sees it ("" or "/fhir").
+    pub(crate) base_path: String,
+    /// The status routes' path under the base ("/_async").
+    pub(crate) status_path: String,
+    /// `base_path + status_path`: requests under it are the layer's own.
+    pub(crate) route_prefix: String,
+    /// `GET [base]/metadata`, never asynchronous by default.
+    pub(crate) metadata_path: String,
+    pub(crate) retention: Duration,
+    pub(crate) body_limit: usize,
+    pub(crate) result_limit: usize,
+    pub(crate) max_retry_after: Duration,
+    pub(crate) max_run_time: Option<Duration>,
+    pub(crate) eligible: Option<Arc<Predicate>>,
+}
+
+impl Config {
+    /// Whether a request may go asynchronous (SEL-1): never the layer's own routes (checked
+    /// before this), by default not `GET [base]/metadata`, else the user's predicate.
+    pub(crate) fn is_eligible(&self, head: &RequestHead<'_>) -> bool {
+        match &self.eligible {
+            Some(predicate) => predicate(head),
+            None => {
+                !(matches!(*head.method, Method::GET | Method::HEAD)
+                    && head.uri.path() == self.metadata_path)
+            }
+        }
+    }
+
+    /// Whether `path` is one of the layer's own routes.
+    pub(crate) fn is_own_route(&self, path: &str) -> bool {
+        path.strip_prefix(self.route_prefix.as_str())
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    }
+
+    /// The absolute FHIR base URL for a request: the configured one, else derived from `Host`
+    /// (or the URI's authority). `None` when neither gives a usable host.
+    pub(crate) fn public_base(&self, uri: &Uri, headers: &HeaderMap) -> Option<String> {
+        if let Some(base) = &self.public_base {
+            return Some(base.clone());
+        }
+        let authority = match headers.get(http::header::HOST) {
+            Some(host) => host.to_str().ok()?.parse::<http::uri::Authority>().ok()?,
+            None => uri.authority()?.clone(),
+        };
+        if authority.as_str().contains('@') {
+            return None;
+        }
+        Some(format!("{}://{}{}", self.scheme, authority, self.base_path))
+    }
+
+    /// The absolute status URL of a job.
+    pub(crate) fn status_url(&self, base: &str, id: &JobId) -> String {
+        format!("{base}{}/{id}", self.status_path)
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("public_base", &self.public_base)
+            .field("scheme", &self.scheme)
+            .field("base_path", &self.base_path)
+            .field("status_path", &self.status_path)
+            .field("retention", &self.retention)
+            .field("body_limit", &self.body_limit)
+            .field("result_limit", &self.result_limit)
+            .field("max_retry_after", &self.max_retry_after)
+            .field("max_run_time", &self.max_run_time)
+            .field("eligible", &self.eligible.as_ref().map(|_| "custom"))
+            .finish()
+    }
+}
+
+/// Configures an [`AsyncLayer`]. Setters consume and return the builder.
+///
+/// | setting | default |
+/// |---|---|
+/// | [`base_url`](Self::base_url) | derived from each request's `Host` and [`scheme`](Self::scheme) |
+/// | [`base_path`](Self::base_path) | the path of `base_url`, else `""` |
+/// | [`status_path`](Self::status_path) | `/_async` |
+/// | [`retention`](Self::retention) | 24 hours after completion |
+/// | [`body_limit`](Self::body_limit) | 16 MiB |
+/// | [`result_limit`](Self::result_limit) | 64 MiB |
+/// | [`max_retry_after`](Self::max_retry_after) | 30 s |
+/// | [`max_run_time`](Self::max_run_time) | none |
+/// | [`eligible`](Self::eligible) | every request but `GET [base]/metadata` |
+#[must_use]
+pub struct AsyncLayerBuilder {
+    store: Arc<dyn DynStore>,
+    base_url: Option<String>,
+    scheme: String,
+    base_path: Option<String>,
+    status_path: String,
+    retention: Duration,
+    body_limit: usize,
+    result_limit: usize,
+    max_retry_after: Duration,
+    max_run_time: Option<Duration>,
+    lease: Duration,
+    instance_id: Option<String>,
+    eligible: Option<Arc<Predicate>>,
+}
+
+impl AsyncLayerBuilder {
+    fn new(store: Arc<dyn DynStore>) -> Self {
+        Self {
+            store,
+            base_url: None,
+            scheme: "http".to_owned(),
+            base_path: None,
+            status_path: "/_async".to_owned(),
+            retention: Duration::from_secs(24 * 3600),
+            body_limit: 16 * 1024 * 1024,
+            result_limit: 64 * 1024 * 1024,
+            max_retry_after: Duration::from_secs(30),
+            max_run_time: None,
+            lease: Duration::from_secs(30),
+            instance_id: None,
+            eligible: None,
+        }
+    }
+
+    /// The public, absolute base URL of the FHIR server, e.g. `https://fhir.example.org/fhir`.
+    /// Status URLs are built from it (KICK-3). Its path is also taken as the base path the
+    /// wrapped service sees, unless [`base_path`](Self::base_path) says otherwise.
+    pub fn base_url(mut self, url: impl Into<String>) -> Self {
+        self.base_url = Some(url.into());
+        self
+    }
+
+    /// The scheme (`http` or `https`) of status URLs derived from the request's `Host` when no
+    /// [`base_url`](Self::base_url) is set. Default `http`.
+    pub fn scheme(mut self, scheme: impl Into<String>) -> Self {
+        self.scheme = scheme.into();
+        self
+    }
+
+    /// The path of the FHIR base as the wrapped service sees it (e.g. `/fhir`, or `""` for the
+    /// root). Set it when a proxy in front rewrites paths so that it differs from the path of
+    /// [`base_url`](Self::base_url).
+    pub fn base_path(mut self, path: impl Into<String>) -> Self {
+        self.base_path = Some(path.into());
+        self
+    }
+
+    /// Where the layer's own routes live, under the base path. Default `/_async`.
+    pub fn status_path(mut self, path: impl Into<String>) -> Self {
+        self.status_path = path.into();
+        self
+    }
+
+    /// How long a finished job's result stays available (EXPIRE-1, EXPIRE-4). Default 24 hours.
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// The largest kick-off request body buffered, in bytes; larger ones get `413`. Default 16 MiB.
+    pub fn body_limit(mut self, bytes: usize) -> Self {
+        self.body_limit = bytes;
+        self
+    }
+
+    /// The largest inner response body kept as a result, in bytes; a larger result fails the job
+    /// with a `too-costly` outcome. Default 64 MiB.
+    pub fn result_limit(mut self, bytes: usize) -> Self {
+        self.result_limit = bytes;
+        self
+    }
+
+    /// The largest `Retry-After` sent while a job runs. It starts at 1 s and grows with the job's
+    /// age up to this cap. Default 30 s.
+    pub fn max_retry_after(mut self, cap: Duration) -> Self {
+        self.max_retry_after = cap;
+        self
+    }
+
+    /// The longest a job may run; a job that takes longer is stopped and fails with a `504`
+    /// `timeout` outcome. Default: no limit.
+    pub fn max_run_time(mut self, limit: Duration) -> Self {
+        self.max_run_time = Some(limit);
+        self
+    }
+
+    /// How long a running job's lease lasts before it must be renewed. Default 30 s.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// This instance's id, recorded with the jobs it runs. Default: random per layer.
+    pub fn instance_id(mut self, id: impl Into<String>) -> Self {
+        self.instance_id = Some(id.into());
+        self
+    }
+
+    /// Decides which requests with `Prefer: respond-async` run asynchronously (SEL-1). Others
+    /// are processed synchronously, as RFC 7240 allows. The layer's own routes are never
+    /// eligible. Default: every request except `GET`/`HEAD [base]/metadata`.
+    ///
+    /// ```
+    /// use http::Method;
+    /// use tower_fhir_async::{AsyncLayer, MemoryStore};
+    ///
+    /// // Only operations (`$name`) and writes may run asynchronously.
+    /// let layer = AsyncLayer::builder(MemoryStore::default())
+    ///     .eligible(|head| head.uri.path().contains("/$") || head.method != Method::GET)
+    ///     .build();
+    /// # drop(layer);
+    /// ```
+    pub fn eligible<F>(mut self, predicate: F) -> Self
+    where
+        F: Fn(&RequestHead<'_>) -> bool + Send + Sync + 'static,
+    {
+        self.eligible = Some(Arc::new(predicate));
+        self
+    }
+
+    /// Builds the layer.
+    ///
+    /// # Panics
+    ///
+    /// When the configuration is invalid; [`try_build`](Self::try_build) returns the error instead.
+    pub fn build(self) -> AsyncLayer {
+        match self.try_build() {
+            Ok(layer) => layer,
+            Err(error) => panic!("invalid AsyncLayer configuration: {error}"),
+        }
+    }
+
+    /// Builds the layer, or says which setting is invalid.
+    pub fn try_build(self) -> Result<AsyncLayer, BuildError> {
+        let (public_base, url_path) = match &self.base_url {
+            Some(url) => {
+                let (base, path) = parse_base_url(url)?;
+                (Some(base), path)
+            }
+            None => (None, String::new()),
+        };
+        if self.scheme != "http" && self.scheme != "https" {
+            return Err(BuildError(format!(
+                "scheme must be `http` or `https`, not {:?}",
+                self.scheme
+            )));
+        }
+        let base_path = match self.base_path {
+            Some(path) => check_path(&path, "base_path", true)?,
+            None => url_path,
+        };
+        let status_path = check_path(&self.status_path, "status_path", false)?;
+        for (name, value) in [
+            ("body_limit", self.body_limit),
+            ("result_limit", self.result_limit),
+        ] {
+            if value == 0 {
+                return Err(BuildError(format!("{name} must be at least one byte")));
+            }
+        }
+        if self.lease.is_zero() {
+            return Err(BuildError("lease must be longer than zero".to_owned()));
+        }
+        let instance = self.instance_id.unwrap_or_else(|| JobId::new().to_string());
+        let config = Config {
+            public_base,
+            scheme: self.scheme,
+            route_prefix: format!("{base_path}{status_path}"),
+            metadata_path: format!("{base_path}/metadata"),
+            base_path,
+            status_path,
+            retention: self.retention,
+            body_limit: self.body_limit,
+            result_limit: self.result_limit,
+            max_retry_after: self.max_retry_after.max(Duration::from_secs(1)),
+            max_run_time: self.max_run_time,
+            eligible: self.eligible,
+        };
+        let runner = Runner::new(self.store, Clock::new(), instance, self.lease);
+        Ok(AsyncLayer {
+            shared: Arc::new(Shared { config, runner }),
+        })
+    }
+}
+
+impl fmt::Debug for AsyncLayerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AsyncLayerBuilder")
+            .field("base_url", &self.base_url)
+            .field("status_path", &self.status_path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Splits an absolute `http(s)` base URL into its text without a trailing slash and its path.
+fn parse_base_url(url: &str) -> Result<(String, String), BuildError> {
+    let bad = |why: &str| BuildError(format!("base_url {url:?} {why}"));
+    let uri: Uri = url.parse().map_err(|_| bad("is not a valid URL"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => return Err(bad("must start with http:// or https://")),
+    }
+    let authority = uri.authority().ok_or_else(|| bad("has no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(bad("must not carry credentials"));
+    }
+    if uri.query().is_some() || url.contains('#') {
+        return Err(bad("must not have a query or fragment"));
+    }
+    let path = uri.path().trim_end_matches('/').to_owned();
+    let path = check_path(&path, "the path of base_url", true)?;
+    Ok((url.trim_end_matches('/').to_owned(), path))
+}
+
+/// A path of `/`-separated segments of unreserved characters, no trailing slash.
+fn check_path(path: &str, name: &str, may_be_empty: bool) -> Result<String, BuildError> {
+    if path.is_empty() && may_be_empty {
+        return Ok(String::new());
+    }
+    let segments_ok = path.strip_prefix('/').is_some_and(|rest| {
+        rest.split('/').all(|segment| {
+            !segment.is_empty()
+                && segment != "."
+                && segment != ".."
+                && segment
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._~$".contains(&b))
+        })
+    });
+    if segments_ok {
+        Ok(path.to_owned())
+    } else {
+        Err(BuildError(format!(
+            "{name} must look like `/segment` or `/a/b` (letters, digits, `-._~$`, no trailing slash), not {path:?}"
+        )))
+    }
+}
+
+/// An invalid [`AsyncLayer`] configuration; the message names the setting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildError(String);
+
+impl fmt::Display for BuildError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BuildError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemoryStore;
+
+    fn builder() -> AsyncLayerBuilder {
+        AsyncLayer::builder(MemoryStore::default())
+    }
+
+    #[test]
+    fn base_url_sets_the_base_path() {
+        let layer = builder().base_url("https://fhir.example.org/fhir/").build();
+        let config = &layer.shared.config;
+        assert_eq!(
+            config.public_base.as_deref(),
+            Some("https://fhir.example.org/fhir")
+        );
+        assert_eq!(config.route_prefix, "/fhir/_async");
+        assert!(config.is_own_route("/fhir/_async/abc"));
+        assert!(config.is_own_route("/fhir/_async"));
+        assert!(!config.is_own_route("/fhir/_asyncx"));
+        assert!(!config.is_own_route("/_async/abc"));
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        for (b, setting) in [
+            (builder().base_url("fhir.example.org"), "base_url"),
+            (builder().base_url("ftp://x/fhir"), "base_url"),
+            (builder().base_url("https://u:p@x/fhir"), "base_url"),
+            (builder().base_url("https://x/fhir?a=1"), "base_url"),
+            (builder().status_path("_async"), "status_path"),
+            (builder().status_path("/_async/"), "status_path"),
+            (builder().status_path("/a/../b"), "status_path"),
+            (builder().status_path(""), "status_path"),
+            (builder().scheme("gopher"), "scheme"),
+            (builder().body_limit(0), "body_limit"),
+        ] {
+            let error = b.try_build().expect_err(setting).to_string();
+            assert!(error.contains(setting), "{error}");
+        }
+    }
+
+    #[test]
+    fn derived_base_uses_host_and_scheme() {
+        let layer = builder().scheme("https").base_path("/fhir").build();
+        let config = &layer.shared.config;
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::HOST, "example.org:8443".parse().unwrap());
+        let uri: Uri = "/fhir/Patient".parse().unwrap();
+        assert_eq!(
+            config.public_base(&uri, &headers).unwrap(),
+            "https://example.org:8443/fhir"
+        );
+        headers.insert(http::header::HOST, "evil.org/x?".parse().unwrap());
+        assert_eq!(config.public_base(&uri, &headers), None);
+        headers.insert(http::header::HOST, "user@evil.org".parse().unwrap());
+        assert_eq!(config.public_base(&uri, &headers), None);
+    }
+
+    #[test]
+    fn sel_1_metadata_is_not_eligible_by_default() {
+        let layer = builder().base_url("http://x/fhir").build();
+        let config = &layer.shared.config;
+        let headers = HeaderMap::new();
+        let check = |method: Method, uri: &str| {
+            let uri: Uri = uri.parse().unwrap();
+            config.is_eligible(&RequestHead {
+                method: &method,
+                uri: &uri,
+                headers: &headers,
+            })
+        };
+        assert!(!check(Method::GET, "/fhir/metadata"));
+        assert!(check(Method::GET, "/fhir/Patient"));
+        assert!(check(Method::POST, "/fhir/metadata"));
+    }
+}

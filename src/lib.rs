@@ -1,0 +1,67 @@
+//! # tower-fhir-async
+//!
+//! One [tower] layer that gives any FHIR server the
+//! [FHIR asynchronous request patterns](https://hl7.org/fhir/R5/async.html).
+//!
+//! [`AsyncLayer`] wraps an existing FHIR service (an axum `Router`, a hyper service, a proxy to
+//! a server you cannot change). A request carrying `Prefer: respond-async` is recorded in a
+//! [`JobStore`], answered at once with `202 Accepted` and an absolute `Content-Location`, and run
+//! against the wrapped service in the background. The layer serves the status URL itself:
+//! `202` while the job runs (with `Retry-After` and `X-Progress`), then `200` with a
+//! `batch-response` Bundle wrapping the inner response; `DELETE` cancels the job and really stops
+//! its work. Every other request passes through untouched.
+//!
+//! ```
+//! use axum::{Router, routing::post};
+//! use tower_fhir_async::{AsyncLayer, MemoryStore};
+//!
+//! async fn reindex() -> &'static str {
+//!     r#"{"resourceType":"Parameters"}"#
+//! }
+//!
+//! let layer = AsyncLayer::builder(MemoryStore::default())
+//!     .base_url("https://fhir.example.org/fhir")
+//!     .build();
+//! // Apply it last, so that it sees every request, its own status URLs included. An
+//! // authentication layer goes outside it (added after it).
+//! let app: Router = Router::new().route("/fhir/$reindex", post(reindex)).layer(layer);
+//! # drop(app);
+//! ```
+//!
+//! ## Where things are
+//!
+//! - [`AsyncLayer`] and [`AsyncLayerBuilder`]: configuration.
+//! - [`AsyncService`]: the wrapping service; [`RequestBody`] is the body type the wrapped service
+//!   receives, [`ResponseBody`] the one it answers with.
+//! - [`JobContext`]: inserted into replayed requests, for progress and cancellation.
+//! - [`store`]: the [`JobStore`] trait and [`MemoryStore`]; the conformance suite with the
+//!   `test-util` feature.
+//! - [`prefer`]: RFC 7240 `Prefer` parsing.
+//! - [`ShutdownHandle`]: graceful shutdown.
+//!
+//! [tower]: https://docs.rs/tower
+
+mod body;
+mod bundle;
+mod clock;
+mod context;
+mod future;
+mod job;
+mod kickoff;
+mod layer;
+mod outcome;
+pub mod prefer;
+mod routes;
+mod runner;
+mod service;
+mod shutdown;
+pub mod store;
+
+pub use body::{RequestBody, ResponseBody};
+pub use context::JobContext;
+pub use future::ResponseFuture;
+pub use job::{InvalidJobId, JobId, JobKind, JobOutcome, JobRecord, JobState, StoredResponse};
+pub use layer::{AsyncLayer, AsyncLayerBuilder, BuildError, RequestHead};
+pub use service::AsyncService;
+pub use shutdown::{ShutdownHandle, ShutdownReport};
+pub use store::{JobStore, MemoryStore, StoreError};

@@ -1,0 +1,163 @@
+//! OperationOutcome bodies and the layer's own error responses: one place for every error body.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderValue, Response, StatusCode};
+use serde_json::json;
+
+pub(crate) const FHIR_JSON: HeaderValue = HeaderValue::from_static("application/fhir+json");
+pub(crate) const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
+
+/// FHIR `IssueType` codes the layer uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IssueCode {
+    Invalid,
+    Login,
+    Forbidden,
+    NotFound,
+    NotSupported,
+    Conflict,
+    TooCostly,
+    Processing,
+    Throttled,
+    Transient,
+    Exception,
+    Timeout,
+}
+
+impl IssueCode {
+    pub(crate) const fn as_str(self) -> &'static str {
+        match self {
+            Self::Invalid => "invalid",
+            Self::Login => "login",
+            Self::Forbidden => "forbidden",
+            Self::NotFound => "not-found",
+            Self::NotSupported => "not-supported",
+            Self::Conflict => "conflict",
+            Self::TooCostly => "too-costly",
+            Self::Processing => "processing",
+            Self::Throttled => "throttled",
+            Self::Transient => "transient",
+            Self::Exception => "exception",
+            Self::Timeout => "timeout",
+        }
+    }
+
+    /// The code that best describes an HTTP error status without a FHIR body (BUNDLE-11).
+    pub(crate) fn for_status(status: StatusCode) -> Self {
+        match status.as_u16() {
+            400 => Self::Invalid,
+            401 => Self::Login,
+            403 => Self::Forbidden,
+            404 | 410 => Self::NotFound,
+            405 | 406 | 415 | 501 => Self::NotSupported,
+            409 | 412 => Self::Conflict,
+            413 => Self::TooCostly,
+            429 => Self::Throttled,
+            504 => Self::Timeout,
+            500..=599 => Self::Exception,
+            _ => Self::Processing,
+        }
+    }
+}
+
+/// An OperationOutcome with one `error` issue, as a JSON value.
+pub(crate) fn operation_outcome(code: IssueCode, diagnostics: &str) -> serde_json::Value {
+    json!({
+        "resourceType": "OperationOutcome",
+        "issue": [{ "severity": "error", "code": code.as_str(), "diagnostics": diagnostics }],
+    })
+}
+
+/// The same, serialized.
+pub(crate) fn operation_outcome_bytes(code: IssueCode, diagnostics: &str) -> Bytes {
+    Bytes::from(operation_outcome(code, diagnostics).to_string())
+}
+
+/// A response of the layer's own: `status` + OperationOutcome, `application/fhir+json`,
+/// `Cache-Control: no-store`.
+pub(crate) fn error_response(
+    status: StatusCode,
+    code: IssueCode,
+    diagnostics: &str,
+) -> Response<Bytes> {
+    let mut response = Response::new(operation_outcome_bytes(code, diagnostics));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, FHIR_JSON);
+    headers.insert(CACHE_CONTROL, NO_STORE);
+    response
+}
+
+/// `404 Not Found` for a job that does not exist (any more): the one answer for unknown,
+/// malformed, cancelled and expired ids (CANCEL-3, EXPIRE-3, STATUS-15).
+pub(crate) fn job_not_found() -> Response<Bytes> {
+    error_response(
+        StatusCode::NOT_FOUND,
+        IssueCode::NotFound,
+        "No asynchronous job at this URL: it was cancelled, it expired, or it never existed. \
+         Start the request again with `Prefer: respond-async`.",
+    )
+}
+
+/// `503 Service Unavailable` with a `transient` issue and `Retry-After` in delta seconds.
+pub(crate) fn unavailable(diagnostics: &str, retry_after: Duration) -> Response<Bytes> {
+    let mut response = error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        IssueCode::Transient,
+        diagnostics,
+    );
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, delta_seconds(retry_after));
+    response
+}
+
+/// A `Retry-After` value in delta seconds (never an absolute time), at least 1.
+pub(crate) fn delta_seconds(after: Duration) -> HeaderValue {
+    HeaderValue::from(after.as_secs().max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_bodies_are_operation_outcomes() {
+        let response = error_response(StatusCode::BAD_REQUEST, IssueCode::Invalid, "bad \"thing\"");
+        assert_eq!(response.headers()[CONTENT_TYPE], "application/fhir+json");
+        let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+        assert_eq!(body["resourceType"], "OperationOutcome");
+        assert_eq!(body["issue"][0]["code"], "invalid");
+        assert_eq!(body["issue"][0]["diagnostics"], "bad \"thing\"");
+    }
+
+    // BUNDLE-11: the synthesized issue code follows the inner status.
+    #[test]
+    fn bundle_11_issue_code_for_status() {
+        let cases = [
+            (400, "invalid"),
+            (401, "login"),
+            (403, "forbidden"),
+            (404, "not-found"),
+            (409, "conflict"),
+            (412, "conflict"),
+            (422, "processing"),
+            (500, "exception"),
+            (502, "exception"),
+            (504, "timeout"),
+        ];
+        for (status, code) in cases {
+            let status = StatusCode::from_u16(status).unwrap();
+            assert_eq!(IssueCode::for_status(status).as_str(), code, "{status}");
+        }
+    }
+
+    #[test]
+    fn retry_after_is_delta_seconds_at_least_one() {
+        assert_eq!(delta_seconds(Duration::ZERO), "1");
+        assert_eq!(delta_seconds(Duration::from_millis(2500)), "2");
+    }
+}

@@ -1,0 +1,370 @@
+//! Running jobs: the registry of running jobs (cancel tokens, progress), executing the inner
+//! call in the background, recording its outcome, and draining on shutdown.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use futures_util::FutureExt;
+use http::{HeaderName, Request, Response, StatusCode, header};
+use http_body::Body;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tokio_util::task::TaskTracker;
+use tower_service::Service;
+use tracing::Instrument;
+
+use crate::body::RequestBody;
+use crate::clock::Clock;
+use crate::context::JobShared;
+use crate::job::{JobId, JobOutcome, StoredResponse};
+use crate::layer::Shared;
+use crate::outcome::{FHIR_JSON, IssueCode, operation_outcome_bytes};
+use crate::store::{BoxError, DynStore, StoreError};
+
+/// Inner response headers worth keeping with a result; the rest are hop-by-hop, recomputed,
+/// or (like `Set-Cookie`) must not be stored.
+const KEPT_HEADERS: [HeaderName; 8] = [
+    header::CONTENT_TYPE,
+    header::CONTENT_LANGUAGE,
+    header::CONTENT_LOCATION,
+    header::LOCATION,
+    header::ETAG,
+    header::LAST_MODIFIED,
+    header::LINK,
+    header::WARNING,
+];
+
+/// How often recording a finished job is tried before its outcome is given up.
+const RECORD_ATTEMPTS: u32 = 3;
+
+pub(crate) struct Runner {
+    pub(crate) store: Arc<dyn DynStore>,
+    pub(crate) clock: Clock,
+    pub(crate) instance: Box<str>,
+    pub(crate) lease: Duration,
+    running: DashMap<JobId, Arc<JobShared>>,
+    tracker: TaskTracker,
+    shutting_down: AtomicBool,
+}
+
+impl Runner {
+    pub(crate) fn new(
+        store: Arc<dyn DynStore>,
+        clock: Clock,
+        instance: String,
+        lease: Duration,
+    ) -> Self {
+        Self {
+            store,
+            clock,
+            instance: instance.into_boxed_str(),
+            lease,
+            running: DashMap::new(),
+            tracker: TaskTracker::new(),
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    /// Registers a job about to run, so a cancel arriving at any point after this finds it.
+    pub(crate) fn register(&self, id: JobId) -> Arc<JobShared> {
+        let job = JobShared::new(id);
+        self.running.insert(id, job.clone());
+        job
+    }
+
+    pub(crate) fn unregister(&self, id: &JobId) {
+        self.running.remove(id);
+    }
+
+    /// The live progress of a job running in this process.
+    pub(crate) fn local_progress(&self, id: &JobId) -> Option<Box<str>> {
+        self.running.get(id).and_then(|job| job.progress())
+    }
+
+    /// Stops a job running in this process; its inner future is dropped. `false` if it is not
+    /// running here.
+    pub(crate) fn cancel_local(&self, id: &JobId) -> bool {
+        match self.running.get(id) {
+            Some(job) => {
+                job.cancel.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn running_count(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Refuses new jobs from now on.
+    pub(crate) fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+        self.tracker.close();
+    }
+
+    /// Waits until every spawned job has ended.
+    pub(crate) async fn wait_idle(&self) {
+        self.tracker.wait().await;
+    }
+
+    /// Stops every running job, recording each as failed. Returns how many were stopped.
+    pub(crate) fn stop_all(&self) -> usize {
+        let mut stopped = 0;
+        for job in self.running.iter() {
+            job.stopped_by_shutdown.store(true, Ordering::Release);
+            job.cancel.cancel();
+            stopped += 1;
+        }
+        stopped
+    }
+
+    /// Spawns a recorded, registered job.
+    pub(crate) fn spawn<S, ReqB, ResB>(
+        &self,
+        shared: Arc<Shared>,
+        job: Arc<JobShared>,
+        inner: S,
+        request: Request<RequestBody<ReqB>>,
+        span: tracing::Span,
+    ) where
+        S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        ReqB: Send + 'static,
+        ResB: Body<Data = Bytes> + Send + 'static,
+        ResB::Error: Into<BoxError>,
+    {
+        self.tracker
+            .spawn(run(shared, job, inner, request).instrument(span));
+    }
+}
+
+/// One job, from start to its recorded outcome.
+async fn run<S, ReqB, ResB>(
+    shared: Arc<Shared>,
+    job: Arc<JobShared>,
+    inner: S,
+    request: Request<RequestBody<ReqB>>,
+) where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes>,
+    ResB::Error: Into<BoxError>,
+{
+    let runner = &shared.runner;
+    let id = job.id;
+    let lease_until = runner.clock.now() + runner.lease;
+    match runner.store.start(&id, &runner.instance, lease_until).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::info!("asynchronous job cancelled before it started");
+            runner.unregister(&id);
+            return;
+        }
+        // The record exists (it was written at kick-off); the outcome is still worth recording.
+        Err(error) => tracing::warn!(%error, "could not mark the job running; running it anyway"),
+    }
+
+    let execution = execute(
+        inner,
+        request,
+        shared.config.result_limit,
+        shared.config.max_run_time,
+    );
+    let outcome = tokio::select! {
+        biased;
+        () = job.cancel.cancelled() => None,
+        outcome = execution => Some(outcome),
+    };
+    let outcome = match outcome {
+        Some(outcome) => outcome,
+        None if job.is_stopped_by_shutdown() => JobOutcome::Failed(synthesized(
+            StatusCode::SERVICE_UNAVAILABLE,
+            IssueCode::Transient,
+            "The server shut down before this job finished; the work was stopped. Start the request again.",
+        )),
+        None => {
+            // The store already dropped the job; dropping `execution` stopped the inner future.
+            tracing::info!("asynchronous job cancelled; its work was stopped");
+            runner.unregister(&id);
+            return;
+        }
+    };
+    record(&shared, id, outcome).await;
+    runner.unregister(&id);
+}
+
+/// Calls the inner service and keeps its response; every failure becomes a [`JobOutcome`].
+async fn execute<S, ReqB, ResB>(
+    mut inner: S,
+    request: Request<RequestBody<ReqB>>,
+    result_limit: usize,
+    max_run_time: Option<Duration>,
+) -> JobOutcome
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes>,
+    ResB::Error: Into<BoxError>,
+{
+    // The service was driven to readiness before the kick-off took it, so it can be called now.
+    let call = AssertUnwindSafe(async move {
+        let response = inner
+            .call(request)
+            .await
+            .map_err(|e| Failure::Service(e.into()))?;
+        keep(response, result_limit).await
+    })
+    .catch_unwind();
+    let result = match max_run_time {
+        Some(limit) => match tokio::time::timeout(limit, call).await {
+            Ok(result) => result,
+            Err(_) => {
+                let why = format!(
+                    "The request did not finish within the limit of {} s; it was stopped.",
+                    limit.as_secs()
+                );
+                return JobOutcome::Failed(synthesized(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    IssueCode::Timeout,
+                    &why,
+                ));
+            }
+        },
+        None => call.await,
+    };
+    match result {
+        Ok(Ok(stored)) => JobOutcome::Completed(stored),
+        Ok(Err(failure)) => JobOutcome::Failed(failure.into_response(result_limit)),
+        Err(_panic) => {
+            tracing::error!("the inner service panicked while running an asynchronous job");
+            JobOutcome::Failed(synthesized(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                IssueCode::Exception,
+                "The server failed while processing the request (it panicked); the request may or may not have taken effect.",
+            ))
+        }
+    }
+}
+
+enum Failure {
+    Service(BoxError),
+    Body(BoxError),
+    TooLarge,
+}
+
+impl Failure {
+    fn into_response(self, limit: usize) -> StoredResponse {
+        match self {
+            Self::Service(error) => synthesized(
+                StatusCode::BAD_GATEWAY,
+                IssueCode::Exception,
+                &format!("The FHIR server could not process the request: {error}"),
+            ),
+            Self::Body(error) => synthesized(
+                StatusCode::BAD_GATEWAY,
+                IssueCode::Exception,
+                &format!("Reading the FHIR server's response failed: {error}"),
+            ),
+            Self::TooLarge => synthesized(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                IssueCode::TooCostly,
+                &format!(
+                    "The result was larger than this server keeps for asynchronous requests ({limit} bytes) and was \
+                     discarded. Narrow the request (e.g. with _count or _elements) or use the bulk pattern."
+                ),
+            ),
+        }
+    }
+}
+
+/// Buffers the inner response under the result limit, keeping the headers that matter.
+async fn keep<B>(response: Response<B>, limit: usize) -> Result<StoredResponse, Failure>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let (parts, body) = response.into_parts();
+    if body.size_hint().lower() > limit as u64 {
+        return Err(Failure::TooLarge);
+    }
+    let body = match Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) if error.is::<LengthLimitError>() => return Err(Failure::TooLarge),
+        Err(error) => return Err(Failure::Body(error)),
+    };
+    let headers = parts
+        .headers
+        .iter()
+        .filter(|(name, _)| KEPT_HEADERS.contains(name))
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect();
+    Ok(StoredResponse {
+        status: parts.status,
+        headers,
+        body,
+    })
+}
+
+/// A response the layer writes itself: `status` + OperationOutcome.
+pub(crate) fn synthesized(
+    status: StatusCode,
+    code: IssueCode,
+    diagnostics: &str,
+) -> StoredResponse {
+    StoredResponse {
+        status,
+        headers: vec![(header::CONTENT_TYPE, FHIR_JSON)],
+        body: operation_outcome_bytes(code, diagnostics),
+    }
+}
+
+/// Records a job's outcome, trying again a few times while the store is unavailable.
+async fn record(shared: &Shared, id: JobId, outcome: JobOutcome) {
+    let runner = &shared.runner;
+    let status = match &outcome {
+        JobOutcome::Completed(r) | JobOutcome::Failed(r) => r.status.as_u16(),
+    };
+    let mut delay = Duration::from_millis(100);
+    for attempt in 1..=RECORD_ATTEMPTS {
+        let now = runner.clock.now();
+        let expires_at = now + shared.config.retention;
+        match runner
+            .store
+            .finish(&id, outcome.clone(), now, expires_at)
+            .await
+        {
+            Ok(true) => {
+                tracing::info!(
+                    status,
+                    failed = matches!(outcome, JobOutcome::Failed(_)),
+                    "asynchronous job finished"
+                );
+                return;
+            }
+            Ok(false) => {
+                tracing::info!(
+                    "asynchronous job finished after it was cancelled; its result was dropped"
+                );
+                return;
+            }
+            Err(StoreError::Unavailable(error)) if attempt < RECORD_ATTEMPTS => {
+                tracing::warn!(%error, attempt, "recording the job's outcome failed; trying again");
+                tokio::time::sleep(delay).await;
+                delay *= 4;
+            }
+            Err(error) => {
+                tracing::error!(%error, "recording the job's outcome failed; the result is lost");
+                return;
+            }
+        }
+    }
+}

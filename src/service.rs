@@ -1,0 +1,127 @@
+//! [`AsyncService`]: classify each request, pass it through, or hand it to the layer's own code.
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Method, Request, Response};
+use http_body::Body;
+use tower_service::Service;
+
+use crate::body::{RequestBody, ResponseBody};
+use crate::future::ResponseFuture;
+use crate::kickoff::kick_off;
+use crate::layer::{RequestHead, Shared};
+use crate::prefer::{self, AsyncPreferences};
+use crate::routes;
+use crate::store::BoxError;
+
+/// The service [`AsyncLayer`](crate::AsyncLayer) makes: the FHIR service `S` with the
+/// asynchronous request patterns added.
+pub struct AsyncService<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> AsyncService<S> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the wrapped service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone> Clone for AsyncService<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for AsyncService<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AsyncService")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for AsyncService<S>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    ReqB: Body<Data = Bytes> + Send + 'static,
+    ReqB::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqB>) -> Self::Future {
+        let config = &self.shared.config;
+        // SEL-7: the layer's own routes are answered here and never reach the inner service.
+        if config.is_own_route(request.uri().path()) {
+            let (parts, _body) = request.into_parts();
+            return ResponseFuture::own(Box::pin(routes::handle(self.shared.clone(), parts)));
+        }
+
+        let preferences = if prefer::has_prefer(request.headers()) {
+            AsyncPreferences::from_headers(request.headers())
+        } else {
+            AsyncPreferences::default()
+        };
+        let is_get_or_head = matches!(*request.method(), Method::GET | Method::HEAD);
+        let mut vary = false;
+        if preferences.respond_async || is_get_or_head {
+            let head = RequestHead {
+                method: request.method(),
+                uri: request.uri(),
+                headers: request.headers(),
+            };
+            let eligible = config.is_eligible(&head);
+            if preferences.respond_async && eligible {
+                // The service that `poll_ready` readied moves into the job; a fresh clone stays
+                // here for the next call.
+                let clone = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, clone);
+                return ResponseFuture::own(Box::pin(kick_off(
+                    self.shared.clone(),
+                    inner,
+                    request,
+                )));
+            }
+            vary = is_get_or_head && eligible;
+        }
+
+        let mut request = request;
+        if preferences.respond_async {
+            // Ineligible, so processed synchronously (SEL-1); still, the inner service must not
+            // see `respond-async`, or a second asynchronous layer could stack (SEL-7).
+            prefer::strip_async_preferences(request.headers_mut());
+        }
+        ResponseFuture::inner(self.inner.call(request.map(RequestBody::streaming)), vary)
+    }
+}

@@ -1,0 +1,88 @@
+//! Graceful shutdown: stop new kick-offs, let running jobs finish, stop the rest.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::layer::Shared;
+
+/// Shuts an [`AsyncLayer`](crate::AsyncLayer) down gracefully. Cheap to clone.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use std::time::Duration;
+/// use tower_fhir_async::{AsyncLayer, MemoryStore};
+///
+/// let layer = AsyncLayer::new(MemoryStore::default());
+/// let shutdown = layer.shutdown_handle();
+/// // ... serve until a signal arrives, then:
+/// let report = shutdown.shutdown(Duration::from_secs(10)).await;
+/// assert_eq!(report.stopped, 0);
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    shared: Arc<Shared>,
+}
+
+/// What [`ShutdownHandle::shutdown`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// Jobs that were running when shutdown began and finished within the grace period.
+    pub finished: usize,
+    /// Jobs still running when the grace period ended: stopped and recorded as failed.
+    pub stopped: usize,
+}
+
+impl ShutdownHandle {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    /// Refuses new kick-offs from now on (`503` + OperationOutcome + `Retry-After`), waits up to
+    /// `grace` for running jobs to finish, then stops the rest and records them as failed
+    /// (`503`, `transient`), so that their pollers learn the job will not complete.
+    ///
+    /// Status and cancel requests keep working throughout.
+    pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
+        let runner = &self.shared.runner;
+        runner.begin_shutdown();
+        let running = runner.running_count();
+        tracing::info!(
+            running,
+            grace_secs = grace.as_secs_f64(),
+            "asynchronous layer shutting down"
+        );
+        if tokio::time::timeout(grace, runner.wait_idle())
+            .await
+            .is_ok()
+        {
+            return ShutdownReport {
+                finished: running,
+                stopped: 0,
+            };
+        }
+        let stopped = runner.stop_all();
+        runner.wait_idle().await;
+        tracing::info!(stopped, "asynchronous jobs stopped at shutdown");
+        ShutdownReport {
+            finished: running.saturating_sub(stopped),
+            stopped,
+        }
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shared.runner.is_shutting_down()
+    }
+}
+
+impl fmt::Debug for ShutdownHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShutdownHandle")
+            .field("shutting_down", &self.is_shutting_down())
+            .finish()
+    }
+}

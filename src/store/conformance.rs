@@ -1,0 +1,517 @@
+//! The conformance suite every [`JobStore`] must pass (feature `test-util`).
+//!
+//! Each case is a public async function taking the store, so a backend's tests can run them
+//! one by one or all at once with [`run_all`]. Cases use fresh random ids and times of their
+//! own, so they can share a store (and a Redis or PostgreSQL server) with other tests.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! use tower_fhir_async::{MemoryStore, store::conformance};
+//!
+//! conformance::run_all(&MemoryStore::default()).await;
+//! # }
+//! ```
+
+#![allow(clippy::missing_panics_doc)]
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, StatusCode};
+
+use super::{JobStore, StoreError};
+use crate::job::{JobId, JobKind, JobOutcome, JobRecord, JobState, StoredResponse};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+/// Runs every case against `store`. Panics with the failing case's message.
+pub async fn run_all<S: JobStore>(store: &S) {
+    create_then_get_returns_the_record(store).await;
+    create_rejects_a_taken_id(store).await;
+    unknown_ids_are_absent(store).await;
+    start_moves_accepted_to_running_once(store).await;
+    finish_first_transition_wins(store).await;
+    finish_from_accepted_is_allowed(store).await;
+    cancel_removes_the_job_and_blocks_later_transitions(store).await;
+    cancel_after_finish_removes_the_result(store).await;
+    expired_records_are_absent_before_any_sweep(store).await;
+    sweep_removes_only_expired_records(store).await;
+    progress_is_kept_until_the_job_ends(store).await;
+    renew_leases_reports_jobs_that_stopped_running_here(store).await;
+    fail_lapsed_fails_only_lapsed_running_jobs(store).await;
+    stored_responses_round_trip_exactly(store).await;
+}
+
+/// The current time, truncated to whole milliseconds: stores must keep times to the millisecond.
+fn now_ms() -> SystemTime {
+    let since_epoch = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    SystemTime::UNIX_EPOCH
+        + Duration::from_millis(u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A fresh accepted record created at `at`.
+fn record(at: SystemTime) -> JobRecord {
+    JobRecord::new(
+        JobId::new(),
+        JobKind::Interaction,
+        "POST",
+        "/fhir/Observation?x=1",
+        at,
+    )
+}
+
+fn response(status: u16, body: &'static str) -> StoredResponse {
+    StoredResponse {
+        status: StatusCode::from_u16(status).expect("a valid status"),
+        headers: vec![(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/fhir+json"),
+        )],
+        body: Bytes::from_static(body.as_bytes()),
+    }
+}
+
+async fn get<S: JobStore>(store: &S, id: &JobId, now: SystemTime) -> Option<JobRecord> {
+    store.get(id, now).await.expect("get should succeed")
+}
+
+/// `create` then `get` returns an equal record.
+pub async fn create_then_get_returns_the_record<S: JobStore>(store: &S) {
+    let now = now_ms();
+    let rec = record(now).with_owner(Some("client-7".into()));
+    store
+        .create(rec.clone())
+        .await
+        .expect("create should succeed");
+    assert_eq!(
+        get(store, &rec.id, now).await,
+        Some(rec),
+        "get returns what create stored"
+    );
+}
+
+/// A second `create` with the same id is a conflict and changes nothing.
+pub async fn create_rejects_a_taken_id<S: JobStore>(store: &S) {
+    let now = now_ms();
+    let rec = record(now);
+    store
+        .create(rec.clone())
+        .await
+        .expect("create should succeed");
+    let mut other = rec.clone();
+    other.target = "/fhir/Patient".into();
+    let err = store
+        .create(other)
+        .await
+        .expect_err("a taken id must be rejected");
+    assert!(
+        matches!(err, StoreError::Conflict(id) if id == rec.id),
+        "conflict names the id: {err}"
+    );
+    assert_eq!(
+        get(store, &rec.id, now).await,
+        Some(rec),
+        "the first record is untouched"
+    );
+}
+
+/// Unknown ids are absent for every operation.
+pub async fn unknown_ids_are_absent<S: JobStore>(store: &S) {
+    let now = now_ms();
+    let id = JobId::new();
+    assert_eq!(get(store, &id, now).await, None);
+    assert!(
+        !store.start(&id, "a", now + SECOND).await.unwrap(),
+        "start of an unknown job"
+    );
+    let finished = store
+        .finish(
+            &id,
+            JobOutcome::Completed(response(200, "{}")),
+            now,
+            now + SECOND,
+        )
+        .await;
+    assert!(!finished.unwrap(), "finish of an unknown job");
+    assert!(
+        !store.cancel(&id, now).await.unwrap(),
+        "cancel of an unknown job"
+    );
+    store
+        .set_progress(&id, "50%")
+        .await
+        .expect("progress of an unknown job is ignored");
+    assert_eq!(
+        get(store, &id, now).await,
+        None,
+        "nothing was created by the calls above"
+    );
+}
+
+/// `start` moves `Accepted` to `Running` with the instance and lease, exactly once.
+pub async fn start_moves_accepted_to_running_once<S: JobStore>(store: &S) {
+    let now = now_ms();
+    let rec = record(now);
+    store.create(rec.clone()).await.unwrap();
+    assert!(
+        store
+            .start(&rec.id, "instance-a", now + 30 * SECOND)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .start(&rec.id, "instance-b", now + 30 * SECOND)
+            .await
+            .unwrap(),
+        "second start"
+    );
+    let state = get(store, &rec.id, now)
+        .await
+        .expect("the job exists")
+        .state;
+    assert_eq!(
+        state,
+        JobState::Running {
+            instance: "instance-a".into(),
+            lease_until: now + 30 * SECOND
+        }
+    );
+}
+
+/// The first `finish` wins; a later one is refused and changes nothing.
+pub async fn finish_first_transition_wins<S: JobStore>(store: &S) {
+    let now = now_ms();
+    let rec = record(now);
+    store.create(rec.clone()).await.unwrap();
+    store.start(&rec.id, "a", now + 30 * SECOND).await.unwrap();
+    let done = response(201, r#"{"resourceType":"Observation","id":"1"}"#);
+    let expires = now + 3600 * SECOND;
+    assert!(
+        store
+            .finish(
+                &rec.id,
+                JobOutcome::Completed(done.clone()),
+                now + SECOND,
+                expires
+            )
+            .await
+            .unwrap()
+    );
+    let late = JobOutcome::Failed(response(500, "{}"));
+    assert!(
+        !store
+            .finish(&rec.id, late, now + 2 * SECOND, expires)
+            .await
+            .unwrap(),
+        "second finish"
+    );
+    assert!(
+        !store.start(&rec.id, "a", now + 30 * SECOND).await.unwrap(),
+        "start after finish"
+    );
+    let got = get(store, &rec.id, now + SECOND)
+        .await
+        .expect("the job exists");
+    assert_eq!(got.state, JobState::Completed(done));
+    assert_eq!(got.finished_at, Some(now + SECOND));
+    assert_eq!(got.expires_at, Some(expires));
+}
+
+/// A job that never started can still be failed (e.g. at shutdown).
+pub async fn finish_from_accepted_is_allowed<S: JobStore>(store: &S) {
+    let now = now_ms();
+    let rec = record(now);
+    store.create(rec.clone()).await.unwrap();
+    let failed = response(503, r#"{"resourceType":"OperationOutcome"}"#);
+    assert!(
+        store
+            .finish(
+                &rec.id,
+                JobOutcome::Failed(failed.clone()),
+                now,
+                now + 60 * SECOND
+            )
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        get(store, &rec.id, now).await.unwrap().state,
+        JobState::Failed(failed)
+    );
+}
+
+/// Cancel removes the job; later reads are absent and later transitions refused (CANCEL-3, CANCEL-6).
+pub async fn cancel_removes_the_job_and_blocks_later_transitions<S: JobStore>(store: &S) {
+    let now = now_ms();
+    let rec = record(now);
+    store.create(rec.clone()).await.unwrap();
+    store.start(&rec.id, "a", now + 30 * SECOND).await.unwrap();
+    assert!(
+        store.cancel(&rec.id, now).await.unwrap(),
+        "cancel of a running job"
+    );
+    assert_eq!(
+        get(store, &rec.id, now).await,
+        None,
+        "a cancelled job is absent"
+    );
+    assert!(!store.cancel(&rec.id, now).await.unwrap(), "second cancel");
+    let outcome = JobOutcome::Completed(response(200, "{}"));
+    assert!(
+        !store
+            .finish(&rec.id, outcome, now, now + 60 * SECOND)
+            .await
+            .unwrap(),
+        "finish after cancel"
+    );
+    assert_eq!(
+        get(store, &rec.id, now).await,
+        None,
+        "a cancelled job is never resurrected"
+    );
+
+    let never_started = record(now);
+    store.create(never_started.clone()).await.unwrap();
+    assert!(store.cancel(&never_started.id, now).await.unwrap());
+    assert!(
+        !store
+            .start(&never_started.id, "a", now + SECOND)
+            .await
+            .unwrap(),
+        "start after cancel"
+    );
+}
+
+/// Cancel after completion removes the result (CANCEL-5).
+pub async fn cancel_after_finish_removes_the_result<S: JobStore>(store: &S) {
+    let now = now_ms();
+    let rec = record(now);
+    store.create(rec.clone()).await.unwrap();
+    let outcome = JobOutcome::Completed(response(200, "{}"));
+    store
+        .finish(&rec.id, outcome, now, now + 60 * SECOND)
+        .await
+        .unwrap();
+    assert!(store.cancel(&rec.id, now).await.unwrap());
+    assert_eq!(get(store, &rec.id, now).await, None);
+}
+
+/// Records are absent from the moment they expire, with no sweep (EXPIRE-3).
+pub async fn expired_records_are_absent_before_any_sweep<S: JobStore>(store: &S) {
+    let now = now_ms();
+    let rec = record(now);
+    store.create(rec.clone()).await.unwrap();
+    let outcome = JobOutcome::Completed(response(200, "{}"));
+    store
+        .finish(&rec.id, outcome, now, now + 10 * SECOND)
+        .await
+        .unwrap();
+    assert!(
+        get(store, &rec.id, now + 9 * SECOND).await.is_some(),
+        "readable before expiry"
+    );
+    assert_eq!(
+        get(store, &rec.id, now + 10 * SECOND).await,
+        None,
+        "absent at expiry"
+    );
+    assert!(
+        !store.cancel(&rec.id, now + 11 * SECOND).await.unwrap(),
+        "an expired job cannot be cancelled"
+    );
+}
+
+/// Sweeping deletes expired records and keeps the rest.
+pub async fn sweep_removes_only_expired_records<S: JobStore>(store: &S) {
+    let now = now_ms();
+    let expiring = record(now);
+    let lasting = record(now);
+    let running = record(now);
+    for rec in [&expiring, &lasting, &running] {
+        store.create(rec.clone()).await.unwrap();
+    }
+    let done = || JobOutcome::Completed(response(200, "{}"));
+    store
+        .finish(&expiring.id, done(), now, now + SECOND)
+        .await
+        .unwrap();
+    store
+        .finish(&lasting.id, done(), now, now + 3600 * SECOND)
+        .await
+        .unwrap();
+    let swept = store
+        .sweep(now + 2 * SECOND)
+        .await
+        .expect("sweep should succeed");
+    assert!(swept >= 1, "the expired record was swept (swept {swept})");
+    assert_eq!(
+        get(store, &expiring.id, now).await,
+        None,
+        "the expired record is gone, even for an earlier now"
+    );
+    assert!(
+        get(store, &lasting.id, now + 2 * SECOND).await.is_some(),
+        "an unexpired record stays"
+    );
+    assert!(
+        get(store, &running.id, now + 2 * SECOND).await.is_some(),
+        "an unfinished record stays"
+    );
+}
+
+/// Progress is recorded while the job runs and dropped when it ends.
+pub async fn progress_is_kept_until_the_job_ends<S: JobStore>(store: &S) {
+    let now = now_ms();
+    let rec = record(now);
+    store.create(rec.clone()).await.unwrap();
+    store.start(&rec.id, "a", now + 30 * SECOND).await.unwrap();
+    store.set_progress(&rec.id, "42% complete").await.unwrap();
+    assert_eq!(
+        get(store, &rec.id, now).await.unwrap().progress.as_deref(),
+        Some("42% complete")
+    );
+    let outcome = JobOutcome::Completed(response(200, "{}"));
+    store
+        .finish(&rec.id, outcome, now, now + 60 * SECOND)
+        .await
+        .unwrap();
+    store.set_progress(&rec.id, "99% complete").await.unwrap();
+    assert_eq!(get(store, &rec.id, now).await.unwrap().progress, None);
+}
+
+/// Lease renewal extends this instance's running jobs and names the ones that stopped.
+pub async fn renew_leases_reports_jobs_that_stopped_running_here<S: JobStore>(store: &S) {
+    let now = now_ms();
+    let [mine, cancelled, finished, elsewhere] =
+        [record(now), record(now), record(now), record(now)];
+    for rec in [&mine, &cancelled, &finished, &elsewhere] {
+        store.create(rec.clone()).await.unwrap();
+    }
+    for rec in [&mine, &cancelled, &finished] {
+        store.start(&rec.id, "here", now + SECOND).await.unwrap();
+    }
+    store
+        .start(&elsewhere.id, "there", now + SECOND)
+        .await
+        .unwrap();
+    store.cancel(&cancelled.id, now).await.unwrap();
+    let outcome = JobOutcome::Completed(response(200, "{}"));
+    store
+        .finish(&finished.id, outcome, now, now + 60 * SECOND)
+        .await
+        .unwrap();
+    let unknown = JobId::new();
+    let ids = [mine.id, cancelled.id, finished.id, elsewhere.id, unknown];
+    let mut gone = store
+        .renew_leases("here", &ids, now + 60 * SECOND)
+        .await
+        .unwrap();
+    gone.sort();
+    let mut expected = vec![cancelled.id, finished.id, elsewhere.id, unknown];
+    expected.sort();
+    assert_eq!(gone, expected);
+    let state = get(store, &mine.id, now).await.unwrap().state;
+    assert_eq!(
+        state,
+        JobState::Running {
+            instance: "here".into(),
+            lease_until: now + 60 * SECOND
+        }
+    );
+}
+
+/// Only running jobs whose lease lapsed are failed, with the given outcome.
+pub async fn fail_lapsed_fails_only_lapsed_running_jobs<S: JobStore>(store: &S) {
+    // Far in the past, so that other tests' jobs sharing the store keep their leases.
+    let base = SystemTime::UNIX_EPOCH + 1_000_000 * SECOND;
+    let [lapsed, renewed, accepted] = [record(base), record(base), record(base)];
+    for rec in [&lapsed, &renewed, &accepted] {
+        store.create(rec.clone()).await.unwrap();
+    }
+    store
+        .start(&lapsed.id, "dead", base + SECOND)
+        .await
+        .unwrap();
+    store
+        .start(&renewed.id, "alive", base + 100 * SECOND)
+        .await
+        .unwrap();
+    let lost = response(503, r#"{"resourceType":"OperationOutcome"}"#);
+    let failed = store
+        .fail_lapsed(
+            base + 2 * SECOND,
+            JobOutcome::Failed(lost.clone()),
+            base + 3600 * SECOND,
+        )
+        .await
+        .unwrap();
+    assert!(failed.contains(&lapsed.id), "the lapsed job was failed");
+    assert!(
+        !failed.contains(&renewed.id) && !failed.contains(&accepted.id),
+        "others were not"
+    );
+    let got = get(store, &lapsed.id, base + 2 * SECOND).await.unwrap();
+    assert_eq!(got.state, JobState::Failed(lost));
+    assert_eq!(got.finished_at, Some(base + 2 * SECOND));
+    assert!(matches!(
+        get(store, &renewed.id, base).await.unwrap().state,
+        JobState::Running { .. }
+    ));
+    assert_eq!(
+        get(store, &accepted.id, base).await.unwrap().state,
+        JobState::Accepted
+    );
+    for rec in [&lapsed, &renewed, &accepted] {
+        store.cancel(&rec.id, base).await.unwrap();
+    }
+}
+
+/// Status, headers (any bytes), body (any bytes) and every record field survive storage.
+pub async fn stored_responses_round_trip_exactly<S: JobStore>(store: &S) {
+    let now = now_ms();
+    let mut rec = record(now).with_owner(Some("ünïcode owner".into()));
+    rec.target = "/fhir/Patient?name=Zoë&_count=10".into();
+    store.create(rec.clone()).await.unwrap();
+    let stored = StoredResponse {
+        status: StatusCode::from_u16(422).unwrap(),
+        headers: vec![
+            (
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=latin1"),
+            ),
+            (http::header::ETAG, HeaderValue::from_static("W/\"3\"")),
+            (
+                HeaderName::from_static("x-raw"),
+                HeaderValue::from_bytes(b"caf\xe9").unwrap(),
+            ),
+            (
+                HeaderName::from_static("x-raw"),
+                HeaderValue::from_static("second"),
+            ),
+        ],
+        body: Bytes::from_static(b"\x00\xffnot json\n"),
+    };
+    let finished_at = now + SECOND;
+    let expires = now + 7200 * SECOND;
+    store
+        .finish(
+            &rec.id,
+            JobOutcome::Completed(stored.clone()),
+            finished_at,
+            expires,
+        )
+        .await
+        .unwrap();
+    let got = get(store, &rec.id, now).await.unwrap();
+    assert_eq!(got.state, JobState::Completed(stored));
+    assert_eq!(got.owner, rec.owner);
+    assert_eq!(got.target, rec.target);
+    assert_eq!(got.method, rec.method);
+    assert_eq!(got.kind, rec.kind);
+    assert_eq!(got.created_at, rec.created_at);
+    assert_eq!(got.finished_at, Some(finished_at));
+}

@@ -1,0 +1,84 @@
+//! The object-safe twin of [`JobStore`], so the layer holds `Arc<dyn DynStore>` and carries no
+//! store type parameter.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::SystemTime;
+
+use super::{JobStore, StoreError};
+use crate::job::{JobId, JobOutcome, JobRecord};
+
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+pub(crate) trait DynStore: Send + Sync + 'static {
+    fn create(&self, record: JobRecord) -> BoxFuture<'_, Result<(), StoreError>>;
+    fn get<'a>(
+        &'a self,
+        id: &'a JobId,
+        now: SystemTime,
+    ) -> BoxFuture<'a, Result<Option<JobRecord>, StoreError>>;
+    fn start<'a>(
+        &'a self,
+        id: &'a JobId,
+        instance: &'a str,
+        lease_until: SystemTime,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+    fn finish<'a>(
+        &'a self,
+        id: &'a JobId,
+        outcome: JobOutcome,
+        finished_at: SystemTime,
+        expires_at: SystemTime,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+    fn cancel<'a>(
+        &'a self,
+        id: &'a JobId,
+        now: SystemTime,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+    fn sweep(&self, now: SystemTime) -> BoxFuture<'_, Result<usize, StoreError>>;
+}
+
+impl<S: JobStore> DynStore for S {
+    fn create(&self, record: JobRecord) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(JobStore::create(self, record))
+    }
+
+    fn get<'a>(
+        &'a self,
+        id: &'a JobId,
+        now: SystemTime,
+    ) -> BoxFuture<'a, Result<Option<JobRecord>, StoreError>> {
+        Box::pin(JobStore::get(self, id, now))
+    }
+
+    fn start<'a>(
+        &'a self,
+        id: &'a JobId,
+        instance: &'a str,
+        lease_until: SystemTime,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(JobStore::start(self, id, instance, lease_until))
+    }
+
+    fn finish<'a>(
+        &'a self,
+        id: &'a JobId,
+        outcome: JobOutcome,
+        finished_at: SystemTime,
+        expires_at: SystemTime,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(JobStore::finish(self, id, outcome, finished_at, expires_at))
+    }
+
+    fn cancel<'a>(
+        &'a self,
+        id: &'a JobId,
+        now: SystemTime,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(JobStore::cancel(self, id, now))
+    }
+
+    fn sweep(&self, now: SystemTime) -> BoxFuture<'_, Result<usize, StoreError>> {
+        Box::pin(JobStore::sweep(self, now))
+    }
+}

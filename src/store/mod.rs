@@ -1,0 +1,143 @@
+//! Where jobs live: the [`JobStore`] trait, its error, and the embedded [`MemoryStore`].
+//!
+//! A store keeps job records, nothing about HTTP. Every state change is a compare-and-set, so
+//! when a cancel and a completion race, the first one committed wins and the other is dropped;
+//! a cancelled job is never resurrected. Reads treat expired records as absent, so correctness
+//! never depends on [`sweep`](JobStore::sweep) having run; sweeping only reclaims space.
+//!
+//! Every backend runs the same conformance suite (`conformance`, behind the `test-util`
+//! feature).
+
+mod dynamic;
+mod memory;
+
+#[cfg(any(test, feature = "test-util"))]
+pub mod conformance;
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::future::Future;
+use std::time::SystemTime;
+
+pub(crate) use dynamic::DynStore;
+pub use memory::MemoryStore;
+
+use crate::job::{JobId, JobOutcome, JobRecord};
+
+/// A boxed error from a store's client library.
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// Why a store operation failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store cannot be reached or did not answer; trying again later may work. The layer
+    /// answers `503` with a `transient` OperationOutcome and `Retry-After`.
+    Unavailable(BoxError),
+    /// A job with this id already exists.
+    Conflict(JobId),
+    /// A stored record could not be decoded.
+    Corrupt(String),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unavailable(source) => write!(f, "the job store is unavailable: {source}"),
+            Self::Conflict(id) => write!(f, "a job with id {id} already exists"),
+            Self::Corrupt(why) => write!(f, "a stored job record could not be read: {why}"),
+        }
+    }
+}
+
+impl StdError for StoreError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            Self::Unavailable(source) => Some(&**source),
+            _ => None,
+        }
+    }
+}
+
+/// A place to keep jobs: the embedded [`MemoryStore`], or a shared backend for many instances.
+///
+/// All times are passed in by the caller, so a store never reads a clock of its own for
+/// decisions; the layer's clock follows tokio's, which lets tests pause time.
+///
+/// Implementations must make [`start`](Self::start), [`finish`](Self::finish) and
+/// [`cancel`](Self::cancel) atomic compare-and-set operations, and must treat a record whose
+/// `expires_at` is at or before `now` as absent everywhere. The conformance suite
+/// (feature `test-util`) checks all of this.
+pub trait JobStore: Send + Sync + 'static {
+    /// Records a newly accepted job. Fails with [`StoreError::Conflict`] if the id is taken.
+    fn create(&self, record: JobRecord) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Reads a job. Unknown, cancelled and expired (at `now`) jobs are `None`.
+    fn get(
+        &self,
+        id: &JobId,
+        now: SystemTime,
+    ) -> impl Future<Output = Result<Option<JobRecord>, StoreError>> + Send;
+
+    /// `Accepted → Running` on `instance`, holding a lease until `lease_until`.
+    ///
+    /// `Ok(false)` when the job is not `Accepted` any more (cancelled, or started elsewhere): the
+    /// caller must then not run it.
+    fn start(
+        &self,
+        id: &JobId,
+        instance: &str,
+        lease_until: SystemTime,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// `Accepted | Running → Completed | Failed`, readable until `expires_at`.
+    ///
+    /// `Ok(false)` when the job has already ended, was cancelled, or is unknown: the first
+    /// committed transition wins.
+    fn finish(
+        &self,
+        id: &JobId,
+        outcome: JobOutcome,
+        finished_at: SystemTime,
+        expires_at: SystemTime,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Cancels a job in any state: the record and its result are removed. `Ok(true)` when a job
+    /// was there (not expired at `now`), `Ok(false)` otherwise.
+    fn cancel(
+        &self,
+        id: &JobId,
+        now: SystemTime,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Records the progress text of an unfinished job. Unknown or finished jobs are left alone.
+    fn set_progress(
+        &self,
+        id: &JobId,
+        progress: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Extends the leases of `ids`, running on `instance`, to `lease_until`.
+    ///
+    /// Returns the ids among them that are no longer running on `instance` (cancelled, finished,
+    /// expired or taken over): their work should stop.
+    fn renew_leases(
+        &self,
+        instance: &str,
+        ids: &[JobId],
+        lease_until: SystemTime,
+    ) -> impl Future<Output = Result<Vec<JobId>, StoreError>> + Send;
+
+    /// Fails every running job whose lease lapsed at or before `now` (its instance is gone) with
+    /// `outcome`, readable until `expires_at`. Returns the ids it failed.
+    fn fail_lapsed(
+        &self,
+        now: SystemTime,
+        outcome: JobOutcome,
+        expires_at: SystemTime,
+    ) -> impl Future<Output = Result<Vec<JobId>, StoreError>> + Send;
+
+    /// Deletes records that expired at `now`; returns how many. Only reclaims space: reads
+    /// already ignore expired records.
+    fn sweep(&self, now: SystemTime) -> impl Future<Output = Result<usize, StoreError>> + Send;
+}
