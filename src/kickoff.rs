@@ -8,6 +8,7 @@ use http::header::{self, CACHE_CONTROL, CONTENT_LOCATION, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tokio::sync::oneshot;
 use tower_service::Service;
 
 use crate::body::RequestBody;
@@ -75,16 +76,6 @@ where
         runner.clock.now(),
     );
     let span = tracing::info_span!("fhir_async_job", job.id = %id, http.method = %parts.method, http.path = %parts.uri.path());
-    // KICK-9: the job is recorded before anything runs, so the first poll can never 404.
-    if let Err(error) = runner.store.create(record).await {
-        tracing::warn!(parent: &span, %error, "recording a new job failed");
-        return outcome::unavailable(
-            "The job store is temporarily unavailable; send the request again later.",
-            KICK_OFF_RETRY,
-        );
-    }
-
-    let job = runner.register(id);
     let is_get_or_head = matches!(parts.method, Method::GET | Method::HEAD);
     // PREFER-9: the inner service never sees `respond-async` or `wait`; the rest is forwarded.
     prefer::strip_async_preferences(&mut parts.headers);
@@ -95,11 +86,19 @@ where
             .headers
             .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     }
+    let job = runner.register(id);
     parts.extensions.insert(JobContext::new(job.clone()));
     let replay = Request::from_parts(parts, RequestBody::buffered(body));
-    tracing::info!(parent: &span, "asynchronous job accepted");
-    runner.spawn(shared.clone(), job, inner, replay, span);
 
+    // KICK-9: the job is recorded before the 202, so the first poll can never 404.
+    let (recorded, was_recorded) = oneshot::channel();
+    runner.spawn(shared.clone(), job, record, recorded, inner, replay, span);
+    if !matches!(was_recorded.await, Ok(Ok(()))) {
+        return outcome::unavailable(
+            "The job store is temporarily unavailable; send the request again later.",
+            KICK_OFF_RETRY,
+        );
+    }
     accepted(&config.status_url(&base, &id), is_get_or_head)
 }
 

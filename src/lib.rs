@@ -65,3 +65,8 @@ pub use layer::{AsyncLayer, AsyncLayerBuilder, BuildError, RequestHead};
 pub use service::AsyncService;
 pub use shutdown::{ShutdownHandle, ShutdownReport};
 pub use store::{JobStore, MemoryStore, StoreError};
+
+// The README's examples compile as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -12,6 +12,7 @@ use futures_util::FutureExt;
 use http::{HeaderName, Request, Response, StatusCode, header};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
 use tracing::Instrument;
@@ -19,7 +20,7 @@ use tracing::Instrument;
 use crate::body::RequestBody;
 use crate::clock::Clock;
 use crate::context::JobShared;
-use crate::job::{JobId, JobOutcome, StoredResponse};
+use crate::job::{JobId, JobOutcome, JobRecord, StoredResponse};
 use crate::layer::Shared;
 use crate::outcome::{FHIR_JSON, IssueCode, operation_outcome_bytes};
 use crate::store::{BoxError, DynStore, StoreError};
@@ -126,11 +127,15 @@ impl Runner {
         stopped
     }
 
-    /// Spawns a recorded, registered job.
+    /// Spawns a registered job: the task records it, reports the store's answer on `recorded`,
+    /// and runs it only if recording succeeded. Recording inside the task means a kick-off that
+    /// is dropped (the client went away) can never leave a recorded job that nobody runs.
     pub(crate) fn spawn<S, ReqB, ResB>(
         &self,
         shared: Arc<Shared>,
         job: Arc<JobShared>,
+        record: JobRecord,
+        recorded: oneshot::Sender<Result<(), StoreError>>,
         inner: S,
         request: Request<RequestBody<ReqB>>,
         span: tracing::Span,
@@ -142,8 +147,24 @@ impl Runner {
         ResB: Body<Data = Bytes> + Send + 'static,
         ResB::Error: Into<BoxError>,
     {
-        self.tracker
-            .spawn(run(shared, job, inner, request).instrument(span));
+        self.tracker.spawn(
+            async move {
+                let created = shared.runner.store.create(record).await;
+                let ok = created.is_ok();
+                if let Err(error) = &created {
+                    tracing::warn!(%error, "recording a new job failed");
+                }
+                // The kick-off may be gone; the job runs all the same, as a synchronous request would.
+                let _ = recorded.send(created);
+                if ok {
+                    tracing::info!("asynchronous job accepted");
+                    run(shared, job, inner, request).await;
+                } else {
+                    shared.runner.unregister(&job.id);
+                }
+            }
+            .instrument(span),
+        );
     }
 }
 

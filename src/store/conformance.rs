@@ -424,12 +424,18 @@ pub async fn renew_leases_reports_jobs_that_stopped_running_here<S: JobStore>(st
     );
 }
 
-/// Only running jobs whose lease lapsed are failed, with the given outcome.
+/// Running jobs whose lease lapsed, and accepted jobs never started in time, are failed with
+/// the given outcome; nothing else is.
 pub async fn fail_lapsed_fails_only_lapsed_running_jobs<S: JobStore>(store: &S) {
     // Far in the past, so that other tests' jobs sharing the store keep their leases.
     let base = SystemTime::UNIX_EPOCH + 1_000_000 * SECOND;
-    let [lapsed, renewed, accepted] = [record(base), record(base), record(base)];
-    for rec in [&lapsed, &renewed, &accepted] {
+    let [lapsed, renewed, accepted, orphan] = [
+        record(base),
+        record(base),
+        record(base + 10 * SECOND),
+        record(base),
+    ];
+    for rec in [&lapsed, &renewed, &accepted, &orphan] {
         store.create(rec.clone()).await.unwrap();
     }
     store
@@ -444,12 +450,17 @@ pub async fn fail_lapsed_fails_only_lapsed_running_jobs<S: JobStore>(store: &S) 
     let failed = store
         .fail_lapsed(
             base + 2 * SECOND,
+            base + SECOND,
             JobOutcome::Failed(lost.clone()),
             base + 3600 * SECOND,
         )
         .await
         .unwrap();
     assert!(failed.contains(&lapsed.id), "the lapsed job was failed");
+    assert!(
+        failed.contains(&orphan.id),
+        "the job accepted but never started was failed"
+    );
     assert!(
         !failed.contains(&renewed.id) && !failed.contains(&accepted.id),
         "others were not"
@@ -462,10 +473,17 @@ pub async fn fail_lapsed_fails_only_lapsed_running_jobs<S: JobStore>(store: &S) 
         JobState::Running { .. }
     ));
     assert_eq!(
-        get(store, &accepted.id, base).await.unwrap().state,
+        get(store, &accepted.id, base + 10 * SECOND)
+            .await
+            .unwrap()
+            .state,
         JobState::Accepted
     );
-    for rec in [&lapsed, &renewed, &accepted] {
+    assert!(matches!(
+        get(store, &orphan.id, base).await.unwrap().state,
+        JobState::Failed(_)
+    ));
+    for rec in [&lapsed, &renewed, &accepted, &orphan] {
         store.cancel(&rec.id, base).await.unwrap();
     }
 }

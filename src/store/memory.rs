@@ -169,13 +169,17 @@ impl JobStore for MemoryStore {
     fn fail_lapsed(
         &self,
         now: SystemTime,
+        unstarted_before: SystemTime,
         outcome: JobOutcome,
         expires_at: SystemTime,
     ) -> impl Future<Output = Result<Vec<JobId>, StoreError>> + Send {
         let mut failed = Vec::new();
         for mut record in self.jobs.iter_mut() {
-            let lapsed =
-                matches!(record.state, JobState::Running { lease_until, .. } if lease_until <= now);
+            let lapsed = match record.state {
+                JobState::Running { lease_until, .. } => lease_until <= now,
+                JobState::Accepted => record.created_at <= unstarted_before,
+                _ => false,
+            };
             if lapsed {
                 record.state = outcome.clone().into();
                 record.progress = None;

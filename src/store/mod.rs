@@ -128,11 +128,14 @@ pub trait JobStore: Send + Sync + 'static {
         lease_until: SystemTime,
     ) -> impl Future<Output = Result<Vec<JobId>, StoreError>> + Send;
 
-    /// Fails every running job whose lease lapsed at or before `now` (its instance is gone) with
-    /// `outcome`, readable until `expires_at`. Returns the ids it failed.
+    /// Fails, with `outcome` readable until `expires_at`, every job whose instance is gone: running
+    /// jobs whose lease lapsed at or before `now`, and jobs still `Accepted` that were created at
+    /// or before `unstarted_before` (recorded, then their instance died before starting them).
+    /// Returns the ids it failed.
     fn fail_lapsed(
         &self,
         now: SystemTime,
+        unstarted_before: SystemTime,
         outcome: JobOutcome,
         expires_at: SystemTime,
     ) -> impl Future<Output = Result<Vec<JobId>, StoreError>> + Send;
