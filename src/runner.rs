@@ -126,46 +126,46 @@ impl Runner {
         }
         stopped
     }
+}
 
-    /// Spawns a registered job: the task records it, reports the store's answer on `recorded`,
-    /// and runs it only if recording succeeded. Recording inside the task means a kick-off that
-    /// is dropped (the client went away) can never leave a recorded job that nobody runs.
-    pub(crate) fn spawn<S, ReqB, ResB>(
-        &self,
-        shared: Arc<Shared>,
-        job: Arc<JobShared>,
-        record: JobRecord,
-        recorded: oneshot::Sender<Result<(), StoreError>>,
-        inner: S,
-        request: Request<RequestBody<ReqB>>,
-        span: tracing::Span,
-    ) where
-        S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        ReqB: Send + 'static,
-        ResB: Body<Data = Bytes> + Send + 'static,
-        ResB::Error: Into<BoxError>,
-    {
-        self.tracker.spawn(
-            async move {
-                let created = shared.runner.store.create(record).await;
-                let ok = created.is_ok();
-                if let Err(error) = &created {
-                    tracing::warn!(%error, "recording a new job failed");
-                }
-                // The kick-off may be gone; the job runs all the same, as a synchronous request would.
-                let _ = recorded.send(created);
-                if ok {
-                    tracing::info!("asynchronous job accepted");
-                    run(shared, job, inner, request).await;
-                } else {
-                    shared.runner.unregister(&job.id);
-                }
-            }
-            .instrument(span),
-        );
-    }
+/// Spawns a registered job: the task records it, reports the store's answer on `recorded`, and
+/// runs it only if recording succeeded. Recording inside the task means a kick-off that is dropped
+/// (the client went away) can never leave a recorded job that nobody runs.
+pub(crate) fn spawn<S, ReqB, ResB>(
+    shared: Arc<Shared>,
+    job: Arc<JobShared>,
+    record: JobRecord,
+    recorded: oneshot::Sender<Result<(), StoreError>>,
+    inner: S,
+    request: Request<RequestBody<ReqB>>,
+) where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    ReqB: Send + 'static,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    // The path only: queries can carry patient data, and logs are no place for it.
+    let path = record.target.split('?').next().unwrap_or_default();
+    let span = tracing::info_span!("fhir_async_job", job.id = %job.id, http.method = %record.method, http.path = %path);
+    let tracker = shared.runner.tracker.clone();
+    let task = async move {
+        let created = shared.runner.store.create(record).await;
+        let ok = created.is_ok();
+        if let Err(error) = &created {
+            tracing::warn!(%error, "recording a new job failed");
+        }
+        // The kick-off may be gone; the job runs all the same, as a synchronous request would.
+        let _ = recorded.send(created);
+        if ok {
+            tracing::info!("asynchronous job accepted");
+            run(shared, job, inner, request).await;
+        } else {
+            shared.runner.unregister(&job.id);
+        }
+    };
+    tracker.spawn(task.instrument(span));
 }
 
 /// One job, from start to its recorded outcome.
@@ -250,8 +250,8 @@ where
             Ok(result) => result,
             Err(_) => {
                 let why = format!(
-                    "The request did not finish within the limit of {} s; it was stopped.",
-                    limit.as_secs()
+                    "The request did not finish within the limit of {}; it was stopped.",
+                    humantime::format_duration(limit)
                 );
                 return JobOutcome::Failed(synthesized(
                     StatusCode::GATEWAY_TIMEOUT,
