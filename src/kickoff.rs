@@ -19,6 +19,7 @@ use crate::layer::Shared;
 use crate::outcome::{self, IssueCode, NO_STORE, error_response};
 use crate::prefer::{self, PREFERENCE_APPLIED};
 use crate::routes::no_host;
+use crate::runner;
 use crate::store::BoxError;
 
 /// How long a client should wait before retrying a refused kick-off.
@@ -75,7 +76,6 @@ where
         target,
         runner.clock.now(),
     );
-    let span = tracing::info_span!("fhir_async_job", job.id = %id, http.method = %parts.method, http.path = %parts.uri.path());
     let is_get_or_head = matches!(parts.method, Method::GET | Method::HEAD);
     // PREFER-9: the inner service never sees `respond-async` or `wait`; the rest is forwarded.
     prefer::strip_async_preferences(&mut parts.headers);
@@ -92,7 +92,7 @@ where
 
     // KICK-9: the job is recorded before the 202, so the first poll can never 404.
     let (recorded, was_recorded) = oneshot::channel();
-    runner.spawn(shared.clone(), job, record, recorded, inner, replay, span);
+    runner::spawn(shared.clone(), job, record, recorded, inner, replay);
     if !matches!(was_recorded.await, Ok(Ok(()))) {
         return outcome::unavailable(
             "The job store is temporarily unavailable; send the request again later.",
@@ -126,7 +126,8 @@ fn accepted(status_url: &str, vary: bool) -> Response<Bytes> {
 /// another `_format`) is refused now rather than failed at completion.
 fn check_format(uri: &Uri, headers: &HeaderMap) -> Option<Response<Bytes>> {
     if let Some(format) = query_values(uri, "_format").next() {
-        let format = format.trim().to_ascii_lowercase();
+        // An unescaped `+` in the query decodes as a space; clients send it, servers accept it.
+        let format = format.trim().to_ascii_lowercase().replace(' ', "+");
         let json = matches!(
             format.as_str(),
             "json" | "application/json" | "application/fhir+json" | "application/json+fhir"
@@ -147,9 +148,7 @@ fn check_format(uri: &Uri, headers: &HeaderMap) -> Option<Response<Bytes>> {
         .flat_map(|v| v.split(','))
         .filter(|range| !range.trim().is_empty())
         .peekable();
-    if ranges.peek().is_none() {
-        return None;
-    }
+    ranges.peek()?;
     if ranges.any(accepts_json) {
         return None;
     }
