@@ -1,0 +1,170 @@
+//! Command-line flags, parsed by hand: there are few of them and the example should not pull in
+//! an argument-parsing crate just for that.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// The usage text printed by `--help`.
+pub(crate) const USAGE: &str = "\
+A small FHIR R4 server (JSON only) on synthetic data, wrapped by tower-fhir-async's AsyncLayer.
+
+USAGE:
+    cargo run --example server -- [FLAGS]
+
+FLAGS:
+    --addr HOST:PORT      address to listen on (default 127.0.0.1:8080; port 0 picks a free one)
+    --base-url URL        public FHIR base used in Content-Location and Bundle links
+                          (default http://ADDR/fhir, ADDR being the bound address)
+    --patients N          number of synthetic patients to generate (default 1000)
+    --store BACKEND       job store for the async layer; only `memory` in this build
+    --auth                require `Authorization: Bearer <client-id>` on every request
+    --reindex-secs N      how long POST /fhir/$reindex takes, in seconds (default 10)
+    -h, --help            print this help and exit
+
+Logs go to stderr; set RUST_LOG (default `info`) to change the level.";
+
+/// The settings the server runs with.
+#[derive(Debug, Clone)]
+pub(crate) struct Options {
+    pub(crate) addr: SocketAddr,
+    pub(crate) base_url: Option<String>,
+    pub(crate) patients: usize,
+    pub(crate) auth: bool,
+    pub(crate) reindex: Duration,
+}
+
+/// What the command line asks for.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Run(Options),
+    Help,
+}
+
+/// A command-line mistake: the message says what was wrong and what to do instead.
+#[derive(Debug)]
+pub(crate) struct UsageError(pub(crate) String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Parses the flags (without the program name).
+pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, UsageError> {
+    let mut options = Options {
+        addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        base_url: None,
+        patients: 1000,
+        auth: false,
+        reindex: Duration::from_secs(10),
+    };
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        // Accept `--flag=value` as well as `--flag value`, as most CLIs do.
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => {
+                (flag.to_owned(), Some(value.to_owned()))
+            }
+            _ => (arg.clone(), None),
+        };
+        let mut value = |what: &str| -> Result<String, UsageError> {
+            inline
+                .clone()
+                .or_else(|| args.next())
+                .ok_or_else(|| UsageError(format!("{flag} needs a value: {flag} {what}")))
+        };
+        match flag.as_str() {
+            "-h" | "--help" => return Ok(Command::Help),
+            "--addr" => {
+                let raw = value("HOST:PORT")?;
+                options.addr = raw.parse().map_err(|_| {
+                    UsageError(format!(
+                        "--addr {raw:?} is not a socket address; write it as IP:PORT, e.g. 127.0.0.1:8080"
+                    ))
+                })?;
+            }
+            "--base-url" => {
+                let raw = value("URL")?;
+                options.base_url = Some(parse_base_url(&raw)?);
+            }
+            "--patients" => {
+                let raw = value("N")?;
+                options.patients = raw.parse().map_err(|_| {
+                    UsageError(format!(
+                        "--patients {raw:?} is not a number; give a count such as 1000"
+                    ))
+                })?;
+            }
+            "--store" => {
+                let raw = value("BACKEND")?;
+                if raw != "memory" {
+                    return Err(UsageError(format!(
+                        "store backend {raw} is not available in this build; use --store memory"
+                    )));
+                }
+            }
+            "--auth" => {
+                if inline.is_some() {
+                    return Err(UsageError("--auth takes no value".into()));
+                }
+                options.auth = true;
+            }
+            "--reindex-secs" => {
+                let raw = value("N")?;
+                let secs: u64 = raw.parse().map_err(|_| {
+                    UsageError(format!(
+                        "--reindex-secs {raw:?} is not a whole number of seconds; try 10"
+                    ))
+                })?;
+                options.reindex = Duration::from_secs(secs);
+            }
+            other => {
+                return Err(UsageError(format!("unknown flag {other:?}")));
+            }
+        }
+    }
+    Ok(Command::Run(options))
+}
+
+/// Checks that the public base is an absolute http(s) URL and drops a trailing slash, so that
+/// `{base}/Patient/1` never holds a double slash.
+fn parse_base_url(raw: &str) -> Result<String, UsageError> {
+    let trimmed = raw.trim_end_matches('/');
+    let rest = trimmed
+        .strip_prefix("http://")
+        .or_else(|| trimmed.strip_prefix("https://"));
+    match rest {
+        Some(rest) if !rest.is_empty() && !rest.starts_with('/') => Ok(trimmed.to_owned()),
+        _ => Err(UsageError(format!(
+            "--base-url {raw:?} is not an absolute http(s) URL; write e.g. https://fhir.example.org/fhir"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> Result<Command, UsageError> {
+        parse(args.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn defaults_and_flags() {
+        let Ok(Command::Run(o)) = run(&["--addr=127.0.0.1:0", "--patients", "5", "--auth"]) else {
+            panic!("expected options");
+        };
+        assert_eq!(o.addr.port(), 0);
+        assert_eq!(o.patients, 5);
+        assert!(o.auth);
+        assert!(matches!(run(&["--help"]), Ok(Command::Help)));
+        let err = run(&["--store", "redis"]).unwrap_err();
+        assert_eq!(
+            err.0,
+            "store backend redis is not available in this build; use --store memory"
+        );
+        assert!(run(&["--base-url", "fhir.example.org"]).is_err());
+        assert!(run(&["--patients"]).is_err());
+    }
+}

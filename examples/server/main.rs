@@ -1,0 +1,241 @@
+//! A small FHIR R4 server (JSON only) on synthetic in-memory data, wrapped by
+//! [`tower_fhir_async::AsyncLayer`] so that any request sent with `Prefer: respond-async` is
+//! answered `202 Accepted` with a status URL to poll.
+//!
+//! ```text
+//! cargo run --example server -- --help
+//! cargo run --example server -- --addr 127.0.0.1:0 --patients 200
+//! ```
+//!
+//! The FHIR server itself knows nothing about the async pattern: it answers every request
+//! synchronously. Only `$reindex` cooperates, reading the layer's `JobContext` to report progress
+//! and notice cancellation.
+
+mod access_log;
+mod app;
+mod auth;
+mod batch;
+mod capability;
+mod cli;
+mod data;
+mod db;
+mod export;
+mod extract;
+mod instant;
+mod interaction;
+mod prefer;
+mod prng;
+mod query;
+mod reindex;
+mod response;
+mod routes;
+mod search;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::middleware;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_fhir_async::{AsyncLayer, MemoryStore};
+use tracing_subscriber::EnvFilter;
+
+use crate::app::App;
+use crate::cli::Command;
+use crate::db::Db;
+
+/// How long open connections may keep running after a shutdown signal; the layer's jobs get
+/// the same grace afterwards.
+const GRACE: Duration = Duration::from_secs(10);
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let options = match cli::parse(std::env::args().skip(1)) {
+        Ok(Command::Run(options)) => options,
+        Ok(Command::Help) => {
+            println!("{}", cli::USAGE);
+            return ExitCode::SUCCESS;
+        }
+        Err(err) => {
+            eprintln!("error: {err}\nRun with --help to see the flags.");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        // Its default reports a failed log write with `eprintln!`, which panics when stderr is
+        // a closed pipe; the panicking task could be the one that handles SIGTERM.
+        .log_internal_errors(false)
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+
+    let listener = match TcpListener::bind(options.addr).await {
+        Ok(listener) => listener,
+        Err(err) => {
+            eprintln!(
+                "error: cannot listen on {}: {err}; pick another --addr (port 0 finds a free one)",
+                options.addr
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = match listener.local_addr() {
+        Ok(addr) => addr,
+        Err(err) => {
+            eprintln!("error: cannot read the bound address: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let local_base = format!("http://{addr}/fhir");
+    let public_base = options
+        .base_url
+        .clone()
+        .unwrap_or_else(|| local_base.clone());
+
+    let layer = match AsyncLayer::builder(MemoryStore::default())
+        .base_url(&public_base)
+        .try_build()
+    {
+        Ok(layer) => layer,
+        Err(err) => {
+            eprintln!("error: cannot configure the async layer with base {public_base}: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    let shutdown = layer.shutdown_handle();
+    tokio::spawn(layer.sweeper(Duration::from_secs(60)));
+
+    let db = Db::new();
+    let summary = data::generate(&db, options.patients);
+    tracing::info!(
+        patients = summary.patients,
+        observations = summary.observations,
+        conditions = summary.conditions,
+        groups = summary.groups,
+        "synthetic data generated"
+    );
+    let app = Arc::new(App {
+        db,
+        public_base: options.base_url.clone(),
+        fallback_base: local_base,
+        auth: options.auth,
+        reindex_duration: options.reindex,
+    });
+
+    // Layers added later wrap the earlier ones: the async layer sits directly around the FHIR
+    // routes, authentication outside it (so polls and cancels are authenticated too, and the
+    // caller id reaches replayed requests), and the access log outermost.
+    let router = routes::router(app).layer(layer);
+    let router = if options.auth {
+        router.layer(middleware::from_fn(auth::require_bearer))
+    } else {
+        router
+    };
+    let router = router.layer(middleware::from_fn(access_log::log));
+
+    print_banner(addr, options.auth);
+
+    let stop = CancellationToken::new();
+    tokio::spawn(wait_for_signal(stop.clone()));
+    // On a signal the layer drains first, while the server still answers: polls and cancels keep
+    // working and new kick-offs get 503. Only then does the server stop accepting connections.
+    let drain = {
+        let stop = stop.clone();
+        async move {
+            stop.cancelled().await;
+            let report = shutdown.shutdown(GRACE).await;
+            tracing::info!(?report, "asynchronous jobs drained");
+        }
+    };
+    let server = axum::serve(listener, router).with_graceful_shutdown(drain);
+    // Graceful shutdown then waits for every open connection; a stalled client must not hold the
+    // process forever.
+    let served = tokio::select! {
+        served = server.into_future() => served,
+        () = async {
+            stop.cancelled().await;
+            tokio::time::sleep(GRACE * 2).await;
+        } => {
+            tracing::warn!("connections still open {}s after the signal; closing them", (GRACE * 2).as_secs());
+            Ok(())
+        }
+    };
+    if let Err(err) = served {
+        tracing::error!(%err, "server error");
+    }
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+/// The start-up banner: the address (the real port when `--addr` asked for port 0) and a few
+/// commands to try the async pattern.
+fn print_banner(addr: SocketAddr, auth: bool) {
+    let base = format!("http://{addr}/fhir");
+    let auth_header = if auth {
+        " -H 'Authorization: Bearer demo-client'"
+    } else {
+        ""
+    };
+    let mut out = std::io::stdout().lock();
+    // Ignoring write errors: a closed stdout must not stop the server.
+    let _ = writeln!(out, "listening on {base}");
+    let _ = writeln!(
+        out,
+        "
+Try it (single quotes keep the shell away from `$`):
+
+  # 1. kick off a slow operation asynchronously: 202 Accepted + Content-Location
+  curl -si -X POST{auth_header} -H 'Prefer: respond-async' -H 'Content-Type: application/fhir+json' '{base}/$reindex'
+
+  # 2. poll the Content-Location from step 1: 202 + X-Progress while it runs
+  STATUS_URL='<paste the Content-Location here>'
+  curl -si{auth_header} \"$STATUS_URL\"
+
+  # 3. once polling answers 200, the body is the batch-response Bundle
+  curl -s{auth_header} \"$STATUS_URL\"
+
+  # 4. or cancel the job while it runs
+  curl -si -X DELETE{auth_header} \"$STATUS_URL\"
+
+  # 5. any request can go async, e.g. a search
+  curl -si{auth_header} -H 'Prefer: respond-async' '{base}/Patient?name=smi&_count=5'
+"
+    );
+    let _ = out.flush();
+}
+
+/// Resolves on Ctrl-C or SIGTERM, then cancels `stop`.
+async fn wait_for_signal(stop: CancellationToken) {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(%err, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(%err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    let signal = tokio::select! {
+        () = ctrl_c => "Ctrl-C",
+        () = terminate => "SIGTERM",
+    };
+    // Cancel first: nothing after this point may keep the server from stopping.
+    stop.cancel();
+    tracing::info!("{signal} received; shutting down");
+}
