@@ -1,4 +1,4 @@
-//! The response future: the inner service's future, unboxed, or the layer's own answer.
+//! The response future: the inner service's call, unboxed, or the layer's own answer.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http::header::VARY;
 use http::{HeaderValue, Response};
 use pin_project_lite::pin_project;
+use tower_service::Service;
 
 use crate::body::ResponseBody;
 
@@ -16,22 +17,34 @@ pub(crate) type OwnFuture = Pin<Box<dyn Future<Output = Response<Bytes>> + Send>
 pin_project! {
     /// The future of [`AsyncService`](crate::AsyncService).
     ///
-    /// A passed-through request polls the inner future in place, unboxed; only the layer's own
-    /// work (kick-off, status, cancel) is boxed.
-    #[project = ResponseFutureProj]
-    pub struct ResponseFuture<F> {
+    /// A passed-through request drives its own clone of the inner service to readiness, calls
+    /// it, and polls the inner future in place, unboxed. Only the layer's own work (kick-off,
+    /// status, cancel) is boxed.
+    pub struct ResponseFuture<S, R>
+    where
+        S: Service<R>,
+    {
         #[pin]
-        kind: Kind<F>,
+        kind: Kind<S, R>,
     }
 }
 
 pin_project! {
     #[project = KindProj]
-    enum Kind<F> {
-        Inner {
-            #[pin]
-            fut: F,
+    enum Kind<S, R>
+    where
+        S: Service<R>,
+    {
+        // Waiting for the inner service to be ready; `request` is taken when it is called.
+        Waiting {
+            service: S,
+            request: Option<R>,
             // Add `Vary: Prefer` (PREFER-11).
+            vary: bool,
+        },
+        Called {
+            #[pin]
+            fut: S::Future,
             vary: bool,
         },
         Own {
@@ -40,10 +53,14 @@ pin_project! {
     }
 }
 
-impl<F> ResponseFuture<F> {
-    pub(crate) fn inner(fut: F, vary: bool) -> Self {
+impl<S: Service<R>, R> ResponseFuture<S, R> {
+    pub(crate) fn pass_through(service: S, request: R, vary: bool) -> Self {
         Self {
-            kind: Kind::Inner { fut, vary },
+            kind: Kind::Waiting {
+                service,
+                request: Some(request),
+                vary,
+            },
         }
     }
 
@@ -54,23 +71,39 @@ impl<F> ResponseFuture<F> {
     }
 }
 
-impl<F, B, E> Future for ResponseFuture<F>
+impl<S, R, B> Future for ResponseFuture<S, R>
 where
-    F: Future<Output = Result<Response<B>, E>>,
+    S: Service<R, Response = Response<B>>,
 {
-    type Output = Result<Response<ResponseBody<B>>, E>;
+    type Output = Result<Response<ResponseBody<B>>, S::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
-            KindProj::Inner { fut, vary } => {
-                let mut response = ready!(fut.poll(cx))?;
-                if *vary {
-                    add_vary_prefer(response.headers_mut());
+        let mut kind = self.project().kind;
+        loop {
+            match kind.as_mut().project() {
+                KindProj::Waiting {
+                    service,
+                    request,
+                    vary,
+                } => {
+                    ready!(service.poll_ready(cx))?;
+                    let Some(request) = request.take() else {
+                        panic!("ResponseFuture polled after it completed");
+                    };
+                    let fut = service.call(request);
+                    let vary = *vary;
+                    kind.set(Kind::Called { fut, vary });
                 }
-                Poll::Ready(Ok(response.map(ResponseBody::inner)))
-            }
-            KindProj::Own { fut } => {
-                Poll::Ready(Ok(ready!(fut.as_mut().poll(cx)).map(ResponseBody::full)))
+                KindProj::Called { fut, vary } => {
+                    let mut response = ready!(fut.poll(cx))?;
+                    if *vary {
+                        add_vary_prefer(response.headers_mut());
+                    }
+                    return Poll::Ready(Ok(response.map(ResponseBody::inner)));
+                }
+                KindProj::Own { fut } => {
+                    return Poll::Ready(Ok(ready!(fut.as_mut().poll(cx)).map(ResponseBody::full)));
+                }
             }
         }
     }

@@ -236,8 +236,12 @@ where
     ResB: Body<Data = Bytes>,
     ResB::Error: Into<BoxError>,
 {
-    // The service was driven to readiness before the kick-off took it, so it can be called now.
+    // Waiting for readiness is part of the job: a concurrency limit around the inner service
+    // queues jobs, and a cancel stops a job that is still waiting.
     let call = AssertUnwindSafe(async move {
+        std::future::poll_fn(|cx| inner.poll_ready(cx))
+            .await
+            .map_err(|e| Failure::Service(e.into()))?;
         let response = inner
             .call(request)
             .await

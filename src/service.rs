@@ -74,10 +74,13 @@ where
 {
     type Response = Response<ResponseBody<ResB>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future>;
+    type Future = ResponseFuture<S, Request<RequestBody<ReqB>>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+    /// Always ready. Status and cancel requests never use the inner service, so they must not
+    /// wait for it (a cancel would otherwise wait for the very job it stops, behind a concurrency
+    /// limit); passed-through requests and jobs wait for the inner service's readiness themselves.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: Request<ReqB>) -> Self::Future {
@@ -122,6 +125,11 @@ where
             // see `respond-async`, or a second asynchronous layer could stack (SEL-7).
             prefer::strip_async_preferences(request.headers_mut());
         }
-        ResponseFuture::inner(self.inner.call(request.map(RequestBody::streaming)), vary)
+        // `self.inner` was never driven to readiness (see `poll_ready`): the future drives a clone.
+        ResponseFuture::pass_through(
+            self.inner.clone(),
+            request.map(RequestBody::streaming),
+            vary,
+        )
     }
 }

@@ -30,7 +30,8 @@ pub struct ShutdownHandle {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct ShutdownReport {
-    /// Jobs that were running when shutdown began and finished within the grace period.
+    /// Jobs that were running when shutdown began and ended within the grace period (finished,
+    /// or cancelled by their callers).
     pub finished: usize,
     /// Jobs still running when the grace period ended: stopped and recorded as failed.
     pub stopped: usize,

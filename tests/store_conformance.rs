@@ -1,0 +1,108 @@
+//! The public store conformance suite (`tower_fhir_async::store::conformance`) against every
+//! `JobStore` backend. Each case also runs as its own test, so a failure names the case.
+//!
+//! Only `MemoryStore` exists so far. The Redis and PostgreSQL backends will get a module each
+//! here, behind their cargo features, running the same cases against a real server.
+
+use tower_fhir_async::MemoryStore;
+use tower_fhir_async::store::conformance;
+
+mod memory {
+    use super::*;
+
+    // CANCEL-3, CANCEL-5, CANCEL-6, EXPIRE-3 (all store-level cases at once, sharing one store).
+    #[tokio::test]
+    async fn cancel_3_expire_3_run_all_cases_on_one_shared_store() {
+        conformance::run_all(&MemoryStore::default()).await;
+    }
+
+    // [DESIGN] create / get round trip.
+    #[tokio::test]
+    async fn design_create_then_get_returns_the_record() {
+        conformance::create_then_get_returns_the_record(&MemoryStore::default()).await;
+    }
+
+    // [DESIGN] ids are unique in the store.
+    #[tokio::test]
+    async fn design_create_rejects_a_taken_id() {
+        conformance::create_rejects_a_taken_id(&MemoryStore::default()).await;
+    }
+
+    // STATUS-15, CANCEL-7: unknown ids are absent for every operation.
+    #[tokio::test]
+    async fn status_15_cancel_7_unknown_ids_are_absent() {
+        conformance::unknown_ids_are_absent(&MemoryStore::default()).await;
+    }
+
+    // [DESIGN] Accepted → Running is a compare-and-set.
+    #[tokio::test]
+    async fn design_start_moves_accepted_to_running_once() {
+        conformance::start_moves_accepted_to_running_once(&MemoryStore::default()).await;
+    }
+
+    // STATUS-14: the first finish wins; the result never changes afterwards.
+    #[tokio::test]
+    async fn status_14_finish_first_transition_wins() {
+        conformance::finish_first_transition_wins(&MemoryStore::default()).await;
+    }
+
+    // [DESIGN] a job that never started can be failed (shutdown).
+    #[tokio::test]
+    async fn design_finish_from_accepted_is_allowed() {
+        conformance::finish_from_accepted_is_allowed(&MemoryStore::default()).await;
+    }
+
+    // CANCEL-3, CANCEL-6: a cancelled job is absent and never resurrected.
+    #[tokio::test]
+    async fn cancel_3_cancel_6_cancel_removes_the_job_and_blocks_later_transitions() {
+        conformance::cancel_removes_the_job_and_blocks_later_transitions(&MemoryStore::default())
+            .await;
+    }
+
+    // CANCEL-5: cancel after completion removes the result.
+    #[tokio::test]
+    async fn cancel_5_cancel_after_finish_removes_the_result() {
+        conformance::cancel_after_finish_removes_the_result(&MemoryStore::default()).await;
+    }
+
+    // EXPIRE-3, CANCEL-7: expired records are absent before any sweep.
+    #[tokio::test]
+    async fn expire_3_expired_records_are_absent_before_any_sweep() {
+        conformance::expired_records_are_absent_before_any_sweep(&MemoryStore::default()).await;
+    }
+
+    // EXPIRE-1: sweeping reclaims expired records only.
+    #[tokio::test]
+    async fn expire_1_sweep_removes_only_expired_records() {
+        conformance::sweep_removes_only_expired_records(&MemoryStore::default()).await;
+    }
+
+    // STATUS-4: progress is kept while the job runs, dropped when it ends.
+    #[tokio::test]
+    async fn status_4_progress_is_kept_until_the_job_ends() {
+        conformance::progress_is_kept_until_the_job_ends(&MemoryStore::default()).await;
+    }
+
+    // [DESIGN] lease renewal names the jobs that stopped running on this instance.
+    #[tokio::test]
+    async fn design_renew_leases_reports_jobs_that_stopped_running_here() {
+        conformance::renew_leases_reports_jobs_that_stopped_running_here(&MemoryStore::default())
+            .await;
+    }
+
+    // [DESIGN] a job whose instance died is failed, never left running forever.
+    #[tokio::test]
+    async fn design_fail_lapsed_fails_only_lapsed_running_jobs() {
+        conformance::fail_lapsed_fails_only_lapsed_running_jobs(&MemoryStore::default()).await;
+    }
+
+    // STATUS-14, BUNDLE-*: stored responses survive storage byte for byte.
+    #[tokio::test]
+    async fn status_14_stored_responses_round_trip_exactly() {
+        conformance::stored_responses_round_trip_exactly(&MemoryStore::default()).await;
+    }
+}
+
+// Redis (feature `redis`) and PostgreSQL (feature `postgres`) backends go here, one module each,
+// `#[cfg(feature = "...")]`, connecting with REDIS_URL / DATABASE_URL as `.ci/run` exports them,
+// and running `run_all` plus each case exactly as `mod memory` does.
