@@ -64,7 +64,7 @@ async fn sec_11_job_span_and_events_carry_no_credentials() {
         )
         .route(
             "/fhir/$slow",
-            post(|| std::future::pending::<&'static str>()),
+            post(std::future::pending::<&'static str>),
         )
         .layer(layer);
     let addr = serve(app).await;
