@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::job::{JobId, StoredResponse};
+use crate::media;
 use crate::outcome::{IssueCode, operation_outcome};
 
 /// How much of a non-FHIR error body is quoted in a synthesized OperationOutcome.
@@ -70,12 +71,12 @@ struct Probe<'a> {
 }
 
 /// Renders a finished job as a `batch-response` Bundle. `base` is the absolute FHIR base, for
-/// `fullUrl`.
+/// `fullUrl` (left out when unknown).
 pub(crate) fn render(
     id: &JobId,
     response: &StoredResponse,
     finished_at: Option<SystemTime>,
-    base: &str,
+    base: Option<&str>,
 ) -> Bytes {
     let status = response.status;
     let text_header = |name| response.header(&name).and_then(|v| v.to_str().ok());
@@ -106,7 +107,7 @@ pub(crate) fn render(
 /// `entry.resource`, `entry.response.outcome` and `entry.fullUrl` per the BUNDLE-11 table.
 fn entry_body<'a>(
     response: &'a StoredResponse,
-    base: &str,
+    base: Option<&str>,
 ) -> (Option<Json<'a>>, Option<Json<'a>>, Option<String>) {
     let status = response.status;
     let failed = status.is_client_error() || status.is_server_error();
@@ -120,11 +121,12 @@ fn entry_body<'a>(
         if resource_type == "OperationOutcome" {
             return (None, Some(Json::Raw(raw)), None);
         }
-        let full_url = probe
-            .id
-            .as_deref()
-            .filter(|_| resource_type != "Bundle")
-            .map(|id| format!("{base}/{resource_type}/{id}"));
+        let full_url = match (base, probe.id.as_deref()) {
+            (Some(base), Some(id)) if resource_type != "Bundle" => {
+                Some(format!("{base}/{resource_type}/{id}"))
+            }
+            _ => None,
+        };
         let outcome = failed.then(|| Json::Made(synthesized_outcome(status, "")));
         return (Some(Json::Raw(raw)), outcome, full_url);
     }
@@ -144,19 +146,7 @@ fn entry_body<'a>(
 /// is none) holding an object with a `resourceType`.
 fn fhir_json(response: &StoredResponse) -> Option<(&RawValue, Probe<'_>)> {
     let json_type = match response.header(&header::CONTENT_TYPE) {
-        Some(value) => {
-            let media = value
-                .to_str()
-                .ok()?
-                .split(';')
-                .next()?
-                .trim()
-                .to_ascii_lowercase();
-            matches!(
-                media.as_str(),
-                "application/fhir+json" | "application/json" | "application/json+fhir"
-            )
-        }
+        Some(value) => media::header_is_json(Some(value)),
         None => response.body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{'),
     };
     if !json_type {
@@ -233,7 +223,7 @@ mod tests {
 
     fn entry(response: &StoredResponse) -> Value {
         let bundle: Value =
-            serde_json::from_slice(&render(&JobId::new(), response, None, BASE)).unwrap();
+            serde_json::from_slice(&render(&JobId::new(), response, None, Some(BASE))).unwrap();
         assert_eq!(bundle["resourceType"], "Bundle");
         assert_eq!(bundle["type"], "batch-response"); // BUNDLE-2
         assert_eq!(bundle["entry"].as_array().unwrap().len(), 1); // BUNDLE-3
@@ -360,7 +350,7 @@ mod tests {
         assert_eq!(entry["resource"]["contentType"], "text/csv");
         assert_eq!(entry["resource"]["data"], "YSxiCjEsMgo=");
         let array = stored(200, &[("content-type", "application/json")], b"[1,2]");
-        let json_not_fhir = entry_body(&array, BASE);
+        let json_not_fhir = entry_body(&array, Some(BASE));
         assert!(
             matches!(json_not_fhir.0, Some(Json::Made(ref v)) if v["resourceType"] == "Binary")
         );
@@ -379,6 +369,20 @@ mod tests {
         assert_eq!(entry["resource"]["type"], "searchset");
         assert_eq!(entry["resource"]["total"], 2);
         assert!(entry.get("fullUrl").is_none());
+    }
+
+    // Without a known base (no configured URL, no Host on the poll) only `fullUrl` is left out.
+    #[test]
+    fn bundle_9_without_a_base_there_is_no_full_url() {
+        let response = stored(
+            200,
+            &[("content-type", "application/fhir+json")],
+            br#"{"resourceType":"Patient","id":"p1"}"#,
+        );
+        let bundle: Value =
+            serde_json::from_slice(&render(&JobId::new(), &response, None, None)).unwrap();
+        assert_eq!(bundle["entry"][0]["resource"]["id"], "p1");
+        assert!(bundle["entry"][0].get("fullUrl").is_none());
     }
 
     #[test]

@@ -2,7 +2,6 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
@@ -44,28 +43,22 @@ pub struct JobContext {
 /// State shared between a running job, its context and the layer's registry.
 pub(crate) struct JobShared {
     pub(crate) id: JobId,
+    /// Cancelled by the job's caller (DELETE), or with every other job at shutdown.
     pub(crate) cancel: CancellationToken,
-    /// Set when the job is stopped by shutdown rather than by its caller.
-    pub(crate) stopped_by_shutdown: AtomicBool,
     progress: Mutex<Option<Box<str>>>,
 }
 
 impl JobShared {
-    pub(crate) fn new(id: JobId) -> Arc<Self> {
+    pub(crate) fn new(id: JobId, cancel: CancellationToken) -> Arc<Self> {
         Arc::new(Self {
             id,
-            cancel: CancellationToken::new(),
-            stopped_by_shutdown: AtomicBool::new(false),
+            cancel,
             progress: Mutex::new(None),
         })
     }
 
     pub(crate) fn progress(&self) -> Option<Box<str>> {
         self.progress.lock().map_or(None, |p| p.clone())
-    }
-
-    pub(crate) fn is_stopped_by_shutdown(&self) -> bool {
-        self.stopped_by_shutdown.load(Ordering::Acquire)
     }
 }
 
@@ -131,7 +124,7 @@ mod tests {
     // STATUS-4: progress text is printable ASCII under 100 characters.
     #[test]
     fn status_4_progress_is_short_ascii() {
-        let ctx = JobContext::new(JobShared::new(JobId::new()));
+        let ctx = JobContext::new(JobShared::new(JobId::new(), CancellationToken::new()));
         ctx.set_progress(format!("ünï\r\n{}", "x".repeat(500)));
         let progress = ctx.shared.progress().unwrap();
         assert_eq!(progress.chars().count(), 99);
@@ -147,7 +140,7 @@ mod tests {
 
     #[tokio::test]
     async fn cancellation_is_visible() {
-        let shared = JobShared::new(JobId::new());
+        let shared = JobShared::new(JobId::new(), CancellationToken::new());
         let ctx = JobContext::new(shared.clone());
         assert!(!ctx.is_cancelled());
         let waiter = tokio::spawn(ctx.cancelled());

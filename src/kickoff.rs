@@ -16,6 +16,7 @@ use crate::context::JobContext;
 use crate::future::add_vary_prefer;
 use crate::job::{JobId, JobKind, JobRecord};
 use crate::layer::Shared;
+use crate::media;
 use crate::outcome::{self, IssueCode, NO_STORE, error_response};
 use crate::prefer::{self, PREFERENCE_APPLIED};
 use crate::routes::no_host;
@@ -44,10 +45,7 @@ where
     let config = &shared.config;
     let runner = &shared.runner;
     if runner.is_shutting_down() {
-        return outcome::unavailable(
-            "The server is shutting down and accepts no new asynchronous requests; try again shortly.",
-            KICK_OFF_RETRY,
-        );
+        return shutting_down();
     }
     let (mut parts, body) = request.into_parts();
     if let Some(refusal) = check_format(&parts.uri, &parts.headers) {
@@ -68,7 +66,7 @@ where
     }
 
     let id = JobId::new();
-    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let target = recorded_target(&parts.uri);
     let record = JobRecord::new(
         id,
         JobKind::Interaction,
@@ -86,7 +84,9 @@ where
             .headers
             .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     }
-    let job = runner.register(id);
+    let Some(job) = runner.register(id) else {
+        return shutting_down();
+    };
     parts.extensions.insert(JobContext::new(job.clone()));
     let replay = Request::from_parts(parts, RequestBody::buffered(body));
 
@@ -100,6 +100,35 @@ where
         );
     }
     accepted(&config.status_url(&base, &id), is_get_or_head)
+}
+
+fn shutting_down() -> Response<Bytes> {
+    outcome::unavailable(
+        "The server is shutting down and accepts no new asynchronous requests; try again shortly.",
+        KICK_OFF_RETRY,
+    )
+}
+
+/// The kick-off's path and query as recorded with the job, with any `access_token` removed
+/// (RFC 6750 allows a bearer token in the query; no credential may reach the store, SEC-11).
+fn recorded_target(uri: &Uri) -> String {
+    let path = uri.path();
+    match uri.query() {
+        None => path.to_owned(),
+        Some(query) if !query.contains("access_token") => format!("{path}?{query}"),
+        Some(query) => {
+            let kept =
+                form_urlencoded::parse(query.as_bytes()).filter(|(key, _)| key != "access_token");
+            let query = form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(kept)
+                .finish();
+            if query.is_empty() {
+                path.to_owned()
+            } else {
+                format!("{path}?{query}")
+            }
+        }
+    }
 }
 
 /// `202 Accepted` + absolute `Content-Location` (KICK-2, KICK-3, KICK-10, PREFER-10).
@@ -128,12 +157,7 @@ fn check_format(uri: &Uri, headers: &HeaderMap) -> Option<Response<Bytes>> {
     if let Some(format) = query_values(uri, "_format").next() {
         // An unescaped `+` in the query decodes as a space; clients send it, servers accept it.
         let format = format.trim().to_ascii_lowercase().replace(' ', "+");
-        let json = matches!(
-            format.as_str(),
-            "json" | "application/json" | "application/fhir+json" | "application/json+fhir"
-        ) || format.starts_with("application/fhir+json;")
-            || format.starts_with("application/json;");
-        if !json {
+        if format != "json" && !media::is_json(&media::essence(&format)) {
             return Some(not_acceptable(&format!(
                 "_format={format} cannot be produced for an asynchronous request; only JSON (application/fhir+json) is \
                  supported."
@@ -161,24 +185,12 @@ fn check_format(uri: &Uri, headers: &HeaderMap) -> Option<Response<Bytes>> {
 /// Whether one media range of `Accept` admits `application/fhir+json` with a non-zero quality.
 fn accepts_json(range: &str) -> bool {
     let mut pieces = range.split(';');
-    let media = pieces
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
+    let media = media::essence(pieces.next().unwrap_or_default());
     let zero_quality = pieces.any(|param| {
         let (name, value) = param.split_once('=').unwrap_or((param, ""));
         name.trim().eq_ignore_ascii_case("q") && value.trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
     });
-    !zero_quality
-        && matches!(
-            media.as_str(),
-            "application/fhir+json"
-                | "application/json"
-                | "application/json+fhir"
-                | "application/*"
-                | "*/*"
-        )
+    !zero_quality && (media::is_json(&media) || media == "application/*" || media == "*/*")
 }
 
 fn not_acceptable(diagnostics: &str) -> Response<Bytes> {
@@ -216,17 +228,15 @@ fn body_has_output_format(headers: &HeaderMap, body: &[u8]) -> bool {
     if !body.windows(NAME.len()).any(|w| w == NAME) {
         return false;
     }
-    let media = headers
+    let content_type = headers
         .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .map(|v| v.trim().to_ascii_lowercase())
-        .unwrap_or_default();
+        .and_then(|v| v.to_str().ok());
+    let media = media::essence(content_type.unwrap_or_default());
     match media.as_str() {
         "application/x-www-form-urlencoded" => {
             form_urlencoded::parse(body).any(|(key, _)| key == "_outputFormat")
         }
-        "application/fhir+json" | "application/json" | "application/json+fhir" => {
+        json if media::is_json(json) => {
             #[derive(serde::Deserialize)]
             struct Parameters {
                 #[serde(rename = "resourceType")]
@@ -323,6 +333,22 @@ mod tests {
             None
         );
         assert_eq!(check("/fhir/Patient?_format=xml"), Some(406));
+    }
+
+    // SEC-11: a bearer token in the query never reaches the store.
+    #[test]
+    fn sec_11_access_token_is_not_recorded() {
+        let target = |uri: &str| recorded_target(&uri.parse().unwrap());
+        assert_eq!(target("/fhir/Patient"), "/fhir/Patient");
+        assert_eq!(
+            target("/fhir/Patient?name=x&_count=5"),
+            "/fhir/Patient?name=x&_count=5"
+        );
+        assert_eq!(
+            target("/fhir/Patient?access_token=abc&name=x"),
+            "/fhir/Patient?name=x"
+        );
+        assert_eq!(target("/fhir/Patient?access_token=abc"), "/fhir/Patient");
     }
 
     // SEL-4, SEL-6: `_outputFormat` in the query, a form body or a Parameters body.

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderMap, Method, Uri};
+use http::{Extensions, HeaderMap, Method, Uri};
 use tower_layer::Layer;
 
 use crate::clock::Clock;
@@ -122,7 +122,16 @@ pub struct RequestHead<'a> {
     pub uri: &'a Uri,
     /// The request headers.
     pub headers: &'a HeaderMap,
+    /// The request extensions (e.g. claims an authentication layer inserted).
+    pub extensions: &'a Extensions,
 }
+
+/// The longest retention accepted: results are kept in memory or a store, not archived, and
+/// `Expires` must stay a valid HTTP date.
+const MAX_RETENTION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// How long a running job's lease lasts, recorded with it for crash detection across instances.
+const LEASE: Duration = Duration::from_secs(30);
 
 type Predicate = dyn Fn(&RequestHead<'_>) -> bool + Send + Sync;
 
@@ -161,10 +170,10 @@ impl Config {
         }
     }
 
-    /// Whether `path` is one of the layer's own routes.
-    pub(crate) fn is_own_route(&self, path: &str) -> bool {
+    /// For one of the layer's own routes, the path after the route prefix (`""` or `/…`).
+    pub(crate) fn own_route<'p>(&self, path: &'p str) -> Option<&'p str> {
         path.strip_prefix(self.route_prefix.as_str())
-            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            .filter(|rest| rest.is_empty() || rest.starts_with('/'))
     }
 
     /// The absolute FHIR base URL for a request: the configured one, else derived from `Host`
@@ -219,6 +228,9 @@ impl fmt::Debug for Config {
 /// | [`max_retry_after`](Self::max_retry_after) | 30 s |
 /// | [`max_run_time`](Self::max_run_time) | none |
 /// | [`eligible`](Self::eligible) | every request but `GET [base]/metadata` |
+///
+/// [`try_build`](Self::try_build) says which setting is invalid; [`build`](Self::build) panics
+/// with the same message.
 #[must_use]
 pub struct AsyncLayerBuilder {
     store: Arc<dyn DynStore>,
@@ -231,8 +243,6 @@ pub struct AsyncLayerBuilder {
     result_limit: usize,
     max_retry_after: Duration,
     max_run_time: Option<Duration>,
-    lease: Duration,
-    instance_id: Option<String>,
     eligible: Option<Arc<Predicate>>,
 }
 
@@ -249,8 +259,6 @@ impl AsyncLayerBuilder {
             result_limit: 64 * 1024 * 1024,
             max_retry_after: Duration::from_secs(30),
             max_run_time: None,
-            lease: Duration::from_secs(30),
-            instance_id: None,
             eligible: None,
         }
     }
@@ -284,7 +292,8 @@ impl AsyncLayerBuilder {
         self
     }
 
-    /// How long a finished job's result stays available (EXPIRE-1, EXPIRE-4). Default 24 hours.
+    /// How long a finished job's result stays available (EXPIRE-1, EXPIRE-4), from 1 second to
+    /// 10 years. Default 24 hours.
     pub fn retention(mut self, retention: Duration) -> Self {
         self.retention = retention;
         self
@@ -317,21 +326,12 @@ impl AsyncLayerBuilder {
         self
     }
 
-    /// How long a running job's lease lasts before it must be renewed. Default 30 s.
-    pub fn lease(mut self, lease: Duration) -> Self {
-        self.lease = lease;
-        self
-    }
-
-    /// This instance's id, recorded with the jobs it runs. Default: random per layer.
-    pub fn instance_id(mut self, id: impl Into<String>) -> Self {
-        self.instance_id = Some(id.into());
-        self
-    }
-
     /// Decides which requests with `Prefer: respond-async` run asynchronously (SEL-1). Others
     /// are processed synchronously, as RFC 7240 allows. The layer's own routes are never
     /// eligible. Default: every request except `GET`/`HEAD [base]/metadata`.
+    ///
+    /// It is also asked about every `GET` and `HEAD` without `respond-async`, to decide whether
+    /// the response varies with `Prefer` (PREFER-11), so keep it cheap.
     ///
     /// ```
     /// use http::Method;
@@ -391,10 +391,19 @@ impl AsyncLayerBuilder {
                 return Err(BuildError(format!("{name} must be at least one byte")));
             }
         }
-        if self.lease.is_zero() {
-            return Err(BuildError("lease must be longer than zero".to_owned()));
+        if self.retention < Duration::from_secs(1) || self.retention > MAX_RETENTION {
+            return Err(BuildError(format!(
+                "retention must be between 1 second and 10 years, not {}",
+                humantime::format_duration(self.retention)
+            )));
         }
-        let instance = self.instance_id.unwrap_or_else(|| JobId::new().to_string());
+        if self.max_run_time.is_some_and(|limit| limit.is_zero()) {
+            return Err(BuildError(
+                "max_run_time must be longer than zero".to_owned(),
+            ));
+        }
+        // Shared stores (next) will let each instance name itself; in one process, any id will do.
+        let instance = JobId::new().to_string();
         let config = Config {
             public_base,
             scheme: self.scheme,
@@ -409,7 +418,7 @@ impl AsyncLayerBuilder {
             max_run_time: self.max_run_time,
             eligible: self.eligible,
         };
-        let runner = Runner::new(self.store, Clock::new(), instance, self.lease);
+        let runner = Runner::new(self.store, Clock::new(), instance, LEASE);
         Ok(AsyncLayer {
             shared: Arc::new(Shared { config, runner }),
         })
@@ -499,10 +508,10 @@ mod tests {
             Some("https://fhir.example.org/fhir")
         );
         assert_eq!(config.route_prefix, "/fhir/_async");
-        assert!(config.is_own_route("/fhir/_async/abc"));
-        assert!(config.is_own_route("/fhir/_async"));
-        assert!(!config.is_own_route("/fhir/_asyncx"));
-        assert!(!config.is_own_route("/_async/abc"));
+        assert_eq!(config.own_route("/fhir/_async/abc"), Some("/abc"));
+        assert_eq!(config.own_route("/fhir/_async"), Some(""));
+        assert_eq!(config.own_route("/fhir/_asyncx"), None);
+        assert_eq!(config.own_route("/_async/abc"), None);
     }
 
     #[test]
@@ -518,6 +527,9 @@ mod tests {
             (builder().status_path(""), "status_path"),
             (builder().scheme("gopher"), "scheme"),
             (builder().body_limit(0), "body_limit"),
+            (builder().retention(Duration::ZERO), "retention"),
+            (builder().retention(Duration::MAX), "retention"),
+            (builder().max_run_time(Duration::ZERO), "max_run_time"),
         ] {
             let error = b.try_build().expect_err(setting).to_string();
             assert!(error.contains(setting), "{error}");
@@ -546,12 +558,14 @@ mod tests {
         let layer = builder().base_url("http://x/fhir").build();
         let config = &layer.shared.config;
         let headers = HeaderMap::new();
+        let extensions = Extensions::new();
         let check = |method: Method, uri: &str| {
             let uri: Uri = uri.parse().unwrap();
             config.is_eligible(&RequestHead {
                 method: &method,
                 uri: &uri,
                 headers: &headers,
+                extensions: &extensions,
             })
         };
         assert!(!check(Method::GET, "/fhir/metadata"));

@@ -49,6 +49,7 @@ mod future;
 mod job;
 mod kickoff;
 mod layer;
+mod media;
 mod outcome;
 pub mod prefer;
 mod routes;

@@ -22,7 +22,7 @@
 
 use std::borrow::Cow;
 
-use http::header::{GetAll, HeaderName, ValueIter};
+use http::header::{HeaderName, ValueIter};
 use http::{HeaderMap, HeaderValue};
 
 /// The `Prefer` request header.
@@ -195,8 +195,7 @@ pub(crate) fn strip_async_preferences(headers: &mut HeaderMap) {
 
 /// Whether any `Prefer` line is present (the cheap test on the pass-through path).
 pub(crate) fn has_prefer(headers: &HeaderMap) -> bool {
-    let all: GetAll<'_, HeaderValue> = headers.get_all(PREFER);
-    all.iter().next().is_some()
+    headers.contains_key(PREFER)
 }
 
 /// Splits at the first `sep` outside a quoted string.

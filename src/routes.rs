@@ -24,7 +24,10 @@ const STORE_RETRY: Duration = Duration::from_secs(5);
 
 /// Answers a request under the layer's route prefix.
 pub(crate) async fn handle(shared: Arc<Shared>, parts: Parts) -> Response<Bytes> {
-    let rest = &parts.uri.path()[shared.config.route_prefix.len()..];
+    let rest = shared
+        .config
+        .own_route(parts.uri.path())
+        .unwrap_or_default();
     let Some(rest) = rest.strip_prefix('/').filter(|r| !r.is_empty()) else {
         return error_response(
             StatusCode::NOT_FOUND,
@@ -83,10 +86,9 @@ async fn status(shared: &Shared, id: JobId, parts: &Parts) -> Response<Bytes> {
     match &record.state {
         JobState::Accepted | JobState::Running { .. } => in_progress(shared, &record, now),
         JobState::Completed(response) | JobState::Failed(response) => {
-            let Some(base) = shared.config.public_base(&parts.uri, &parts.headers) else {
-                return no_host();
-            };
-            let body = bundle::render(&id, response, record.finished_at, &base);
+            // Without a usable base (no configured URL, no Host on this poll) only `fullUrl` is lost.
+            let base = shared.config.public_base(&parts.uri, &parts.headers);
+            let body = bundle::render(&id, response, record.finished_at, base.as_deref());
             let mut reply = Response::new(body);
             let headers = reply.headers_mut();
             headers.insert(CONTENT_TYPE, FHIR_JSON);

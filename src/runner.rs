@@ -4,7 +4,7 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -13,6 +13,7 @@ use http::{HeaderName, Request, Response, StatusCode, header};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
 use tracing::Instrument;
@@ -49,6 +50,8 @@ pub(crate) struct Runner {
     running: DashMap<JobId, Arc<JobShared>>,
     tracker: TaskTracker,
     shutting_down: AtomicBool,
+    /// Parent of every job's cancel token: cancelled once, when shutdown stops what is left.
+    stop_all: CancellationToken,
 }
 
 impl Runner {
@@ -66,14 +69,22 @@ impl Runner {
             running: DashMap::new(),
             tracker: TaskTracker::new(),
             shutting_down: AtomicBool::new(false),
+            stop_all: CancellationToken::new(),
         }
     }
 
     /// Registers a job about to run, so a cancel arriving at any point after this finds it.
-    pub(crate) fn register(&self, id: JobId) -> Arc<JobShared> {
-        let job = JobShared::new(id);
+    /// `None` once shutdown has begun: no job may start after that.
+    pub(crate) fn register(&self, id: JobId) -> Option<Arc<JobShared>> {
+        let job = JobShared::new(id, self.stop_all.child_token());
         self.running.insert(id, job.clone());
-        job
+        // Checked after inserting, so a shutdown that begins meanwhile either sees this job or
+        // is seen here.
+        if self.is_shutting_down() {
+            self.running.remove(&id);
+            return None;
+        }
+        Some(job)
     }
 
     pub(crate) fn unregister(&self, id: &JobId) {
@@ -116,15 +127,16 @@ impl Runner {
         self.tracker.wait().await;
     }
 
-    /// Stops every running job, recording each as failed. Returns how many were stopped.
+    /// Stops every running job; each then records itself as failed. Returns how many there were.
     pub(crate) fn stop_all(&self) -> usize {
-        let mut stopped = 0;
-        for job in self.running.iter() {
-            job.stopped_by_shutdown.store(true, Ordering::Release);
-            job.cancel.cancel();
-            stopped += 1;
-        }
-        stopped
+        let running = self.running.len();
+        self.stop_all.cancel();
+        running
+    }
+
+    /// Whether running jobs are being stopped by shutdown (rather than by their callers).
+    fn is_stopping(&self) -> bool {
+        self.stop_all.is_cancelled()
     }
 }
 
@@ -151,21 +163,43 @@ pub(crate) fn spawn<S, ReqB, ResB>(
     let span = tracing::info_span!("fhir_async_job", job.id = %job.id, http.method = %record.method, http.path = %path);
     let tracker = shared.runner.tracker.clone();
     let task = async move {
-        let created = shared.runner.store.create(record).await;
-        let ok = created.is_ok();
-        if let Err(error) = &created {
+        // However the task ends (even by a panic), the job leaves the registry.
+        let _registered = Registered {
+            shared: shared.clone(),
+            id: job.id,
+        };
+        if let Err(error) = shared.runner.store.create(record).await {
             tracing::warn!(%error, "recording a new job failed");
+            let _ = recorded.send(Err(error));
+            return;
         }
-        // The kick-off may be gone; the job runs all the same, as a synchronous request would.
-        let _ = recorded.send(created);
-        if ok {
-            tracing::info!("asynchronous job accepted");
-            run(shared, job, inner, request).await;
-        } else {
-            shared.runner.unregister(&job.id);
+        if recorded.send(Ok(())).is_err() {
+            // The kick-off was dropped before it could answer (the client went away, or a
+            // timeout fired): nobody has the status URL, and a retry must not run the work twice.
+            let _ = shared
+                .runner
+                .store
+                .cancel(&job.id, shared.runner.clock.now())
+                .await;
+            tracing::info!("kick-off abandoned before its answer; the job was dropped");
+            return;
         }
+        tracing::info!("asynchronous job accepted");
+        run(shared.clone(), job, inner, request).await;
     };
     tracker.spawn(task.instrument(span));
+}
+
+/// Removes a job from the registry when its task ends.
+struct Registered {
+    shared: Arc<Shared>,
+    id: JobId,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.shared.runner.unregister(&self.id);
+    }
 }
 
 /// One job, from start to its recorded outcome.
@@ -182,12 +216,11 @@ async fn run<S, ReqB, ResB>(
 {
     let runner = &shared.runner;
     let id = job.id;
-    let lease_until = runner.clock.now() + runner.lease;
+    let lease_until = later(runner.clock.now(), runner.lease);
     match runner.store.start(&id, &runner.instance, lease_until).await {
         Ok(true) => {}
         Ok(false) => {
             tracing::info!("asynchronous job cancelled before it started");
-            runner.unregister(&id);
             return;
         }
         // The record exists (it was written at kick-off); the outcome is still worth recording.
@@ -207,7 +240,7 @@ async fn run<S, ReqB, ResB>(
     };
     let outcome = match outcome {
         Some(outcome) => outcome,
-        None if job.is_stopped_by_shutdown() => JobOutcome::Failed(synthesized(
+        None if runner.is_stopping() => JobOutcome::Failed(synthesized(
             StatusCode::SERVICE_UNAVAILABLE,
             IssueCode::Transient,
             "The server shut down before this job finished; the work was stopped. Start the request again.",
@@ -215,12 +248,10 @@ async fn run<S, ReqB, ResB>(
         None => {
             // The store already dropped the job; dropping `execution` stopped the inner future.
             tracing::info!("asynchronous job cancelled; its work was stopped");
-            runner.unregister(&id);
             return;
         }
     };
     record(&shared, id, outcome).await;
-    runner.unregister(&id);
 }
 
 /// Calls the inner service and keeps its response; every failure becomes a [`JobOutcome`].
@@ -352,6 +383,11 @@ pub(crate) fn synthesized(
     }
 }
 
+/// `now + after`, saturating far in the future instead of overflowing.
+pub(crate) fn later(now: SystemTime, after: Duration) -> SystemTime {
+    now.checked_add(after).unwrap_or(now)
+}
+
 /// Records a job's outcome, trying again a few times while the store is unavailable.
 async fn record(shared: &Shared, id: JobId, outcome: JobOutcome) {
     let runner = &shared.runner;
@@ -361,7 +397,7 @@ async fn record(shared: &Shared, id: JobId, outcome: JobOutcome) {
     let mut delay = Duration::from_millis(100);
     for attempt in 1..=RECORD_ATTEMPTS {
         let now = runner.clock.now();
-        let expires_at = now + shared.config.retention;
+        let expires_at = later(now, shared.config.retention);
         match runner
             .store
             .finish(&id, outcome.clone(), now, expires_at)

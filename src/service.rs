@@ -19,6 +19,12 @@ use crate::store::BoxError;
 
 /// The service [`AsyncLayer`](crate::AsyncLayer) makes: the FHIR service `S` with the
 /// asynchronous request patterns added.
+///
+/// It is always ready: status and cancel requests never involve `S`, so they must not wait for
+/// it. Each passed-through request drives its own clone of `S` to readiness (as axum's `Router`
+/// does), and each job waits for `S` in the background. Backpressure from `S` therefore delays
+/// requests rather than refusing them; put load shedding or a concurrency limit *inside* the
+/// layer to bound jobs, and a rate limit *outside* it to bound requests.
 pub struct AsyncService<S> {
     inner: S,
     shared: Arc<Shared>,
@@ -86,7 +92,7 @@ where
     fn call(&mut self, request: Request<ReqB>) -> Self::Future {
         let config = &self.shared.config;
         // SEL-7: the layer's own routes are answered here and never reach the inner service.
-        if config.is_own_route(request.uri().path()) {
+        if config.own_route(request.uri().path()).is_some() {
             let (parts, _body) = request.into_parts();
             return ResponseFuture::own(Box::pin(routes::handle(self.shared.clone(), parts)));
         }
@@ -103,13 +109,12 @@ where
                 method: request.method(),
                 uri: request.uri(),
                 headers: request.headers(),
+                extensions: request.extensions(),
             };
             let eligible = config.is_eligible(&head);
             if preferences.respond_async && eligible {
-                // The service that `poll_ready` readied moves into the job; a fresh clone stays
-                // here for the next call.
-                let clone = self.inner.clone();
-                let inner = std::mem::replace(&mut self.inner, clone);
+                // The job gets its own clone and waits for its readiness in the background.
+                let inner = self.inner.clone();
                 return ResponseFuture::own(Box::pin(kick_off(
                     self.shared.clone(),
                     inner,

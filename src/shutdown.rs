@@ -43,10 +43,12 @@ impl ShutdownHandle {
     }
 
     /// Refuses new kick-offs from now on (`503` + OperationOutcome + `Retry-After`), waits up to
-    /// `grace` for running jobs to finish, then stops the rest and records them as failed
-    /// (`503`, `transient`), so that their pollers learn the job will not complete.
+    /// `grace` for running jobs to end, then stops the rest and records them as failed (`503`,
+    /// `transient`), so that their pollers learn the job will not complete.
     ///
-    /// Status and cancel requests keep working throughout.
+    /// Status and cancel requests keep working throughout, so call this while the server still
+    /// accepts connections (e.g. inside axum's `with_graceful_shutdown` future). Recording the
+    /// stopped jobs waits at most `grace` again (at least 5 s) for the store.
     pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
         let runner = &self.shared.runner;
         runner.begin_shutdown();
@@ -65,8 +67,15 @@ impl ShutdownHandle {
                 stopped: 0,
             };
         }
+        // No job registers after `begin_shutdown`, so this counts exactly the ones left.
         let stopped = runner.stop_all();
-        runner.wait_idle().await;
+        let recording = grace.max(Duration::from_secs(5));
+        if tokio::time::timeout(recording, runner.wait_idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!("stopped jobs could not all record their failure in time");
+        }
         tracing::info!(stopped, "asynchronous jobs stopped at shutdown");
         ShutdownReport {
             finished: running.saturating_sub(stopped),

@@ -62,10 +62,7 @@ async fn sec_11_job_span_and_events_carry_no_credentials() {
             "/fhir/Observation",
             post(|| async { (StatusCode::CREATED, "") }),
         )
-        .route(
-            "/fhir/$slow",
-            post(std::future::pending::<&'static str>),
-        )
+        .route("/fhir/$slow", post(std::future::pending::<&'static str>))
         .layer(layer);
     let addr = serve(app).await;
     let client = TestClient::default();
