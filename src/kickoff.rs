@@ -5,17 +5,20 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, CACHE_CONTROL, CONTENT_LOCATION, RETRY_AFTER};
+use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::sync::oneshot;
 use tower_service::Service;
 
+use crate::admission::Refusal;
+use crate::audit::{self, Action};
 use crate::body::RequestBody;
 use crate::context::JobContext;
 use crate::future::add_vary_prefer;
 use crate::job::{JobId, JobKind, JobRecord};
-use crate::layer::Shared;
+use crate::layer::{RequestHead, Shared};
 use crate::media;
 use crate::outcome::{self, IssueCode, NO_STORE, error_response};
 use crate::prefer::{self, PREFERENCE_APPLIED};
@@ -27,7 +30,7 @@ use crate::store::BoxError;
 const KICK_OFF_RETRY: Duration = Duration::from_secs(5);
 
 /// Takes an eligible `respond-async` request: either `202` with a status URL, or a synchronous
-/// refusal with an OperationOutcome (KICK-5).
+/// refusal with an OperationOutcome (KICK-5). Either way, one audit event.
 pub(crate) async fn kick_off<S, ReqB, ResB>(
     shared: Arc<Shared>,
     inner: S,
@@ -42,27 +45,88 @@ where
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
+    let (parts, body) = request.into_parts();
+    let caller = shared.config.caller_of(&RequestHead::of(&parts));
+    let (response, id, outcome) = match start(&shared, inner, parts, body, caller.clone()).await {
+        Ok((response, id)) => (response, Some(id), "accepted"),
+        Err(Refused { response, why }) => (response, None, why),
+    };
+    audit::event(Action::KickOff, id, caller.as_deref(), outcome);
+    response
+}
+
+/// A kick-off refused synchronously, and the reason given to the audit trail.
+struct Refused {
+    response: Response<Bytes>,
+    why: &'static str,
+}
+
+fn refuse(response: Response<Bytes>, why: &'static str) -> Refused {
+    Refused { response, why }
+}
+
+async fn start<S, ReqB, ResB>(
+    shared: &Arc<Shared>,
+    inner: S,
+    mut parts: Parts,
+    body: ReqB,
+    caller: Option<String>,
+) -> Result<(Response<Bytes>, JobId), Refused>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    ReqB: Body<Data = Bytes> + Send + 'static,
+    ReqB::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
     let config = &shared.config;
     let runner = &shared.runner;
     if runner.is_shutting_down() {
-        return shutting_down();
+        return Err(refuse(shutting_down(), "shutting-down"));
     }
-    let (mut parts, body) = request.into_parts();
+    if config.caller.is_some() && caller.is_none() {
+        return Err(refuse(anonymous(), "no-caller"));
+    }
     if let Some(refusal) = check_format(&parts.uri, &parts.headers) {
-        return refusal;
+        return Err(refuse(refusal, "not-acceptable"));
     }
     let Some(base) = config.public_base(&parts.uri, &parts.headers) else {
-        return no_host();
+        return Err(refuse(no_host(), "no-host"));
     };
     if query_has_output_format(&parts.uri) {
-        return bulk_not_supported();
+        return Err(refuse(bulk_not_supported(), "bulk-not-supported"));
     }
-    let body = match buffer(body, &parts.headers, config.body_limit).await {
-        Ok(body) => body,
-        Err(refusal) => return refusal,
+    // Quotas before the body is read: a refused kick-off costs nothing (KICK-8, SEC-13).
+    let admission = shared.quotas.admit(caller.as_deref()).map_err(|refusal| match refusal {
+        Refusal::Busy => refuse(throttled("This server runs as many asynchronous jobs as it may; try again shortly."), "quota-instance"),
+        Refusal::CallerBusy => refuse(
+            throttled("You have as many unfinished asynchronous jobs as this server allows; wait for one to finish, or cancel one."),
+            "quota-caller",
+        ),
+    })?;
+    let body = match tokio::time::timeout(
+        config.body_timeout,
+        buffer(body, &parts.headers, config.body_limit),
+    )
+    .await
+    {
+        Ok(Ok(body)) => body,
+        Ok(Err(refused)) => return Err(refused),
+        Err(_) => {
+            let why = format!(
+                "The request body did not arrive within {}; send it again.",
+                humantime::format_duration(config.body_timeout)
+            );
+            return Err(refuse(
+                error_response(StatusCode::REQUEST_TIMEOUT, IssueCode::Timeout, &why),
+                "body-timeout",
+            ));
+        }
     };
     if body_has_output_format(&parts.headers, &body) {
-        return bulk_not_supported();
+        return Err(refuse(bulk_not_supported(), "bulk-not-supported"));
     }
 
     let id = JobId::new();
@@ -73,7 +137,8 @@ where
         parts.method.as_str(),
         target,
         runner.clock.now(),
-    );
+    )
+    .with_owner(caller);
     let is_get_or_head = matches!(parts.method, Method::GET | Method::HEAD);
     // PREFER-9: the inner service never sees `respond-async` or `wait`; the rest is forwarded.
     prefer::strip_async_preferences(&mut parts.headers);
@@ -85,21 +150,53 @@ where
             .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     }
     let Some(job) = runner.register(id) else {
-        return shutting_down();
+        return Err(refuse(shutting_down(), "shutting-down"));
     };
     parts.extensions.insert(JobContext::new(job.clone()));
     let replay = Request::from_parts(parts, RequestBody::buffered(body));
 
     // KICK-9: the job is recorded before the 202, so the first poll can never 404.
     let (recorded, was_recorded) = oneshot::channel();
-    runner::spawn(shared.clone(), job, record, recorded, inner, replay);
+    runner::spawn(
+        shared.clone(),
+        job,
+        record,
+        admission,
+        recorded,
+        inner,
+        replay,
+    );
     if !matches!(was_recorded.await, Ok(Ok(()))) {
-        return outcome::unavailable(
+        let unavailable = outcome::unavailable(
             "The job store is temporarily unavailable; send the request again later.",
             KICK_OFF_RETRY,
         );
+        return Err(refuse(unavailable, "store-unavailable"));
     }
-    accepted(&config.status_url(&base, &id), is_get_or_head)
+    Ok((accepted(&config.status_url(&base, &id), is_get_or_head), id))
+}
+
+/// `429` + `throttled` + delta-seconds `Retry-After` (KICK-8; never an absolute time).
+fn throttled(diagnostics: &str) -> Response<Bytes> {
+    let mut response = error_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        IssueCode::Throttled,
+        diagnostics,
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, outcome::delta_seconds(KICK_OFF_RETRY));
+    response
+}
+
+/// A kick-off without a caller identity, where jobs are bound to callers (SEC-10).
+fn anonymous() -> Response<Bytes> {
+    error_response(
+        StatusCode::FORBIDDEN,
+        IssueCode::Forbidden,
+        "Asynchronous requests on this server are bound to the caller that starts them, and this request \
+         identifies no caller; authenticate first.",
+    )
 }
 
 fn shutting_down() -> Response<Bytes> {
@@ -259,18 +356,18 @@ fn body_has_output_format(headers: &HeaderMap, body: &[u8]) -> bool {
 }
 
 /// Reads the whole request body under `limit` bytes; `413` over it, `400` if reading fails.
-async fn buffer<B>(body: B, headers: &HeaderMap, limit: usize) -> Result<Bytes, Response<Bytes>>
+async fn buffer<B>(body: B, headers: &HeaderMap, limit: usize) -> Result<Bytes, Refused>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
     let too_large = || {
-        error_response(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            IssueCode::TooCostly,
-            &format!(
-                "The request body is larger than the {limit} bytes accepted for asynchronous requests."
-            ),
+        let why = format!(
+            "The request body is larger than the {limit} bytes accepted for asynchronous requests."
+        );
+        refuse(
+            error_response(StatusCode::PAYLOAD_TOO_LARGE, IssueCode::TooCostly, &why),
+            "too-large",
         )
     };
     let declared = headers
@@ -285,11 +382,13 @@ where
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(error) if error.is::<LengthLimitError>() => Err(too_large()),
-        Err(error) => Err(error_response(
-            StatusCode::BAD_REQUEST,
-            IssueCode::Invalid,
-            &format!("The request body could not be read: {error}"),
-        )),
+        Err(error) => {
+            let why = format!("The request body could not be read: {error}");
+            Err(refuse(
+                error_response(StatusCode::BAD_REQUEST, IssueCode::Invalid, &why),
+                "unreadable-body",
+            ))
+        }
     }
 }
 

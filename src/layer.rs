@@ -5,15 +5,17 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Extensions, HeaderMap, Method, Uri};
+use http::{Extensions, HeaderMap, Method, StatusCode, Uri};
 use tower_layer::Layer;
 
+use crate::admission::Quotas;
 use crate::clock::Clock;
 use crate::job::JobId;
 use crate::runner::Runner;
 use crate::service::AsyncService;
 use crate::shutdown::ShutdownHandle;
 use crate::store::{DynStore, JobStore};
+use crate::throttle::PollThrottle;
 
 /// Adds the FHIR asynchronous request patterns to the service it wraps.
 ///
@@ -46,6 +48,8 @@ pub struct AsyncLayer {
 pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) runner: Runner,
+    pub(crate) quotas: Arc<Quotas>,
+    pub(crate) polls: Option<PollThrottle>,
 }
 
 impl AsyncLayer {
@@ -84,6 +88,9 @@ impl AsyncLayer {
             loop {
                 ticks.tick().await;
                 let runner = &shared.runner;
+                if let Some(polls) = &shared.polls {
+                    polls.prune(tokio::time::Instant::now());
+                }
                 match runner.store.sweep(runner.clock.now()).await {
                     Ok(0) => {}
                     Ok(swept) => tracing::debug!(swept, "swept expired asynchronous jobs"),
@@ -133,7 +140,19 @@ const MAX_RETENTION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// How long a running job's lease lasts, recorded with it for crash detection across instances.
 const LEASE: Duration = Duration::from_secs(30);
 
+impl<'a> RequestHead<'a> {
+    pub(crate) fn of(parts: &'a http::request::Parts) -> Self {
+        Self {
+            method: &parts.method,
+            uri: &parts.uri,
+            headers: &parts.headers,
+            extensions: &parts.extensions,
+        }
+    }
+}
+
 type Predicate = dyn Fn(&RequestHead<'_>) -> bool + Send + Sync;
+type Identify = dyn Fn(&RequestHead<'_>) -> Option<String> + Send + Sync;
 
 /// The layer's configuration, fixed at build time.
 pub(crate) struct Config {
@@ -155,6 +174,11 @@ pub(crate) struct Config {
     pub(crate) max_retry_after: Duration,
     pub(crate) max_run_time: Option<Duration>,
     pub(crate) eligible: Option<Arc<Predicate>>,
+    /// Who is calling, when jobs are bound to their callers (SEC-10).
+    pub(crate) caller: Option<Arc<Identify>>,
+    /// The answer to another caller's status, cancel or file request: 404 (default) or 403.
+    pub(crate) foreign_status: StatusCode,
+    pub(crate) body_timeout: Duration,
 }
 
 impl Config {
@@ -190,6 +214,18 @@ impl Config {
             return None;
         }
         Some(format!("{}://{}{}", self.scheme, authority, self.base_path))
+    }
+
+    /// The caller identity of a request; `None` when jobs are not bound to callers, or the
+    /// request carries none.
+    pub(crate) fn caller_of(&self, head: &RequestHead<'_>) -> Option<String> {
+        self.caller.as_ref().and_then(|identify| identify(head))
+    }
+
+    /// Whether `caller` may see or change a job owned by `owner` (SEC-10). Without caller
+    /// binding, anyone holding the status URL may.
+    pub(crate) fn may_access(&self, owner: Option<&str>, caller: Option<&str>) -> bool {
+        self.caller.is_none() || (caller.is_some() && caller == owner)
     }
 
     /// The absolute status URL of a job.
@@ -228,6 +264,12 @@ impl fmt::Debug for Config {
 /// | [`max_retry_after`](Self::max_retry_after) | 30 s |
 /// | [`max_run_time`](Self::max_run_time) | none |
 /// | [`eligible`](Self::eligible) | every request but `GET [base]/metadata` |
+/// | [`caller`](Self::caller) | jobs not bound to callers |
+/// | [`foreign_job_status`](Self::foreign_job_status) | 404 |
+/// | [`max_running_jobs`](Self::max_running_jobs) | no limit |
+/// | [`max_jobs_per_caller`](Self::max_jobs_per_caller) | no limit |
+/// | [`min_poll_interval`](Self::min_poll_interval) | no limit |
+/// | [`body_timeout`](Self::body_timeout) | 60 s |
 ///
 /// [`try_build`](Self::try_build) says which setting is invalid; [`build`](Self::build) panics
 /// with the same message.
@@ -244,6 +286,12 @@ pub struct AsyncLayerBuilder {
     max_retry_after: Duration,
     max_run_time: Option<Duration>,
     eligible: Option<Arc<Predicate>>,
+    caller: Option<Arc<Identify>>,
+    foreign_status: StatusCode,
+    max_running_jobs: Option<usize>,
+    max_jobs_per_caller: Option<usize>,
+    min_poll_interval: Option<Duration>,
+    body_timeout: Duration,
 }
 
 impl AsyncLayerBuilder {
@@ -260,6 +308,12 @@ impl AsyncLayerBuilder {
             max_retry_after: Duration::from_secs(30),
             max_run_time: None,
             eligible: None,
+            caller: None,
+            foreign_status: StatusCode::NOT_FOUND,
+            max_running_jobs: None,
+            max_jobs_per_caller: None,
+            min_poll_interval: None,
+            body_timeout: Duration::from_secs(60),
         }
     }
 
@@ -351,6 +405,100 @@ impl AsyncLayerBuilder {
         self
     }
 
+    /// Binds each job to its caller (SEC-10): `identify` names the caller of a request, usually
+    /// from what an authentication layer outside this one left in the request extensions. The
+    /// identity is recorded with the job; status, cancel and file requests from another caller,
+    /// or from none, get the same `404` as an unknown job (or `403`, see
+    /// [`foreign_job_status`](Self::foreign_job_status)). A kick-off without an identity is
+    /// refused with `403`. Default: jobs are not bound, and the status URL's 128 random bits are
+    /// the only key to the job.
+    ///
+    /// ```
+    /// use tower_fhir_async::{AsyncLayer, MemoryStore};
+    ///
+    /// let layer = AsyncLayer::builder(MemoryStore::default())
+    ///     .caller(|head| head.headers.get("x-client-id")?.to_str().ok().map(str::to_owned))
+    ///     .build();
+    /// # drop(layer);
+    /// ```
+    pub fn caller<F>(mut self, identify: F) -> Self
+    where
+        F: Fn(&RequestHead<'_>) -> Option<String> + Send + Sync + 'static,
+    {
+        self.caller = Some(Arc::new(identify));
+        self
+    }
+
+    /// Binds each job to its caller, named by `name` from the request extension `T` that an
+    /// authentication layer inserted (the axum/tower way). See [`caller`](Self::caller).
+    ///
+    /// ```
+    /// use tower_fhir_async::{AsyncLayer, MemoryStore};
+    ///
+    /// /// What the authentication layer puts into each request's extensions.
+    /// #[derive(Clone)]
+    /// struct ClientId(String);
+    ///
+    /// let layer = AsyncLayer::builder(MemoryStore::default())
+    ///     .caller_from_extension(|client: &ClientId| client.0.clone())
+    ///     .build();
+    /// # drop(layer);
+    /// ```
+    pub fn caller_from_extension<T, F>(self, name: F) -> Self
+    where
+        T: Send + Sync + 'static,
+        F: Fn(&T) -> String + Send + Sync + 'static,
+    {
+        self.caller(move |head| head.extensions.get::<T>().map(&name))
+    }
+
+    /// Binds each job to its caller, named by the value of header `header` (e.g. one a trusted
+    /// gateway sets after authenticating; never one a client could set itself). See
+    /// [`caller`](Self::caller).
+    pub fn caller_from_header(self, header: http::HeaderName) -> Self {
+        self.caller(move |head| {
+            let value = head.headers.get(&header)?.to_str().ok()?.trim();
+            (!value.is_empty()).then(|| value.to_owned())
+        })
+    }
+
+    /// The status of the answer to another caller's status, cancel or file request: `404` (the
+    /// default, indistinguishable from an unknown job) or `403`.
+    pub fn foreign_job_status(mut self, status: StatusCode) -> Self {
+        self.foreign_status = status;
+        self
+    }
+
+    /// The most jobs this instance runs at once; further kick-offs get `429` with a
+    /// `throttled` OperationOutcome and `Retry-After` (KICK-8, SEC-13). Default: no limit.
+    pub fn max_running_jobs(mut self, limit: usize) -> Self {
+        self.max_running_jobs = Some(limit);
+        self
+    }
+
+    /// The most unfinished jobs one caller may have on this instance; further kick-offs get
+    /// `429` (KICK-8, SEC-13). Needs [`caller`](Self::caller) (or one of its variants) to know
+    /// who is calling. Default: no limit.
+    pub fn max_jobs_per_caller(mut self, limit: usize) -> Self {
+        self.max_jobs_per_caller = Some(limit);
+        self
+    }
+
+    /// The shortest time between two polls of one job; a faster poll gets `429` with
+    /// `Retry-After` saying how long to wait, and the job goes on (STATUS-6, STATUS-7).
+    /// Default: no limit.
+    pub fn min_poll_interval(mut self, interval: Duration) -> Self {
+        self.min_poll_interval = Some(interval);
+        self
+    }
+
+    /// How long reading a kick-off's body may take; a body that is still arriving then gets
+    /// `408` with a `timeout` OperationOutcome. Default 60 s.
+    pub fn body_timeout(mut self, timeout: Duration) -> Self {
+        self.body_timeout = timeout;
+        self
+    }
+
     /// Builds the layer.
     ///
     /// # Panics
@@ -397,6 +545,27 @@ impl AsyncLayerBuilder {
                 humantime::format_duration(self.retention)
             )));
         }
+        if self.foreign_status != StatusCode::NOT_FOUND
+            && self.foreign_status != StatusCode::FORBIDDEN
+        {
+            return Err(BuildError(format!(
+                "foreign_job_status must be 404 or 403, not {}",
+                self.foreign_status.as_u16()
+            )));
+        }
+        for (name, limit) in [
+            ("max_running_jobs", self.max_running_jobs),
+            ("max_jobs_per_caller", self.max_jobs_per_caller),
+        ] {
+            if limit == Some(0) {
+                return Err(BuildError(format!("{name} must be at least 1")));
+            }
+        }
+        if self.body_timeout.is_zero() {
+            return Err(BuildError(
+                "body_timeout must be longer than zero".to_owned(),
+            ));
+        }
         if self.max_run_time.is_some_and(|limit| limit.is_zero()) {
             return Err(BuildError(
                 "max_run_time must be longer than zero".to_owned(),
@@ -417,10 +586,20 @@ impl AsyncLayerBuilder {
             max_retry_after: self.max_retry_after.max(Duration::from_secs(1)),
             max_run_time: self.max_run_time,
             eligible: self.eligible,
+            caller: self.caller,
+            foreign_status: self.foreign_status,
+            body_timeout: self.body_timeout,
         };
         let runner = Runner::new(self.store, Clock::new(), instance, LEASE);
+        let quotas = Quotas::new(self.max_running_jobs, self.max_jobs_per_caller);
+        let polls = self.min_poll_interval.map(PollThrottle::new);
         Ok(AsyncLayer {
-            shared: Arc::new(Shared { config, runner }),
+            shared: Arc::new(Shared {
+                config,
+                runner,
+                quotas,
+                polls,
+            }),
         })
     }
 }
@@ -530,6 +709,13 @@ mod tests {
             (builder().retention(Duration::ZERO), "retention"),
             (builder().retention(Duration::MAX), "retention"),
             (builder().max_run_time(Duration::ZERO), "max_run_time"),
+            (
+                builder().foreign_job_status(StatusCode::GONE),
+                "foreign_job_status",
+            ),
+            (builder().max_running_jobs(0), "max_running_jobs"),
+            (builder().max_jobs_per_caller(0), "max_jobs_per_caller"),
+            (builder().body_timeout(Duration::ZERO), "body_timeout"),
         ] {
             let error = b.try_build().expect_err(setting).to_string();
             assert!(error.contains(setting), "{error}");

@@ -41,6 +41,8 @@
 //!
 //! [tower]: https://docs.rs/tower
 
+mod admission;
+mod audit;
 mod body;
 mod bundle;
 mod clock;
@@ -57,6 +59,7 @@ mod runner;
 mod service;
 mod shutdown;
 pub mod store;
+mod throttle;
 
 pub use body::{RequestBody, ResponseBody};
 pub use context::JobContext;

@@ -9,9 +9,10 @@ use http::header::{ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, EXPIRES, 
 use http::request::Parts;
 use http::{HeaderName, HeaderValue, Method, Response, StatusCode};
 
+use crate::audit::{self, Action};
 use crate::bundle;
 use crate::job::{JobId, JobRecord, JobState};
-use crate::layer::Shared;
+use crate::layer::{RequestHead, Shared};
 use crate::outcome::{
     self, FHIR_JSON, IssueCode, NO_STORE, delta_seconds, error_response, job_not_found,
 };
@@ -49,42 +50,66 @@ pub(crate) async fn handle(shared: Arc<Shared>, parts: Parts) -> Response<Bytes>
             .insert(ALLOW, HeaderValue::from_static("GET, HEAD, DELETE"));
         return response;
     }
+    let action = if parts.method == Method::DELETE {
+        Action::Cancel
+    } else {
+        Action::Status
+    };
+    let caller = shared.config.caller_of(&RequestHead::of(&parts));
     // A malformed id, or anything below an id, never reaches the store.
     let Some(id) = JobId::parse(rest) else {
+        audit::event(action, None, caller.as_deref(), "malformed-id");
         return job_not_found();
     };
-    if parts.method == Method::DELETE {
-        cancel(&shared, id).await
-    } else {
-        let mut response = status(&shared, id, &parts).await;
-        if parts.method == Method::HEAD {
-            let length = response.body().len();
-            response
-                .headers_mut()
-                .insert(CONTENT_LENGTH, HeaderValue::from(length));
-            *response.body_mut() = Bytes::new();
-        }
+    let (mut response, outcome) = match action {
+        Action::Cancel => cancel(&shared, id, caller.as_deref()).await,
+        _ => status(&shared, id, &parts, caller.as_deref()).await,
+    };
+    audit::event(action, Some(id), caller.as_deref(), outcome);
+    if parts.method == Method::HEAD {
+        let length = response.body().len();
         response
+            .headers_mut()
+            .insert(CONTENT_LENGTH, HeaderValue::from(length));
+        *response.body_mut() = Bytes::new();
     }
+    response
 }
 
-/// `GET` on a status URL: 202 while running, 200 + Bundle when done (STATUS-3…5, BUNDLE-1).
-async fn status(shared: &Shared, id: JobId, parts: &Parts) -> Response<Bytes> {
+/// `GET` on a status URL: 202 while running, 200 + Bundle when done (STATUS-3…5, BUNDLE-1);
+/// with the outcome for the audit trail.
+async fn status(
+    shared: &Shared,
+    id: JobId,
+    parts: &Parts,
+    caller: Option<&str>,
+) -> (Response<Bytes>, &'static str) {
     let runner = &shared.runner;
     let now = runner.clock.now();
     let record = match runner.store.get(&id, now).await {
         Ok(Some(record)) => record,
-        Ok(None) => return job_not_found(),
+        Ok(None) => return (job_not_found(), "not-found"),
         Err(error) => {
             tracing::warn!(%error, "reading a job's status failed");
-            return outcome::unavailable(
+            let reply = outcome::unavailable(
                 "The job store is temporarily unavailable; poll again later.",
                 STORE_RETRY,
             );
+            return (reply, "store-unavailable");
         }
     };
+    // SEC-10: another caller's job looks like no job at all (or 403, if so configured).
+    if !shared.config.may_access(record.owner.as_deref(), caller) {
+        return (foreign(shared), "denied");
+    }
+    // STATUS-6/7: too fast a poll is told how long to wait; the job goes on.
+    if let Some(Err(wait)) = shared.polls.as_ref().map(|polls| polls.check(id)) {
+        return (too_fast(wait), "throttled");
+    }
     match &record.state {
-        JobState::Accepted | JobState::Running { .. } => in_progress(shared, &record, now),
+        JobState::Accepted | JobState::Running { .. } => {
+            (in_progress(shared, &record, now), "in-progress")
+        }
         JobState::Completed(response) | JobState::Failed(response) => {
             // Without a usable base (no configured URL, no Host on this poll) only `fullUrl` is lost.
             let base = shared.config.public_base(&parts.uri, &parts.headers);
@@ -98,9 +123,38 @@ async fn status(shared: &Shared, id: JobId, parts: &Parts) -> Response<Bytes> {
                     headers.insert(EXPIRES, value);
                 }
             }
-            reply
+            (reply, "completed")
         }
     }
+}
+
+/// The answer to another caller's request for a job (SEC-10).
+fn foreign(shared: &Shared) -> Response<Bytes> {
+    if shared.config.foreign_status == StatusCode::FORBIDDEN {
+        error_response(
+            StatusCode::FORBIDDEN,
+            IssueCode::Forbidden,
+            "This asynchronous job belongs to another caller.",
+        )
+    } else {
+        job_not_found()
+    }
+}
+
+/// `429` + `throttled` + the delta seconds left to wait (STATUS-6; never an absolute time).
+fn too_fast(wait: Duration) -> Response<Bytes> {
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let mut reply = error_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        IssueCode::Throttled,
+        &format!(
+            "This job's status was polled too often; poll again in {seconds} s. The job goes on."
+        ),
+    );
+    reply
+        .headers_mut()
+        .insert(RETRY_AFTER, delta_seconds(Duration::from_secs(seconds)));
+    reply
 }
 
 /// `202 Accepted` with `Retry-After` growing with the job's age, and `X-Progress` when known.
@@ -123,25 +177,50 @@ fn in_progress(shared: &Shared, record: &JobRecord, now: std::time::SystemTime) 
     reply
 }
 
-/// `DELETE` on a status URL: 202, and the job is gone (CANCEL-1…7).
-async fn cancel(shared: &Shared, id: JobId) -> Response<Bytes> {
+/// `DELETE` on a status URL: 202, and the job is gone (CANCEL-1…7); with the outcome for the
+/// audit trail.
+async fn cancel(
+    shared: &Shared,
+    id: JobId,
+    caller: Option<&str>,
+) -> (Response<Bytes>, &'static str) {
     let runner = &shared.runner;
-    match runner.store.cancel(&id, runner.clock.now()).await {
+    let now = runner.clock.now();
+    let unavailable = || {
+        let reply = outcome::unavailable(
+            "The job store is temporarily unavailable; send the DELETE again later.",
+            STORE_RETRY,
+        );
+        (reply, "store-unavailable")
+    };
+    if shared.config.caller.is_some() {
+        // The owner never changes, so reading it first leaves no window to exploit.
+        match runner.store.get(&id, now).await {
+            Ok(Some(record)) if shared.config.may_access(record.owner.as_deref(), caller) => {}
+            Ok(Some(_)) => return (foreign(shared), "denied"),
+            Ok(None) => return (job_not_found(), "not-found"),
+            Err(error) => {
+                tracing::warn!(%error, "reading a job to cancel failed");
+                return unavailable();
+            }
+        }
+    }
+    match runner.store.cancel(&id, now).await {
         Ok(true) => {
             let stopped = runner.cancel_local(&id);
+            if let Some(polls) = &shared.polls {
+                polls.forget(&id);
+            }
             tracing::info!(job.id = %id, stopped, "asynchronous job cancelled");
             let mut reply = Response::new(Bytes::new());
             *reply.status_mut() = StatusCode::ACCEPTED;
             reply.headers_mut().insert(CACHE_CONTROL, NO_STORE);
-            reply
+            (reply, "cancelled")
         }
-        Ok(false) => job_not_found(),
+        Ok(false) => (job_not_found(), "not-found"),
         Err(error) => {
             tracing::warn!(%error, "cancelling a job failed");
-            outcome::unavailable(
-                "The job store is temporarily unavailable; send the DELETE again later.",
-                STORE_RETRY,
-            )
+            unavailable()
         }
     }
 }

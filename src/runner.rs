@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use tower_service::Service;
 use tracing::Instrument;
 
+use crate::admission::Admission;
 use crate::body::RequestBody;
 use crate::clock::Clock;
 use crate::context::JobShared;
@@ -147,6 +148,7 @@ pub(crate) fn spawn<S, ReqB, ResB>(
     shared: Arc<Shared>,
     job: Arc<JobShared>,
     record: JobRecord,
+    admission: Admission,
     recorded: oneshot::Sender<Result<(), StoreError>>,
     inner: S,
     request: Request<RequestBody<ReqB>>,
@@ -167,6 +169,7 @@ pub(crate) fn spawn<S, ReqB, ResB>(
         let _registered = Registered {
             shared: shared.clone(),
             id: job.id,
+            _admission: admission,
         };
         if let Err(error) = shared.runner.store.create(record).await {
             tracing::warn!(%error, "recording a new job failed");
@@ -194,6 +197,8 @@ pub(crate) fn spawn<S, ReqB, ResB>(
 struct Registered {
     shared: Arc<Shared>,
     id: JobId,
+    // The job's place under the quotas, given back when the job ends.
+    _admission: Admission,
 }
 
 impl Drop for Registered {

@@ -1,0 +1,39 @@
+//! The audit trail: one `tracing` event per kick-off, status, cancel and file request, with
+//! target `tower_fhir_async::audit`, the job id, the caller and the outcome — denials included.
+//! Never a credential.
+
+use crate::job::JobId;
+
+/// What was asked of the layer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Action {
+    KickOff,
+    Status,
+    Cancel,
+}
+
+impl Action {
+    const fn as_str(self) -> &'static str {
+        match self {
+            Self::KickOff => "kick-off",
+            Self::Status => "status",
+            Self::Cancel => "cancel",
+        }
+    }
+}
+
+/// Records one audit event.
+pub(crate) fn event(
+    action: Action,
+    id: Option<JobId>,
+    caller: Option<&str>,
+    outcome: &'static str,
+) {
+    tracing::info!(
+        target: "tower_fhir_async::audit",
+        action = action.as_str(),
+        job.id = id.map(tracing::field::display),
+        caller,
+        outcome,
+    );
+}
