@@ -300,4 +300,21 @@ mod tests {
             assert_eq!(JobId::parse(bad), None, "{bad:?}");
         }
     }
+
+    proptest::proptest! {
+        // SEC-9: any id round-trips through its text form.
+        #[test]
+        fn sec_9_ids_round_trip(bytes in proptest::prelude::any::<[u8; 16]>()) {
+            let id = JobId::from_bytes(bytes);
+            proptest::prop_assert_eq!(JobId::parse(&id.to_string()), Some(id));
+        }
+
+        // SEC-9, STATUS-15: parsing never panics, and accepts only the canonical form.
+        #[test]
+        fn sec_9_parse_accepts_only_canonical_text(text in "\\PC{0,40}") {
+            if let Some(id) = JobId::parse(&text) {
+                proptest::prop_assert_eq!(id.to_string(), text);
+            }
+        }
+    }
 }
