@@ -453,12 +453,14 @@ impl AsyncLayerBuilder {
     }
 
     /// Binds each job to its caller, named by the value of header `header` (e.g. one a trusted
-    /// gateway sets after authenticating; never one a client could set itself). See
-    /// [`caller`](Self::caller).
+    /// gateway sets after authenticating; never one a client could set itself). A request with
+    /// several values of the header has no identity: a gateway that appends its line instead of
+    /// replacing the client's must not let the client's line count. See [`caller`](Self::caller).
     pub fn caller_from_header(self, header: http::HeaderName) -> Self {
         self.caller(move |head| {
-            let value = head.headers.get(&header)?.to_str().ok()?.trim();
-            (!value.is_empty()).then(|| value.to_owned())
+            let mut values = head.headers.get_all(&header).iter();
+            let value = values.next()?.to_str().ok()?.trim();
+            (values.next().is_none() && !value.is_empty()).then(|| value.to_owned())
         })
     }
 

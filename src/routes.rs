@@ -23,8 +23,21 @@ pub(crate) const X_PROGRESS: HeaderName = HeaderName::from_static("x-progress");
 /// How long a client should wait before retrying when the store is unavailable.
 const STORE_RETRY: Duration = Duration::from_secs(5);
 
-/// Answers a request under the layer's route prefix.
+/// Answers a request under the layer's route prefix. A `HEAD` gets the headers of the `GET`
+/// answer, with no body.
 pub(crate) async fn handle(shared: Arc<Shared>, parts: Parts) -> Response<Bytes> {
+    let mut response = route(&shared, &parts).await;
+    if parts.method == Method::HEAD {
+        let length = response.body().len();
+        response
+            .headers_mut()
+            .insert(CONTENT_LENGTH, HeaderValue::from(length));
+        *response.body_mut() = Bytes::new();
+    }
+    response
+}
+
+async fn route(shared: &Shared, parts: &Parts) -> Response<Bytes> {
     let rest = shared
         .config
         .own_route(parts.uri.path())
@@ -55,24 +68,17 @@ pub(crate) async fn handle(shared: Arc<Shared>, parts: Parts) -> Response<Bytes>
     } else {
         Action::Status
     };
-    let caller = shared.config.caller_of(&RequestHead::of(&parts));
+    let caller = shared.config.caller_of(&RequestHead::of(parts));
     // A malformed id, or anything below an id, never reaches the store.
     let Some(id) = JobId::parse(rest) else {
         audit::event(action, None, caller.as_deref(), "malformed-id");
         return job_not_found();
     };
-    let (mut response, outcome) = match action {
-        Action::Cancel => cancel(&shared, id, caller.as_deref()).await,
-        _ => status(&shared, id, &parts, caller.as_deref()).await,
+    let (response, outcome) = match action {
+        Action::Cancel => cancel(shared, id, caller.as_deref()).await,
+        _ => status(shared, id, parts, caller.as_deref()).await,
     };
     audit::event(action, Some(id), caller.as_deref(), outcome);
-    if parts.method == Method::HEAD {
-        let length = response.body().len();
-        response
-            .headers_mut()
-            .insert(CONTENT_LENGTH, HeaderValue::from(length));
-        *response.body_mut() = Bytes::new();
-    }
     response
 }
 

@@ -232,3 +232,215 @@ where
         body,
     }
 }
+
+// Added for tests/security.rs: a kick-off body that never finishes arriving.
+
+/// Sends `first` as the only chunk of a chunked body that then stalls: the body stays open until
+/// the reply has been read; waits at most 30 s.
+pub async fn send_stalling(method: Method, url: &str, headers: HeaderMap, first: Bytes) -> Reply {
+    use http_body_util::combinators::BoxBody;
+
+    let (chunks, stalled) = tokio::sync::mpsc::channel::<Bytes>(1);
+    chunks.send(first).await.expect("the body is open");
+    let frames = futures_util::stream::unfold(stalled, |mut stalled| async move {
+        let chunk = stalled.recv().await?;
+        Some((Ok::<_, Infallible>(http_body::Frame::data(chunk)), stalled))
+    });
+    let client: Client<HttpConnector, BoxBody<Bytes, Infallible>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let mut request = Request::builder()
+        .method(method)
+        .uri(url)
+        .body(http_body_util::StreamBody::new(frames).boxed())
+        .expect("request");
+    *request.headers_mut() = headers;
+    let reply = read_whole_reply(client.request(request)).await;
+    // Only now may the body end.
+    drop(chunks);
+    reply
+}
+
+// Added for tests/hostile_input.rs: a server that takes more header lines than hyper's default
+// 100, and sends that report failures instead of panicking, so a table can list every failed row.
+
+/// Serves `app` on 127.0.0.1:0 like [`serve`], but accepts up to `max_headers` header lines per
+/// request (hyper's default of 100 answers `431` itself, before any layer sees the request).
+pub async fn serve_with_max_headers(app: Router, max_headers: usize) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0");
+    let addr = listener.local_addr().expect("local addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            tokio::spawn(async move {
+                let mut builder =
+                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                builder.http1().max_headers(max_headers);
+                let _ = builder
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// [`send_header_map`], but a request that gets no response within 30 s is an `Err` naming
+/// what went wrong.
+pub async fn try_send_header_map(
+    method: Method,
+    url: &str,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Reply, String> {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let mut request = Request::builder()
+        .method(method)
+        .uri(url)
+        .body(Full::new(body))
+        .map_err(|e| format!("request not built: {e}"))?;
+    *request.headers_mut() = headers;
+    let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
+        .await
+        .map_err(|_| "no response within 30 s".to_owned())?
+        .map_err(|e| format!("request failed: {e:?}"))?;
+    let (parts, body) = response.into_parts();
+    let body = tokio::time::timeout(Duration::from_secs(30), body.collect())
+        .await
+        .map_err(|_| "response body not read within 30 s".to_owned())?
+        .map_err(|e| format!("response body failed: {e}"))?
+        .to_bytes();
+    Ok(Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
+}
+
+/// Writes `request` byte for byte on a new connection to `addr` and reads one response (interim
+/// `1xx` answers are skipped). The connection stays open meanwhile, so a request body that stops
+/// half-way is, for the server, a body that never ends. The response must carry
+/// `Content-Length` or end with the connection. Waits at most 30 s.
+pub async fn send_raw(addr: SocketAddr, request: &[u8]) -> Result<Reply, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        stream
+            .write_all(request)
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut received = Vec::new();
+        let mut chunk = [0u8; 8192];
+        loop {
+            if let Some(reply) = parse_raw_reply(&mut received)? {
+                // `stream` is dropped only now: until the reply, the request stays unfinished.
+                return Ok(reply);
+            }
+            let read = stream
+                .read(&mut chunk)
+                .await
+                .map_err(|e| format!("read: {e}"))?;
+            if read == 0 {
+                return match parse_raw_reply_at_eof(&received)? {
+                    Some(reply) => Ok(reply),
+                    None => Err(format!(
+                        "connection closed after {} bytes of response: {:?}",
+                        received.len(),
+                        String::from_utf8_lossy(&received)
+                    )),
+                };
+            }
+            received.extend_from_slice(&chunk[..read]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), exchange)
+        .await
+        .map_err(|_| "no response within 30 s".to_owned())?
+}
+
+/// The status and headers of one raw response head, and where its body starts.
+fn parse_raw_head(received: &[u8]) -> Result<Option<(StatusCode, HeaderMap, usize)>, String> {
+    let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Ok(None);
+    };
+    let head = std::str::from_utf8(&received[..end]).map_err(|e| format!("response head: {e}"))?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|code| StatusCode::from_bytes(code.as_bytes()).ok())
+        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
+    let mut headers = HeaderMap::new();
+    for line in lines {
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| format!("bad header line {line:?}"))?;
+        let name = http::HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|e| format!("header name {name:?}: {e}"))?;
+        let value = http::HeaderValue::from_str(value.trim())
+            .map_err(|e| format!("header value {value:?}: {e}"))?;
+        headers.append(name, value);
+    }
+    Ok(Some((status, headers, end + 4)))
+}
+
+/// One complete response from the front of `received` (interim `1xx` ones are dropped from it),
+/// or `None` while more bytes are needed.
+fn parse_raw_reply(received: &mut Vec<u8>) -> Result<Option<Reply>, String> {
+    loop {
+        let Some((status, headers, body_start)) = parse_raw_head(received)? else {
+            return Ok(None);
+        };
+        if status.is_informational() {
+            received.drain(..body_start);
+            continue;
+        }
+        if headers.contains_key(http::header::TRANSFER_ENCODING) {
+            return Err(format!("send_raw reads no chunked responses: {headers:?}"));
+        }
+        let Some(length) = headers.get(http::header::CONTENT_LENGTH) else {
+            // Delimited by the end of the connection.
+            return Ok(None);
+        };
+        let length: usize = length
+            .to_str()
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("bad Content-Length {length:?}"))?;
+        if received.len() < body_start + length {
+            return Ok(None);
+        }
+        let body = Bytes::copy_from_slice(&received[body_start..body_start + length]);
+        return Ok(Some(Reply {
+            status,
+            headers,
+            body,
+        }));
+    }
+}
+
+/// The response in `received` once the server closed the connection: its body is the rest.
+fn parse_raw_reply_at_eof(received: &[u8]) -> Result<Option<Reply>, String> {
+    let mut received = received.to_vec();
+    if let Some(reply) = parse_raw_reply(&mut received)? {
+        return Ok(Some(reply));
+    }
+    Ok(
+        parse_raw_head(&received)?.and_then(|(status, headers, body_start)| {
+            (!headers.contains_key(http::header::CONTENT_LENGTH)).then(|| Reply {
+                status,
+                headers,
+                body: Bytes::copy_from_slice(&received[body_start..]),
+            })
+        }),
+    )
+}
