@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::Admission;
 use crate::job::JobId;
 
 /// The longest `X-Progress` text sent, in characters (STATUS-4: under 100).
@@ -46,6 +47,8 @@ pub(crate) struct JobShared {
     /// Cancelled by the job's caller (DELETE), or with every other job at shutdown.
     pub(crate) cancel: CancellationToken,
     progress: Mutex<Option<Box<str>>>,
+    /// The job's place under the quotas, given back as soon as the job ends or is cancelled.
+    admission: Mutex<Option<Admission>>,
 }
 
 impl JobShared {
@@ -54,7 +57,21 @@ impl JobShared {
             id,
             cancel,
             progress: Mutex::new(None),
+            admission: Mutex::new(None),
         })
+    }
+
+    /// Keeps the job's place under the quotas until [`release`](Self::release).
+    pub(crate) fn hold(&self, admission: Admission) {
+        if let Ok(mut held) = self.admission.lock() {
+            *held = Some(admission);
+        }
+    }
+
+    /// Gives the job's place back (idempotent).
+    pub(crate) fn release(&self) {
+        let admission = self.admission.lock().ok().and_then(|mut held| held.take());
+        drop(admission);
     }
 
     pub(crate) fn progress(&self) -> Option<Box<str>> {

@@ -97,11 +97,12 @@ impl Runner {
         self.running.get(id).and_then(|job| job.progress())
     }
 
-    /// Stops a job running in this process; its inner future is dropped. `false` if it is not
-    /// running here.
+    /// Stops a job running in this process; its inner future is dropped, and its place under
+    /// the quotas is given back at once. `false` if it is not running here.
     pub(crate) fn cancel_local(&self, id: &JobId) -> bool {
         match self.running.get(id) {
             Some(job) => {
+                job.release();
                 job.cancel.cancel();
                 true
             }
@@ -166,10 +167,10 @@ pub(crate) fn spawn<S, ReqB, ResB>(
     let tracker = shared.runner.tracker.clone();
     let task = async move {
         // However the task ends (even by a panic), the job leaves the registry.
+        job.hold(admission);
         let _registered = Registered {
             shared: shared.clone(),
-            id: job.id,
-            _admission: admission,
+            job: job.clone(),
         };
         if let Err(error) = shared.runner.store.create(record).await {
             tracing::warn!(%error, "recording a new job failed");
@@ -196,14 +197,13 @@ pub(crate) fn spawn<S, ReqB, ResB>(
 /// Removes a job from the registry when its task ends.
 struct Registered {
     shared: Arc<Shared>,
-    id: JobId,
-    // The job's place under the quotas, given back when the job ends.
-    _admission: Admission,
+    job: Arc<JobShared>,
 }
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        self.shared.runner.unregister(&self.id);
+        self.job.release();
+        self.shared.runner.unregister(&self.job.id);
     }
 }
 

@@ -11,7 +11,8 @@ use http::header::{AUTHORIZATION, HeaderValue, WWW_AUTHENTICATE};
 use crate::response::FhirResponse;
 
 /// The client id taken from `Authorization: Bearer <client-id>`. The demo trusts the token as
-/// is; a real server would verify it and take the id from its claims.
+/// is; a real server would verify it and take the id from its claims. The AsyncLayer binds each
+/// job to it (`caller_from_extension` in `main.rs`).
 #[derive(Debug, Clone)]
 pub(crate) struct CallerId(pub(crate) String);
 

@@ -15,7 +15,8 @@ const BULK_GROUP_EXPORT: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefini
 pub(crate) fn statement(base: &str, auth: bool) -> Value {
     let resources: Vec<Value> = ResourceType::ALL.into_iter().map(resource).collect();
     let security = if auth {
-        "Every request needs `Authorization: Bearer <client-id>`."
+        "Every request needs `Authorization: Bearer <client-id>`; an asynchronous job's status URL \
+         answers only the client that started the job."
     } else {
         "No authentication (start the server with --auth to require a bearer token)."
     };

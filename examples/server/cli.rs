@@ -17,7 +17,9 @@ FLAGS:
                           (default http://ADDR/fhir, ADDR being the bound address)
     --patients N          number of synthetic patients to generate (default 1000)
     --store BACKEND       job store for the async layer; only `memory` in this build
-    --auth                require `Authorization: Bearer <client-id>` on every request
+    --auth                require `Authorization: Bearer <client-id>` on every request, and
+                          bind each async job to the client that started it (another
+                          client polling or cancelling it gets 404)
     --reindex-secs N      how long POST /fhir/$reindex takes, in seconds (default 10)
     -h, --help            print this help and exit
 

@@ -97,10 +97,13 @@ async fn main() -> ExitCode {
         .clone()
         .unwrap_or_else(|| local_base.clone());
 
-    let layer = match AsyncLayer::builder(MemoryStore::default())
-        .base_url(&public_base)
-        .try_build()
-    {
+    let mut builder = AsyncLayer::builder(MemoryStore::default()).base_url(&public_base);
+    if options.auth {
+        // SEC-10: each job belongs to the client that started it; another client's poll or
+        // cancel gets the same 404 as a job that does not exist.
+        builder = builder.caller_from_extension(|caller: &auth::CallerId| caller.0.clone());
+    }
+    let layer = match builder.try_build() {
         Ok(layer) => layer,
         Err(err) => {
             eprintln!("error: cannot configure the async layer with base {public_base}: {err}");
@@ -184,6 +187,13 @@ fn print_banner(addr: SocketAddr, auth: bool) {
     let mut out = std::io::stdout().lock();
     // Ignoring write errors: a closed stdout must not stop the server.
     let _ = writeln!(out, "listening on {base}");
+    if auth {
+        let _ = writeln!(
+            out,
+            "auth: every request needs `Authorization: Bearer <client-id>`; a job's status URL answers only \
+             the client that started it (others get 404)"
+        );
+    }
     let _ = writeln!(
         out,
         "
