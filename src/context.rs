@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
@@ -49,6 +50,10 @@ pub(crate) struct JobShared {
     progress: Mutex<Option<Box<str>>>,
     /// The job's place under the quotas, given back as soon as the job ends or is cancelled.
     admission: Mutex<Option<Admission>>,
+    /// Set once the store has it running here: only then are its leases renewed.
+    started: AtomicBool,
+    /// Set when progress changed since it was last written to the store.
+    progress_changed: AtomicBool,
 }
 
 impl JobShared {
@@ -58,6 +63,8 @@ impl JobShared {
             cancel,
             progress: Mutex::new(None),
             admission: Mutex::new(None),
+            started: AtomicBool::new(false),
+            progress_changed: AtomicBool::new(false),
         })
     }
 
@@ -72,6 +79,23 @@ impl JobShared {
     pub(crate) fn release(&self) {
         let admission = self.admission.lock().ok().and_then(|mut held| held.take());
         drop(admission);
+    }
+
+    pub(crate) fn mark_started(&self) {
+        self.started.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn is_started(&self) -> bool {
+        self.started.load(Ordering::Acquire)
+    }
+
+    /// The progress, if it changed since the last call.
+    pub(crate) fn take_changed_progress(&self) -> Option<Box<str>> {
+        if self.progress_changed.swap(false, Ordering::AcqRel) {
+            self.progress()
+        } else {
+            None
+        }
     }
 
     pub(crate) fn progress(&self) -> Option<Box<str>> {
@@ -106,6 +130,7 @@ impl JobContext {
             .collect();
         if let Ok(mut progress) = self.shared.progress.lock() {
             *progress = Some(clean);
+            self.shared.progress_changed.store(true, Ordering::Release);
         }
     }
 

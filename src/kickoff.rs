@@ -25,6 +25,7 @@ use crate::prefer::{self, PREFERENCE_APPLIED};
 use crate::routes::no_host;
 use crate::runner;
 use crate::store::BoxError;
+use crate::watcher;
 
 /// How long a client should wait before retrying a refused kick-off.
 const KICK_OFF_RETRY: Duration = Duration::from_secs(5);
@@ -45,6 +46,7 @@ where
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
+    watcher::ensure(&shared);
     let (parts, body) = request.into_parts();
     let caller = shared.config.caller_of(&RequestHead::of(&parts));
     let (response, id, outcome) = match start(&shared, inner, parts, body, caller.clone()).await {

@@ -137,7 +137,7 @@ pub struct RequestHead<'a> {
 /// `Expires` must stay a valid HTTP date.
 const MAX_RETENTION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
-/// How long a running job's lease lasts, recorded with it for crash detection across instances.
+/// How long a running job's lease lasts by default.
 const LEASE: Duration = Duration::from_secs(30);
 
 impl<'a> RequestHead<'a> {
@@ -270,6 +270,8 @@ impl fmt::Debug for Config {
 /// | [`max_jobs_per_caller`](Self::max_jobs_per_caller) | no limit |
 /// | [`min_poll_interval`](Self::min_poll_interval) | no limit |
 /// | [`body_timeout`](Self::body_timeout) | 60 s |
+/// | [`lease`](Self::lease) | 30 s |
+/// | [`instance_id`](Self::instance_id) | random |
 ///
 /// [`try_build`](Self::try_build) says which setting is invalid; [`build`](Self::build) panics
 /// with the same message.
@@ -286,6 +288,8 @@ pub struct AsyncLayerBuilder {
     max_retry_after: Duration,
     max_run_time: Option<Duration>,
     eligible: Option<Arc<Predicate>>,
+    lease: Duration,
+    instance_id: Option<String>,
     caller: Option<Arc<Identify>>,
     foreign_status: StatusCode,
     max_running_jobs: Option<usize>,
@@ -308,6 +312,8 @@ impl AsyncLayerBuilder {
             max_retry_after: Duration::from_secs(30),
             max_run_time: None,
             eligible: None,
+            lease: LEASE,
+            instance_id: None,
             caller: None,
             foreign_status: StatusCode::NOT_FOUND,
             max_running_jobs: None,
@@ -377,6 +383,22 @@ impl AsyncLayerBuilder {
     /// `timeout` outcome. Default: no limit.
     pub fn max_run_time(mut self, limit: Duration) -> Self {
         self.max_run_time = Some(limit);
+        self
+    }
+
+    /// How long a running job's lease lasts. The instance running a job renews its lease every
+    /// third of this; when an instance dies, its jobs are recorded as failed once their leases
+    /// lapse, and a cancel through another instance reaches the job within a third of this even
+    /// if its push notification is lost. From 1 second to 1 hour; default 30 s.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// This instance's id, recorded with the jobs it runs (for logs and lease checks across
+    /// instances). Default: random per layer. Two instances must never share one.
+    pub fn instance_id(mut self, id: impl Into<String>) -> Self {
+        self.instance_id = Some(id.into());
         self
     }
 
@@ -573,8 +595,19 @@ impl AsyncLayerBuilder {
                 "max_run_time must be longer than zero".to_owned(),
             ));
         }
-        // Shared stores (next) will let each instance name itself; in one process, any id will do.
-        let instance = JobId::new().to_string();
+        if self.lease < Duration::from_secs(1) || self.lease > Duration::from_secs(3600) {
+            return Err(BuildError(format!(
+                "lease must be between 1 second and 1 hour, not {}",
+                humantime::format_duration(self.lease)
+            )));
+        }
+        let instance = match self.instance_id {
+            Some(id) if id.trim().is_empty() => {
+                return Err(BuildError("instance_id must not be empty".to_owned()));
+            }
+            Some(id) => id,
+            None => JobId::new().to_string(),
+        };
         let config = Config {
             public_base,
             scheme: self.scheme,
@@ -592,7 +625,7 @@ impl AsyncLayerBuilder {
             foreign_status: self.foreign_status,
             body_timeout: self.body_timeout,
         };
-        let runner = Runner::new(self.store, Clock::new(), instance, LEASE);
+        let runner = Runner::new(self.store, Clock::new(), instance, self.lease);
         let quotas = Quotas::new(self.max_running_jobs, self.max_jobs_per_caller);
         let polls = self.min_poll_interval.map(PollThrottle::new);
         Ok(AsyncLayer {
@@ -718,6 +751,8 @@ mod tests {
             (builder().max_running_jobs(0), "max_running_jobs"),
             (builder().max_jobs_per_caller(0), "max_jobs_per_caller"),
             (builder().body_timeout(Duration::ZERO), "body_timeout"),
+            (builder().lease(Duration::from_millis(10)), "lease"),
+            (builder().instance_id(" "), "instance_id"),
         ] {
             let error = b.try_build().expect_err(setting).to_string();
             assert!(error.contains(setting), "{error}");

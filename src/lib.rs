@@ -60,6 +60,7 @@ mod service;
 mod shutdown;
 pub mod store;
 mod throttle;
+mod watcher;
 
 pub use body::{RequestBody, ResponseBody};
 pub use context::JobContext;
@@ -69,6 +70,10 @@ pub use layer::{AsyncLayer, AsyncLayerBuilder, BuildError, RequestHead};
 pub use service::AsyncService;
 pub use shutdown::{ShutdownHandle, ShutdownReport};
 pub use store::{JobStore, MemoryStore, StoreError};
+#[cfg(feature = "postgres")]
+pub use store::PostgresStore;
+#[cfg(feature = "redis")]
+pub use store::{RedisStore, redis};
 
 // The README's examples compile as doc tests.
 #[cfg(doctest)]

@@ -16,6 +16,7 @@ use crate::layer::{RequestHead, Shared};
 use crate::outcome::{
     self, FHIR_JSON, IssueCode, NO_STORE, delta_seconds, error_response, job_not_found,
 };
+use crate::watcher;
 
 /// The `X-Progress` response header (STATUS-4).
 pub(crate) const X_PROGRESS: HeaderName = HeaderName::from_static("x-progress");
@@ -26,6 +27,8 @@ const STORE_RETRY: Duration = Duration::from_secs(5);
 /// Answers a request under the layer's route prefix. A `HEAD` gets the headers of the `GET`
 /// answer, with no body.
 pub(crate) async fn handle(shared: Arc<Shared>, parts: Parts) -> Response<Bytes> {
+    // An instance that only answers polls must still notice jobs of lost instances.
+    watcher::ensure(&shared);
     let mut response = route(&shared, &parts).await;
     if parts.method == Method::HEAD {
         let length = response.body().len();

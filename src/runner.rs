@@ -40,8 +40,9 @@ const KEPT_HEADERS: [HeaderName; 8] = [
     header::WARNING,
 ];
 
-/// How often recording a finished job is tried before its outcome is given up.
-const RECORD_ATTEMPTS: u32 = 3;
+/// How often recording a finished job is tried before its outcome is given up: with the delay
+/// doubling from 100 ms (capped at 10 s), about a minute, enough to ride out a store restart.
+const RECORD_ATTEMPTS: u32 = 12;
 
 pub(crate) struct Runner {
     pub(crate) store: Arc<dyn DynStore>,
@@ -51,6 +52,7 @@ pub(crate) struct Runner {
     running: DashMap<JobId, Arc<JobShared>>,
     tracker: TaskTracker,
     shutting_down: AtomicBool,
+    watcher: AtomicBool,
     /// Parent of every job's cancel token: cancelled once, when shutdown stops what is left.
     stop_all: CancellationToken,
 }
@@ -70,6 +72,7 @@ impl Runner {
             running: DashMap::new(),
             tracker: TaskTracker::new(),
             shutting_down: AtomicBool::new(false),
+            watcher: AtomicBool::new(false),
             stop_all: CancellationToken::new(),
         }
     }
@@ -108,6 +111,20 @@ impl Runner {
             }
             None => false,
         }
+    }
+
+    /// `true` for the one caller that should start the watcher.
+    pub(crate) fn claim_watcher(&self) -> bool {
+        !self.watcher.swap(true, Ordering::AcqRel)
+    }
+
+    /// The jobs running here that the store knows as running here.
+    pub(crate) fn started_jobs(&self) -> Vec<Arc<JobShared>> {
+        self.running
+            .iter()
+            .filter(|job| job.is_started())
+            .map(|job| job.clone())
+            .collect()
     }
 
     pub(crate) fn is_shutting_down(&self) -> bool {
@@ -223,7 +240,7 @@ async fn run<S, ReqB, ResB>(
     let id = job.id;
     let lease_until = later(runner.clock.now(), runner.lease);
     match runner.store.start(&id, &runner.instance, lease_until).await {
-        Ok(true) => {}
+        Ok(true) => job.mark_started(),
         Ok(false) => {
             tracing::info!("asynchronous job cancelled before it started");
             return;
@@ -425,7 +442,7 @@ async fn record(shared: &Shared, id: JobId, outcome: JobOutcome) {
             Err(StoreError::Unavailable(error)) if attempt < RECORD_ATTEMPTS => {
                 tracing::warn!(%error, attempt, "recording the job's outcome failed; trying again");
                 tokio::time::sleep(delay).await;
-                delay *= 4;
+                delay = (delay * 2).min(Duration::from_secs(10));
             }
             Err(error) => {
                 tracing::error!(%error, "recording the job's outcome failed; the result is lost");

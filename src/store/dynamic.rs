@@ -5,7 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::SystemTime;
 
-use super::{JobStore, StoreError};
+use super::{Cancellations, JobStore, StoreError};
 use crate::job::{JobId, JobOutcome, JobRecord};
 
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -36,6 +36,25 @@ pub(crate) trait DynStore: Send + Sync + 'static {
         now: SystemTime,
     ) -> BoxFuture<'a, Result<bool, StoreError>>;
     fn sweep(&self, now: SystemTime) -> BoxFuture<'_, Result<usize, StoreError>>;
+    fn set_progress<'a>(
+        &'a self,
+        id: &'a JobId,
+        progress: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn renew_leases<'a>(
+        &'a self,
+        instance: &'a str,
+        ids: &'a [JobId],
+        lease_until: SystemTime,
+    ) -> BoxFuture<'a, Result<Vec<JobId>, StoreError>>;
+    fn fail_lapsed(
+        &self,
+        now: SystemTime,
+        unstarted_before: SystemTime,
+        outcome: JobOutcome,
+        expires_at: SystemTime,
+    ) -> BoxFuture<'_, Result<Vec<JobId>, StoreError>>;
+    fn cancellations(&self) -> BoxFuture<'_, Result<Option<Cancellations>, StoreError>>;
 }
 
 impl<S: JobStore> DynStore for S {
@@ -80,5 +99,42 @@ impl<S: JobStore> DynStore for S {
 
     fn sweep(&self, now: SystemTime) -> BoxFuture<'_, Result<usize, StoreError>> {
         Box::pin(JobStore::sweep(self, now))
+    }
+
+    fn set_progress<'a>(
+        &'a self,
+        id: &'a JobId,
+        progress: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(JobStore::set_progress(self, id, progress))
+    }
+
+    fn renew_leases<'a>(
+        &'a self,
+        instance: &'a str,
+        ids: &'a [JobId],
+        lease_until: SystemTime,
+    ) -> BoxFuture<'a, Result<Vec<JobId>, StoreError>> {
+        Box::pin(JobStore::renew_leases(self, instance, ids, lease_until))
+    }
+
+    fn fail_lapsed(
+        &self,
+        now: SystemTime,
+        unstarted_before: SystemTime,
+        outcome: JobOutcome,
+        expires_at: SystemTime,
+    ) -> BoxFuture<'_, Result<Vec<JobId>, StoreError>> {
+        Box::pin(JobStore::fail_lapsed(
+            self,
+            now,
+            unstarted_before,
+            outcome,
+            expires_at,
+        ))
+    }
+
+    fn cancellations(&self) -> BoxFuture<'_, Result<Option<Cancellations>, StoreError>> {
+        Box::pin(JobStore::cancellations(self))
     }
 }

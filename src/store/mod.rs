@@ -8,8 +8,14 @@
 //! Every backend runs the same conformance suite (`conformance`, behind the `test-util`
 //! feature).
 
+#[cfg(any(test, feature = "redis", feature = "postgres"))]
+mod codec;
 mod dynamic;
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(feature = "redis")]
+mod redis_store;
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod conformance;
@@ -19,8 +25,20 @@ use std::fmt;
 use std::future::Future;
 use std::time::SystemTime;
 
+/// The redis-rs client crate that [`RedisStore`] is built on, re-exported so that a
+/// [`ConnectionManager`](redis::aio::ConnectionManager) you build yourself is of the matching version.
+#[cfg(feature = "redis")]
+pub use ::redis;
+/// The `sqlx` crate [`PostgresStore`] is built on, so that the pool you pass it comes from the
+/// matching version.
+#[cfg(feature = "postgres")]
+pub use ::sqlx;
 pub(crate) use dynamic::DynStore;
 pub use memory::MemoryStore;
+#[cfg(feature = "postgres")]
+pub use postgres::PostgresStore;
+#[cfg(feature = "redis")]
+pub use redis_store::RedisStore;
 
 use crate::job::{JobId, JobOutcome, JobRecord};
 
@@ -143,4 +161,17 @@ pub trait JobStore: Send + Sync + 'static {
     /// Deletes records that expired at `now`; returns how many. Only reclaims space: reads
     /// already ignore expired records.
     fn sweep(&self, now: SystemTime) -> impl Future<Output = Result<usize, StoreError>> + Send;
+
+    /// The ids of jobs cancelled through any instance, as they are cancelled, for stores shared
+    /// by several instances (Redis pub/sub, PostgreSQL `LISTEN`). The layer then stops those
+    /// jobs at once instead of at its next lease renewal. `None` (the default) when the store
+    /// has no such channel; the stream may end when the connection drops, and is asked for again.
+    fn cancellations(
+        &self,
+    ) -> impl Future<Output = Result<Option<Cancellations>, StoreError>> + Send {
+        std::future::ready(Ok(None))
+    }
 }
+
+/// A stream of cancelled jobs' ids, from [`JobStore::cancellations`].
+pub type Cancellations = std::pin::Pin<Box<dyn futures_core::Stream<Item = JobId> + Send>>;
