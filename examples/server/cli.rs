@@ -16,7 +16,9 @@ FLAGS:
     --base-url URL        public FHIR base used in Content-Location and Bundle links
                           (default http://ADDR/fhir, ADDR being the bound address)
     --patients N          number of synthetic patients to generate (default 1000)
-    --store BACKEND       job store for the async layer; only `memory` in this build
+    --store BACKEND       job store for the async layer: `memory` (default), or, to share
+                          jobs between several servers, `redis://HOST:PORT` (build with
+                          --features redis) or `postgres://USER@HOST/DB` (--features postgres)
     --auth                require `Authorization: Bearer <client-id>` on every request, and
                           bind each async job to the client that started it (another
                           client polling or cancelling it gets 404)
@@ -33,6 +35,46 @@ pub(crate) struct Options {
     pub(crate) patients: usize,
     pub(crate) auth: bool,
     pub(crate) reindex: Duration,
+    pub(crate) store: StoreChoice,
+}
+
+/// Where the async layer keeps its jobs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum StoreChoice {
+    Memory,
+    #[cfg(feature = "redis")]
+    Redis(String),
+    #[cfg(feature = "postgres")]
+    Postgres(String),
+}
+
+/// A backend this build was compiled without.
+#[cfg(not(all(feature = "redis", feature = "postgres")))]
+fn needs_feature(raw: &str, feature: &str) -> UsageError {
+    UsageError(format!(
+        "store backend {raw} needs the `{feature}` feature: cargo run --example server --features {feature} -- --store {raw}"
+    ))
+}
+
+/// The store a `--store` value names, or why it cannot be used in this build.
+fn store_choice(raw: &str) -> Result<StoreChoice, UsageError> {
+    if raw == "memory" {
+        Ok(StoreChoice::Memory)
+    } else if raw.starts_with("redis://") || raw.starts_with("rediss://") {
+        #[cfg(feature = "redis")]
+        return Ok(StoreChoice::Redis(raw.to_owned()));
+        #[cfg(not(feature = "redis"))]
+        return Err(needs_feature(raw, "redis"));
+    } else if raw.starts_with("postgres://") || raw.starts_with("postgresql://") {
+        #[cfg(feature = "postgres")]
+        return Ok(StoreChoice::Postgres(raw.to_owned()));
+        #[cfg(not(feature = "postgres"))]
+        return Err(needs_feature(raw, "postgres"));
+    } else {
+        Err(UsageError(format!(
+            "unknown store backend {raw:?}; use memory, redis://HOST:PORT or postgres://USER@HOST/DB"
+        )))
+    }
 }
 
 /// What the command line asks for.
@@ -60,6 +102,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, U
         patients: 1000,
         auth: false,
         reindex: Duration::from_secs(10),
+        store: StoreChoice::Memory,
     };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -99,12 +142,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, U
                 })?;
             }
             "--store" => {
-                let raw = value("BACKEND")?;
-                if raw != "memory" {
-                    return Err(UsageError(format!(
-                        "store backend {raw} is not available in this build; use --store memory"
-                    )));
-                }
+                options.store = store_choice(&value("BACKEND")?)?;
             }
             "--auth" => {
                 if inline.is_some() {
@@ -162,9 +200,9 @@ mod tests {
         assert!(o.auth);
         assert!(matches!(run(&["--help"]), Ok(Command::Help)));
         let err = run(&["--store", "redis"]).unwrap_err();
-        assert_eq!(
-            err.0,
-            "store backend redis is not available in this build; use --store memory"
+        assert!(err.0.starts_with("unknown store backend"), "{}", err.0);
+        assert!(
+            matches!(run(&["--store", "memory"]), Ok(Command::Run(o)) if o.store == StoreChoice::Memory)
         );
         assert!(run(&["--base-url", "fhir.example.org"]).is_err());
         assert!(run(&["--patients"]).is_err());

@@ -97,7 +97,26 @@ async fn main() -> ExitCode {
         .clone()
         .unwrap_or_else(|| local_base.clone());
 
-    let mut builder = AsyncLayer::builder(MemoryStore::default()).base_url(&public_base);
+    let builder = match &options.store {
+        cli::StoreChoice::Memory => AsyncLayer::builder(MemoryStore::default()),
+        #[cfg(feature = "redis")]
+        cli::StoreChoice::Redis(url) => match tower_fhir_async::RedisStore::connect(url).await {
+            Ok(store) => AsyncLayer::builder(store),
+            Err(err) => {
+                eprintln!("error: cannot use Redis at {url}: {err}");
+                return ExitCode::from(2);
+            }
+        },
+        #[cfg(feature = "postgres")]
+        cli::StoreChoice::Postgres(url) => match postgres_store(url).await {
+            Ok(store) => AsyncLayer::builder(store),
+            Err(err) => {
+                eprintln!("error: cannot use PostgreSQL at {url}: {err}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let mut builder = builder.base_url(&public_base);
     if options.auth {
         // SEC-10: each job belongs to the client that started it; another client's poll or
         // cancel gets the same 404 as a job that does not exist.
@@ -173,6 +192,20 @@ async fn main() -> ExitCode {
     }
     tracing::info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// A PostgreSQL job store on `url`, its table created if missing.
+#[cfg(feature = "postgres")]
+async fn postgres_store(url: &str) -> Result<tower_fhir_async::PostgresStore, String> {
+    let pool = tower_fhir_async::store::sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+        .map_err(|err| err.to_string())?;
+    let store = tower_fhir_async::PostgresStore::new(pool);
+    store.migrate().await.map_err(|err| err.to_string())?;
+    Ok(store)
 }
 
 /// The start-up banner: the address (the real port when `--addr` asked for port 0) and a few
