@@ -69,9 +69,9 @@ pub use job::{InvalidJobId, JobId, JobKind, JobOutcome, JobRecord, JobState, Sto
 pub use layer::{AsyncLayer, AsyncLayerBuilder, BuildError, RequestHead};
 pub use service::AsyncService;
 pub use shutdown::{ShutdownHandle, ShutdownReport};
-pub use store::{JobStore, MemoryStore, StoreError};
 #[cfg(feature = "postgres")]
 pub use store::PostgresStore;
+pub use store::{JobStore, MemoryStore, StoreError};
 #[cfg(feature = "redis")]
 pub use store::{RedisStore, redis};
 
