@@ -1,0 +1,550 @@
+#![cfg(feature = "redis")]
+//! A Redis outage under a running layer (issue #4 item 6; README "Running several instances"):
+//! while the store is down, polls and kick-offs get `503` + `transient` + `Retry-After` and the
+//! server keeps answering; a job that finishes meanwhile keeps trying to record its result, and
+//! once Redis is back the result is there and the layer works again without a restart.
+//!
+//! The shared Redis on 127.0.0.1:6379 is used by other tests in parallel, so these tests never
+//! touch it: each outage test runs a `redis-server` of its own (on a free 127.0.0.1 port, with an
+//! append-only file in a fresh temporary directory, so a restart keeps the data), stops it and
+//! starts it again. The binary must be on PATH; without it the test fails, never skips.
+
+mod support;
+
+use std::convert::Infallible;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::routing::{get, post};
+use http::header::{CONTENT_TYPE, LOCATION};
+use http::{Method, StatusCode};
+use support::{Reply, TestClient, serve};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
+use tower_fhir_async::redis::Client;
+use tower_fhir_async::redis::aio::ConnectionManager;
+use tower_fhir_async::{AsyncLayer, JobId, RedisStore, StoreError};
+use tracing_subscriber::fmt::MakeWriter;
+
+const SECOND: Duration = Duration::from_secs(1);
+
+/// The longest any one request may take while Redis is down (the store gives up on a connection
+/// within about 1.2 s; the client's own limit is 30 s).
+const REQUEST_LIMIT: Duration = Duration::from_secs(15);
+
+/// What `$hold` answers once released.
+const HELD_BODY: &str = r#"{"resourceType":"Patient","id":"held-1","active":true}"#;
+
+const RETRYING: &str = "recording the job's outcome failed; trying again";
+const FINISHED: &str = "asynchronous job finished status=201";
+
+/// How many failed attempts to record the finished job's outcome the outage lasts.
+const FAILED_WRITES: usize = 5;
+
+// ---------------------------------------------------------------------------------------------
+// A redis-server of the test's own.
+
+/// A fresh directory under the system's temporary directory, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        let path = std::env::temp_dir().join(format!("tower-fhir-async-outage-{}", JobId::new()));
+        std::fs::create_dir(&path)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+        Self(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A `redis-server` child process; dropping it kills the process, so none is left behind even
+/// when the test panics.
+struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl RedisServer {
+    /// Starts `redis-server` on `port` with its data in `dir` and waits until it answers `PING`.
+    async fn start(port: u16, dir: &Path) -> Self {
+        let mut server = Self {
+            child: None,
+            port,
+            dir: dir.to_owned(),
+        };
+        server.restart().await;
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
+    }
+
+    /// Starts the server (again) on the same port and directory; the append-only file is
+    /// reloaded. Waits until it answers `PING`.
+    async fn restart(&mut self) {
+        assert!(self.child.is_none(), "redis-server is running already");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "yes", "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--logfile")
+            .arg(self.dir.join("redis.log"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start `redis-server` ({e}). This test runs a Redis server of its own \
+                     and needs the redis-server binary on PATH (e.g. `apt-get install redis-server`)"
+                )
+            });
+        self.child = Some(child);
+        self.wait_for_ping().await;
+    }
+
+    /// Kills the server and waits for it to exit.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    async fn wait_for_ping(&mut self) {
+        let deadline = Instant::now() + 20 * SECOND;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(exit)) = child.try_wait() {
+                    self.child = None;
+                    panic!(
+                        "redis-server on port {} exited ({exit}) before answering PING; its log:\n{}",
+                        self.port,
+                        self.log()
+                    );
+                }
+            }
+            if ping(self.port).await {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} did not answer PING within 20 s; its log:\n{}",
+                self.port,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Whether a Redis server on `port` answers `PING` with `PONG` (not `-LOADING` while it reads
+/// its append-only file).
+async fn ping(port: u16) -> bool {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        stream.write_all(b"PING\r\n").await?;
+        let mut reply = [0u8; 64];
+        let read = stream.read(&mut reply).await?;
+        Ok::<_, std::io::Error>(reply[..read].starts_with(b"+PONG"))
+    };
+    matches!(tokio::time::timeout(SECOND, exchange).await, Ok(Ok(true)))
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local addr").port()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Captured logs: proof that the finished job's outcome write failed and was retried.
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    /// Lines that contain `message`.
+    ///
+    /// Matched by message only, not by the job's span: the span's callsite may be registered
+    /// first by the other test of this binary, on a thread without a subscriber, and with a
+    /// single scoped dispatcher tracing-core then caches `Interest::never` for it
+    /// (tokio-rs/tracing#3611), so this subscriber may never see the span. The messages counted
+    /// here come only from finishing jobs, which only the outage test has.
+    fn count(&self, message: &str) -> usize {
+        self.text()
+            .lines()
+            .filter(|line| line.contains(message))
+            .count()
+    }
+}
+
+impl Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for Captured {
+    type Writer = Captured;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// Prints the captured log when the test fails.
+struct LogOnPanic(Captured);
+
+impl Drop for LogOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- captured log ----\n{}", self.0.text());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The application.
+
+/// Controls `POST /fhir/$hold`: each call counts itself, signals `started`, and waits for
+/// `release`.
+#[derive(Default)]
+struct Hold {
+    calls: AtomicUsize,
+    started: Notify,
+    release: Notify,
+}
+
+fn app(layer: AsyncLayer, hold: Arc<Hold>) -> Router {
+    Router::new()
+        .route(
+            "/fhir/metadata",
+            get(|| async {
+                (
+                    [(CONTENT_TYPE, "application/fhir+json")],
+                    r#"{"resourceType":"CapabilityStatement"}"#,
+                )
+            }),
+        )
+        .route(
+            "/fhir/$hold",
+            post(move || {
+                let hold = hold.clone();
+                async move {
+                    hold.calls.fetch_add(1, Ordering::SeqCst);
+                    hold.started.notify_one();
+                    hold.release.notified().await;
+                    Ok::<_, Infallible>((
+                        StatusCode::CREATED,
+                        [
+                            (CONTENT_TYPE, "application/fhir+json"),
+                            (LOCATION, "Patient/held-1/_history/1"),
+                        ],
+                        HELD_BODY,
+                    ))
+                }
+            }),
+        )
+        .layer(layer)
+}
+
+async fn kick_off(client: &TestClient, base: &str) -> Reply {
+    client
+        .send(
+            Method::POST,
+            &format!("{base}/$hold"),
+            &[("prefer", "respond-async")],
+            "",
+        )
+        .await
+}
+
+/// `request`, which must be answered within [`REQUEST_LIMIT`]; returns the reply and how long it
+/// took.
+async fn bounded(what: &str, request: impl Future<Output = Reply>) -> (Reply, Duration) {
+    let started = Instant::now();
+    let reply = tokio::time::timeout(REQUEST_LIMIT, request)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer within {REQUEST_LIMIT:?}"));
+    (reply, started.elapsed())
+}
+
+/// `503` + `transient` OperationOutcome + delta-seconds `Retry-After`.
+fn assert_unavailable(what: &str, reply: &Reply) {
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{what}: {reply:?}"
+    );
+    reply.assert_outcome("transient");
+    let retry_after = reply.header("retry-after");
+    assert!(
+        retry_after.parse::<u64>().is_ok_and(|seconds| seconds >= 1),
+        "{what}: Retry-After must be delta seconds, got {retry_after:?}"
+    );
+}
+
+/// The final reply of a job that was still running, polled every 250 ms for up to `limit`; while
+/// waiting only `202` (running) and `503` (store not back yet) are acceptable.
+async fn poll_until_done(client: &TestClient, status_url: &str, limit: Duration) -> Reply {
+    let deadline = Instant::now() + limit;
+    loop {
+        let reply = client.get(status_url).await;
+        match reply.status {
+            StatusCode::ACCEPTED => {}
+            StatusCode::SERVICE_UNAVAILABLE => reply.assert_outcome("transient"),
+            _ => return reply,
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{status_url} still not done after {limit:?}; last reply {reply:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn assert_held_result(reply: &Reply) {
+    assert_eq!(
+        reply.status,
+        StatusCode::OK,
+        "the finished job's result must be there (not lost to the outage): {reply:?}"
+    );
+    let bundle = reply.json();
+    assert_eq!(bundle["resourceType"], "Bundle", "{bundle}");
+    let entry = &bundle["entry"][0];
+    assert_eq!(entry["response"]["status"], "201 Created", "{bundle}");
+    let expected: serde_json::Value = serde_json::from_str(HELD_BODY).unwrap();
+    assert_eq!(entry["resource"], expected, "{bundle}");
+}
+
+// ---------------------------------------------------------------------------------------------
+
+// Issue #4 item 6, STATUS-10, E7, KICK-5: Redis goes away under a running job and comes back.
+// Meanwhile polls and kick-offs are refused with 503 + `transient` + `Retry-After` and the server
+// keeps answering; the job finishes during the outage and its result, retried, is recorded once
+// Redis is back; and the same layer accepts new jobs again.
+#[tokio::test(flavor = "current_thread")]
+async fn e7_redis_outage_is_503_transient_and_a_finished_result_survives_it() {
+    let captured = Captured::default();
+    let _log_on_panic = LogOnPanic(captured.clone());
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(captured.clone())
+        .with_ansi(false)
+        .with_env_filter(tracing_subscriber::EnvFilter::new("tower_fhir_async=info"))
+        .finish();
+    // The current-thread runtime runs the server and the jobs on this thread, under this
+    // subscriber.
+    let _subscriber = tracing::subscriber::set_default(subscriber);
+
+    // Declared before the server, so the server is killed before its directory is removed.
+    let dir = TempDir::new();
+    let mut redis = RedisServer::start(free_port(), &dir.0).await;
+
+    // 1. The layer on its own Redis, in front of an axum Router served on 127.0.0.1:0.
+    let store = tokio::time::timeout(10 * SECOND, RedisStore::connect(&redis.url()))
+        .await
+        .expect("RedisStore::connect within 10 s")
+        .expect("RedisStore::connect to the test's redis-server");
+    let layer = AsyncLayer::builder(store).base_path("/fhir").build();
+    let hold = Arc::new(Hold::default());
+    let addr = serve(app(layer, hold.clone())).await;
+    let base = format!("http://{addr}/fhir");
+    let client = TestClient::default();
+
+    // 2. Kick-off → 202; the job runs (its handler waits); poll → 202.
+    let kick = kick_off(&client, &base).await;
+    assert_eq!(kick.status, StatusCode::ACCEPTED, "{kick:?}");
+    let status_url = kick.header("content-location").to_owned();
+    tokio::time::timeout(10 * SECOND, hold.started.notified())
+        .await
+        .expect("the held handler was called within 10 s");
+    let running = client.get(&status_url).await;
+    assert_eq!(running.status, StatusCode::ACCEPTED, "{running:?}");
+
+    // 3. Redis goes away.
+    redis.stop();
+    println!("redis-server stopped");
+
+    // 4. STATUS-10: a poll is 503 + transient + Retry-After (not a 404, not a 500, not a hang).
+    let (poll, took) = bounded("poll while Redis is down", client.get(&status_url)).await;
+    assert_unavailable("poll while Redis is down", &poll);
+    println!("poll while down: {} in {took:?}", poll.status);
+    // KICK-5: a kick-off is refused synchronously, the same way; its work never runs.
+    let (refused, took) = bounded("kick-off while Redis is down", kick_off(&client, &base)).await;
+    assert_unavailable("kick-off while Redis is down", &refused);
+    assert!(
+        !refused.headers.contains_key("content-location"),
+        "{refused:?}"
+    );
+    println!("kick-off while down: {} in {took:?}", refused.status);
+    // Nothing panicked: the server still answers, the store-free route as well as the layer's.
+    let (metadata, took) = bounded(
+        "metadata while Redis is down",
+        client.get(&format!("{base}/metadata")),
+    )
+    .await;
+    assert_eq!(metadata.status, StatusCode::OK, "{metadata:?}");
+    println!("metadata while down: {} in {took:?}", metadata.status);
+    let (again, took) = bounded("second poll while Redis is down", client.get(&status_url)).await;
+    assert_unavailable("second poll while Redis is down", &again);
+    println!("second poll while down: {} in {took:?}", again.status);
+
+    // 5. The job finishes while Redis is down: writing its outcome fails and is retried (with
+    // the delay doubling from 100 ms, five failures take about 1.5 s plus the failed attempts).
+    hold.release.notify_one();
+    let released = Instant::now();
+    let deadline = released + 30 * SECOND;
+    while captured.count(RETRYING) < FAILED_WRITES {
+        assert!(
+            Instant::now() < deadline,
+            "the finished job did not try recording its outcome {FAILED_WRITES} times within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "outcome write failed {} times in {:?} after release",
+        captured.count(RETRYING),
+        released.elapsed()
+    );
+    let (poll, _) = bounded(
+        "poll after the job finished, Redis down",
+        client.get(&status_url),
+    )
+    .await;
+    assert_unavailable("poll after the job finished, Redis down", &poll);
+    assert_eq!(
+        captured.count(FINISHED),
+        0,
+        "no outcome can be recorded while Redis is down"
+    );
+
+    // 6. Redis comes back on the same port and directory, with its append-only data.
+    let restarting = Instant::now();
+    redis.restart().await;
+    let restarted = Instant::now();
+    println!(
+        "redis-server restarted (answered PING after {:?}); outage lasted {:?} after release",
+        restarted - restarting,
+        restarted - released
+    );
+
+    // 7. The result was not lost: within the record retries it reaches the store.
+    let done = poll_until_done(&client, &status_url, 60 * SECOND).await;
+    println!(
+        "first 200 after {:?} from restart ({} failed writes before)",
+        restarted.elapsed(),
+        captured.count(RETRYING)
+    );
+    assert_held_result(&done);
+    assert_eq!(
+        captured.count(FINISHED),
+        1,
+        "the job's outcome was recorded once"
+    );
+    assert_eq!(
+        hold.calls.load(Ordering::SeqCst),
+        1,
+        "the kick-off refused during the outage never ran; the job never ran twice"
+    );
+
+    // The same layer (no restart) accepts and completes new jobs again.
+    let kick = kick_off(&client, &base).await;
+    assert_eq!(kick.status, StatusCode::ACCEPTED, "{kick:?}");
+    let second_url = kick.header("content-location").to_owned();
+    tokio::time::timeout(10 * SECOND, hold.started.notified())
+        .await
+        .expect("the second held handler was called within 10 s");
+    hold.release.notify_one();
+    let done = poll_until_done(&client, &second_url, 30 * SECOND).await;
+    assert_held_result(&done);
+    println!("after recovery: new job accepted and completed");
+    drop(redis);
+}
+
+// STATUS-10, KICK-5: a layer whose Redis is unreachable from the start. `RedisStore::connect`
+// itself fails fast with `Unavailable`; a store on a lazily connecting manager can be built
+// anyway, and the layer on it refuses kick-offs, polls and cancels with 503 + `transient` +
+// `Retry-After` (never a hang or a panic) while the rest of the server keeps working.
+#[tokio::test(flavor = "current_thread")]
+async fn status_10_redis_unreachable_from_the_start_is_503_transient() {
+    // Nothing listens on port 1 of 127.0.0.1 (binding it needs root).
+    let unreachable = "redis://127.0.0.1:1";
+    let started = Instant::now();
+    let connected = tokio::time::timeout(10 * SECOND, RedisStore::connect(unreachable))
+        .await
+        .expect("connect gives up within 10 s");
+    assert!(
+        matches!(connected, Err(StoreError::Unavailable(_))),
+        "connect to an unreachable Redis: {connected:?}"
+    );
+    println!("connect failed with Unavailable in {:?}", started.elapsed());
+
+    let client = Client::open(unreachable).unwrap();
+    let manager =
+        ConnectionManager::new_lazy_with_config(client.clone(), RedisStore::manager_config())
+            .expect("a lazy manager connects on first use");
+    let store = RedisStore::new(manager).with_pubsub(client);
+    let layer = AsyncLayer::builder(store).base_path("/fhir").build();
+    let hold = Arc::new(Hold::default());
+    let addr = serve(app(layer, hold.clone())).await;
+    let base = format!("http://{addr}/fhir");
+    let http = TestClient::default();
+
+    for attempt in 1..=2 {
+        let what = format!("kick-off {attempt}");
+        let (refused, took) = bounded(&what, kick_off(&http, &base)).await;
+        assert_unavailable(&what, &refused);
+        assert!(
+            !refused.headers.contains_key("content-location"),
+            "{refused:?}"
+        );
+        println!("{what}: {} in {took:?}", refused.status);
+    }
+    let status_url = format!("{base}/_async/{}", JobId::new());
+    let (poll, took) = bounded("poll", http.get(&status_url)).await;
+    assert_unavailable("poll", &poll);
+    println!("poll: {} in {took:?}", poll.status);
+    let (cancel, took) = bounded("cancel", http.delete(&status_url)).await;
+    assert_unavailable("cancel", &cancel);
+    println!("cancel: {} in {took:?}", cancel.status);
+    let (metadata, _) = bounded("metadata", http.get(&format!("{base}/metadata"))).await;
+    assert_eq!(metadata.status, StatusCode::OK, "{metadata:?}");
+    assert_eq!(
+        hold.calls.load(Ordering::SeqCst),
+        0,
+        "refused kick-offs never reach the wrapped service"
+    );
+}
