@@ -115,7 +115,8 @@ impl Runner {
 
     /// `true` for the one caller that should start the watcher.
     pub(crate) fn claim_watcher(&self) -> bool {
-        !self.watcher.swap(true, Ordering::AcqRel)
+        // A plain load first: after the first call, polls only read this flag.
+        !self.watcher.load(Ordering::Acquire) && !self.watcher.swap(true, Ordering::AcqRel)
     }
 
     /// The jobs running here that the store knows as running here.
