@@ -1,0 +1,183 @@
+//! No credential reaches a shared store (SEC-11, issue #5): a job whose kick-off carries a
+//! bearer token, a session cookie and an `access_token` query parameter runs through
+//! `RedisStore` and `PostgresStore`, then every stored key and row is scanned for the secret.
+
+#![cfg(all(feature = "redis", feature = "postgres"))]
+
+mod support;
+
+use axum::Router;
+use axum::http::header::CONTENT_TYPE;
+use axum::routing::post;
+use http::{Method, StatusCode};
+use support::{TestClient, serve};
+use tower_fhir_async::redis::AsyncCommands;
+use tower_fhir_async::store::sqlx::postgres::PgPoolOptions;
+// Only names this test generated (a random table, names from information_schema) go into SQL.
+use tower_fhir_async::store::sqlx::{self, AssertSqlSafe, Row};
+use tower_fhir_async::{AsyncLayer, JobId, JobStore, PostgresStore, RedisStore};
+
+const SECRET: &str = "s3cr3t-bearer-9f2c";
+
+fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// Runs one job carrying the secret through a layer on `store` and waits for its result.
+async fn run_job_with_credentials<S: JobStore>(store: S) {
+    let app = Router::new()
+        .route(
+            "/fhir/Patient",
+            post(|| async {
+                (
+                    StatusCode::CREATED,
+                    [(CONTENT_TYPE, "application/fhir+json")],
+                    r#"{"resourceType":"Patient","id":"p1"}"#,
+                )
+            }),
+        )
+        .layer(AsyncLayer::new(store));
+    let addr = serve(app).await;
+    let client = TestClient::default();
+    let bearer = format!("Bearer {SECRET}");
+    let cookie = format!("session={SECRET}");
+    let kick = client
+        .send(
+            Method::POST,
+            &format!("http://{addr}/fhir/Patient?access_token={SECRET}&name=x"),
+            &[
+                ("prefer", "respond-async"),
+                ("authorization", &bearer),
+                ("cookie", &cookie),
+            ],
+            r#"{"resourceType":"Patient"}"#,
+        )
+        .await;
+    assert_eq!(kick.status, StatusCode::ACCEPTED, "{kick:?}");
+    let done = client
+        .poll_until_done(kick.header("content-location"), 150)
+        .await;
+    assert_eq!(done.status, StatusCode::OK);
+}
+
+fn contains_secret(bytes: &[u8]) -> bool {
+    bytes.windows(SECRET.len()).any(|w| w == SECRET.as_bytes())
+}
+
+// SEC-11: nothing under the store's Redis prefix holds the credential.
+#[tokio::test]
+async fn sec_11_no_credential_in_any_redis_key() {
+    let prefix = format!("secrets-test-{}:", JobId::new());
+    let store = RedisStore::connect(&redis_url())
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot connect to Redis at {} (set REDIS_URL): {e}",
+                redis_url()
+            )
+        })
+        .with_prefix(prefix.clone());
+    run_job_with_credentials(store).await;
+
+    let client = tower_fhir_async::redis::Client::open(redis_url()).unwrap();
+    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis.keys(format!("{prefix}*")).await.unwrap();
+    assert!(!keys.is_empty(), "the job left keys under {prefix}");
+    let mut scanned = 0;
+    for key in &keys {
+        let kind: String = tower_fhir_async::redis::cmd("TYPE")
+            .arg(key)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        let values: Vec<Vec<u8>> = match kind.as_str() {
+            "hash" => redis
+                .hgetall::<_, Vec<(Vec<u8>, Vec<u8>)>>(key)
+                .await
+                .unwrap()
+                .into_iter()
+                .flat_map(|(f, v)| [f, v])
+                .collect(),
+            "zset" => redis.zrange(key, 0, -1).await.unwrap(),
+            "string" => vec![redis.get(key).await.unwrap()],
+            other => panic!("unexpected key type {other} for {key}"),
+        };
+        for value in values {
+            scanned += 1;
+            assert!(
+                !contains_secret(&value),
+                "{key} holds the credential: {}",
+                String::from_utf8_lossy(&value)
+            );
+        }
+        assert!(
+            !contains_secret(key.as_bytes()),
+            "a key name holds the credential: {key}"
+        );
+    }
+    assert!(scanned > 0);
+    let _: () = redis.del(&keys).await.unwrap();
+}
+
+// SEC-11: no column of any row of the store's PostgreSQL table holds the credential.
+#[tokio::test]
+async fn sec_11_no_credential_in_any_postgres_row() {
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .connect(&database_url())
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot connect to PostgreSQL at {} (set DATABASE_URL): {e}",
+                database_url()
+            )
+        });
+    let table = format!("secrets_test_{}", JobId::new());
+    let store = PostgresStore::new(pool.clone()).with_table(&table);
+    store.migrate().await.unwrap();
+    run_job_with_credentials(store).await;
+
+    // Every column, whatever its type, as text (bytea in its escape form, so plain bytes show).
+    let columns: Vec<String> = sqlx::query(
+        "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = $1",
+    )
+    .bind(&table)
+    .fetch_all(&pool)
+    .await
+    .unwrap()
+    .iter()
+    .map(|row| {
+        let (name, kind): (String, String) = (row.get(0), row.get(1));
+        if kind == "bytea" {
+            format!("encode(\"{name}\", 'escape')")
+        } else {
+            format!("\"{name}\"::text")
+        }
+    })
+    .collect();
+    assert!(columns.len() > 5, "the table has its columns: {columns:?}");
+    let rows = sqlx::query(AssertSqlSafe(format!("SELECT {} FROM \"{table}\"", columns.join(", "))))
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1, "one job row");
+    for (i, column) in columns.iter().enumerate() {
+        let value: Option<String> = rows[0].get(i);
+        assert!(
+            !value
+                .as_deref()
+                .is_some_and(|v| contains_secret(v.as_bytes())),
+            "{column} holds the credential: {value:?}"
+        );
+    }
+    sqlx::query(AssertSqlSafe(format!("DROP TABLE \"{table}\"")))
+        .execute(&pool)
+        .await
+        .unwrap();
+}
