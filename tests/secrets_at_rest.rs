@@ -162,10 +162,13 @@ async fn sec_11_no_credential_in_any_postgres_row() {
     })
     .collect();
     assert!(columns.len() > 5, "the table has its columns: {columns:?}");
-    let rows = sqlx::query(AssertSqlSafe(format!("SELECT {} FROM \"{table}\"", columns.join(", "))))
-        .fetch_all(&pool)
-        .await
-        .unwrap();
+    let rows = sqlx::query(AssertSqlSafe(format!(
+        "SELECT {} FROM \"{table}\"",
+        columns.join(", ")
+    )))
+    .fetch_all(&pool)
+    .await
+    .unwrap();
     assert_eq!(rows.len(), 1, "one job row");
     for (i, column) in columns.iter().enumerate() {
         let value: Option<String> = rows[0].get(i);
