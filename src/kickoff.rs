@@ -22,7 +22,6 @@ use crate::layer::{RequestHead, Shared};
 use crate::media;
 use crate::outcome::{self, IssueCode, NO_STORE, error_response};
 use crate::prefer::{self, PREFERENCE_APPLIED};
-use crate::routes::no_host;
 use crate::runner;
 use crate::store::BoxError;
 use crate::watcher;
@@ -176,6 +175,16 @@ where
         return Err(refuse(unavailable, "store-unavailable"));
     }
     Ok((accepted(&config.status_url(&base, &id), is_get_or_head), id))
+}
+
+/// No configured base URL and no usable `Host`: absolute URLs cannot be built.
+fn no_host() -> Response<Bytes> {
+    error_response(
+        StatusCode::BAD_REQUEST,
+        IssueCode::Invalid,
+        "The request has no usable Host header, so no absolute URL can be built; send Host, or configure \
+         the layer's base_url.",
+    )
 }
 
 /// `429` + `throttled` + delta-seconds `Retry-After` (KICK-8; never an absolute time).

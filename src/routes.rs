@@ -233,13 +233,3 @@ async fn cancel(
         }
     }
 }
-
-/// No configured base URL and no usable `Host`: absolute URLs cannot be built.
-pub(crate) fn no_host() -> Response<Bytes> {
-    error_response(
-        StatusCode::BAD_REQUEST,
-        IssueCode::Invalid,
-        "The request has no usable Host header, so no absolute URL can be built; send Host, or configure \
-         the layer's base_url.",
-    )
-}

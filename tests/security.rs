@@ -6,8 +6,9 @@
 
 mod support;
 
+use support::Captured;
+
 use std::future::Future;
-use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -25,7 +26,6 @@ use support::{Reply, TestClient, send_stalling, serve};
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
 use tower_fhir_async::{AsyncLayer, AsyncLayerBuilder, JobContext, JobId, JobStore, MemoryStore};
-use tracing_subscriber::fmt::MakeWriter;
 
 /// The bound on waiting for something a test expects to happen; never a timing assertion.
 const BOUND: Duration = Duration::from_secs(10);
@@ -838,35 +838,6 @@ async fn sec_12_status_and_result_responses_are_no_store() {
         statuses,
         [202, 202, 202, 200, 200, 200, 404, 404, 404, 405, 202, 404]
     );
-}
-
-/// Collects everything a tracing subscriber writes.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl Write for Captured {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Captured {
-    type Writer = Captured;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
 }
 
 /// Asserts that exactly one audit line holds every one of `fields`.

@@ -11,12 +11,13 @@
 
 mod support;
 
+use support::Captured;
+
 use std::convert::Infallible;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -29,7 +30,6 @@ use tokio::sync::Notify;
 use tower_fhir_async::redis::Client;
 use tower_fhir_async::redis::aio::ConnectionManager;
 use tower_fhir_async::{AsyncLayer, JobId, RedisStore, StoreError};
-use tracing_subscriber::fmt::MakeWriter;
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -183,46 +183,19 @@ fn free_port() -> u16 {
 // ---------------------------------------------------------------------------------------------
 // Captured logs: proof that the finished job's outcome write failed and was retried.
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-
-    /// Lines that contain `message`.
-    ///
-    /// Matched by message only, not by the job's span: the span's callsite may be registered
-    /// first by the other test of this binary, on a thread without a subscriber, and with a
-    /// single scoped dispatcher tracing-core then caches `Interest::never` for it
-    /// (tokio-rs/tracing#3611), so this subscriber may never see the span. The messages counted
-    /// here come only from finishing jobs, which only the outage test has.
-    fn count(&self, message: &str) -> usize {
-        self.text()
-            .lines()
-            .filter(|line| line.contains(message))
-            .count()
-    }
-}
-
-impl Write for Captured {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Captured {
-    type Writer = Captured;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
+/// Lines that contain `message`.
+///
+/// Matched by message only, not by the job's span: the span's callsite may be registered
+/// first by the other test of this binary, on a thread without a subscriber, and with a
+/// single scoped dispatcher tracing-core then caches `Interest::never` for it
+/// (tokio-rs/tracing#3611), so this subscriber may never see the span. The messages counted
+/// here come only from finishing jobs, which only the outage test has.
+fn count(captured: &Captured, message: &str) -> usize {
+    captured
+        .text()
+        .lines()
+        .filter(|line| line.contains(message))
+        .count()
 }
 
 /// Prints the captured log when the test fails.
@@ -427,7 +400,7 @@ async fn e7_redis_outage_is_503_transient_and_a_finished_result_survives_it() {
     hold.release.notify_one();
     let released = Instant::now();
     let deadline = released + 30 * SECOND;
-    while captured.count(RETRYING) < FAILED_WRITES {
+    while count(&captured, RETRYING) < FAILED_WRITES {
         assert!(
             Instant::now() < deadline,
             "the finished job did not try recording its outcome {FAILED_WRITES} times within 30 s"
@@ -436,7 +409,7 @@ async fn e7_redis_outage_is_503_transient_and_a_finished_result_survives_it() {
     }
     println!(
         "outcome write failed {} times in {:?} after release",
-        captured.count(RETRYING),
+        count(&captured, RETRYING),
         released.elapsed()
     );
     let (poll, _) = bounded(
@@ -446,7 +419,7 @@ async fn e7_redis_outage_is_503_transient_and_a_finished_result_survives_it() {
     .await;
     assert_unavailable("poll after the job finished, Redis down", &poll);
     assert_eq!(
-        captured.count(FINISHED),
+        count(&captured, FINISHED),
         0,
         "no outcome can be recorded while Redis is down"
     );
@@ -466,11 +439,11 @@ async fn e7_redis_outage_is_503_transient_and_a_finished_result_survives_it() {
     println!(
         "first 200 after {:?} from restart ({} failed writes before)",
         restarted.elapsed(),
-        captured.count(RETRYING)
+        count(&captured, RETRYING)
     );
     assert_held_result(&done);
     assert_eq!(
-        captured.count(FINISHED),
+        count(&captured, FINISHED),
         1,
         "the job's outcome was recorded once"
     );

@@ -3,44 +3,13 @@
 
 mod support;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use support::Captured;
 
 use axum::Router;
 use axum::routing::post;
 use http::{Method, StatusCode};
 use support::{TestClient, serve};
 use tower_fhir_async::{AsyncLayer, MemoryStore};
-use tracing_subscriber::fmt::MakeWriter;
-
-/// Collects everything the subscriber writes.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl Write for Captured {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Captured {
-    type Writer = Captured;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
 
 const SECRET: &str = "s3cr3t-token-value";
 

@@ -42,6 +42,23 @@ where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    serve_hyper_with(service, None).await
+}
+
+/// [`serve_hyper`], with hyper's limit on header lines set to `max_headers` when given.
+async fn serve_hyper_with<S, B>(service: S, max_headers: Option<usize>) -> SocketAddr
+where
+    S: tower::Service<
+            Request<hyper::body::Incoming>,
+            Response = http::Response<B>,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind 127.0.0.1:0");
@@ -53,7 +70,12 @@ where
             };
             let service = hyper_util::service::TowerToHyperService::new(service.clone());
             tokio::spawn(async move {
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                let mut builder =
+                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                if let Some(max) = max_headers {
+                    builder.http1().max_headers(max);
+                }
+                let _ = builder
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                     .await;
             });
@@ -266,27 +288,7 @@ pub async fn send_stalling(method: Method, url: &str, headers: HeaderMap, first:
 /// Serves `app` on 127.0.0.1:0 like [`serve`], but accepts up to `max_headers` header lines per
 /// request (hyper's default of 100 answers `431` itself, before any layer sees the request).
 pub async fn serve_with_max_headers(app: Router, max_headers: usize) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind 127.0.0.1:0");
-    let addr = listener.local_addr().expect("local addr");
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let service = hyper_util::service::TowerToHyperService::new(app.clone());
-            tokio::spawn(async move {
-                let mut builder =
-                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                builder.http1().max_headers(max_headers);
-                let _ = builder
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    addr
+    serve_hyper_with(app, Some(max_headers)).await
 }
 
 /// [`send_header_map`], but a request that gets no response within 30 s is an `Err` naming
@@ -443,4 +445,34 @@ fn parse_raw_reply_at_eof(received: &[u8]) -> Result<Option<Reply>, String> {
             })
         }),
     )
+}
+
+/// Collects everything a tracing subscriber writes (`tracing_subscriber::fmt().with_writer(..)`).
+#[derive(Clone, Default)]
+pub struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Captured {
+    /// Everything written so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
 }
