@@ -10,6 +10,7 @@ pub(crate) enum Action {
     KickOff,
     Status,
     Cancel,
+    File,
 }
 
 impl Action {
@@ -18,6 +19,7 @@ impl Action {
             Self::KickOff => "kick-off",
             Self::Status => "status",
             Self::Cancel => "cancel",
+            Self::File => "file",
         }
     }
 }

@@ -5,7 +5,10 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
 use pin_project_lite::pin_project;
+
+use crate::store::BoxError;
 
 pin_project! {
     /// The body of a request the inner service receives.
@@ -79,8 +82,14 @@ where
     }
 }
 
+/// A streamed body the layer serves itself (a bulk data file).
+pub(crate) type StreamBody = UnsyncBoxBody<Bytes, BoxError>;
+
 pin_project! {
     /// The body of a response from the layer: the inner service's, or the layer's own.
+    ///
+    /// Its error is a [`BoxError`]: the inner body's error, or a failure reading a bulk data
+    /// file while it streams.
     #[allow(missing_docs)]
     #[project = ResponseBodyProj]
     pub enum ResponseBody<B> {
@@ -92,6 +101,11 @@ pin_project! {
         /// A body the layer wrote (status, completion, errors).
         Full {
             data: Option<Bytes>,
+        },
+        /// A file the layer streams from its file store.
+        Stream {
+            #[pin]
+            body: StreamBody,
         },
     }
 }
@@ -106,22 +120,43 @@ impl<B> ResponseBody<B> {
             data: Some(data).filter(|d| !d.is_empty()),
         }
     }
+
+    pub(crate) fn own(body: OwnBody) -> Self {
+        match body {
+            OwnBody::Full(data) => Self::full(data),
+            OwnBody::Stream(body) => Self::Stream { body },
+        }
+    }
+}
+
+/// The body of one of the layer's own answers.
+pub(crate) enum OwnBody {
+    Full(Bytes),
+    Stream(StreamBody),
+}
+
+impl From<Bytes> for OwnBody {
+    fn from(data: Bytes) -> Self {
+        Self::Full(data)
+    }
 }
 
 impl<B> Body for ResponseBody<B>
 where
     B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project() {
-            ResponseBodyProj::Inner { body } => body.poll_frame(cx),
+            ResponseBodyProj::Inner { body } => body.poll_frame(cx).map_err(Into::into),
             ResponseBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ResponseBodyProj::Stream { body } => body.poll_frame(cx),
         }
     }
 
@@ -129,6 +164,7 @@ where
         match self {
             Self::Inner { body } => body.is_end_stream(),
             Self::Full { data } => data.is_none(),
+            Self::Stream { body } => body.is_end_stream(),
         }
     }
 
@@ -138,6 +174,7 @@ where
             Self::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
+            Self::Stream { body } => body.size_hint(),
         }
     }
 }

@@ -98,6 +98,25 @@ impl JobShared {
         }
     }
 
+    /// Sets the progress text, kept to printable ASCII under 100 characters (STATUS-4).
+    pub(crate) fn set_progress(&self, text: &str) {
+        let clean: Box<str> = text
+            .chars()
+            .take(MAX_PROGRESS_CHARS)
+            .map(|c| {
+                if c.is_ascii_graphic() || c == ' ' {
+                    c
+                } else {
+                    '?'
+                }
+            })
+            .collect();
+        if let Ok(mut progress) = self.progress.lock() {
+            *progress = Some(clean);
+            self.progress_changed.store(true, Ordering::Release);
+        }
+    }
+
     pub(crate) fn progress(&self) -> Option<Box<str>> {
         self.progress.lock().map_or(None, |p| p.clone())
     }
@@ -116,22 +135,7 @@ impl JobContext {
     /// Reports progress as free text, sent as `X-Progress` on status polls. Kept to printable
     /// ASCII and under 100 characters (STATUS-4); other characters become `?`.
     pub fn set_progress(&self, text: impl AsRef<str>) {
-        let clean: Box<str> = text
-            .as_ref()
-            .chars()
-            .take(MAX_PROGRESS_CHARS)
-            .map(|c| {
-                if c.is_ascii_graphic() || c == ' ' {
-                    c
-                } else {
-                    '?'
-                }
-            })
-            .collect();
-        if let Ok(mut progress) = self.shared.progress.lock() {
-            *progress = Some(clean);
-            self.shared.progress_changed.store(true, Ordering::Release);
-        }
+        self.shared.set_progress(text.as_ref());
     }
 
     /// Reports progress as a percentage, sent as `X-Progress: 42% complete` (clamped to 100).

@@ -4,15 +4,14 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::Bytes;
 use http::header::VARY;
 use http::{HeaderValue, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use crate::body::ResponseBody;
+use crate::body::{OwnBody, ResponseBody};
 
-pub(crate) type OwnFuture = Pin<Box<dyn Future<Output = Response<Bytes>> + Send>>;
+pub(crate) type OwnFuture = Pin<Box<dyn Future<Output = Response<OwnBody>> + Send>>;
 
 pin_project! {
     /// The future of [`AsyncService`](crate::AsyncService).
@@ -102,7 +101,7 @@ where
                     return Poll::Ready(Ok(response.map(ResponseBody::inner)));
                 }
                 KindProj::Own { fut } => {
-                    return Poll::Ready(Ok(ready!(fut.as_mut().poll(cx)).map(ResponseBody::full)));
+                    return Poll::Ready(Ok(ready!(fut.as_mut().poll(cx)).map(ResponseBody::own)));
                 }
             }
         }

@@ -116,6 +116,9 @@ impl FromStr for JobId {
 pub enum JobKind {
     /// The asynchronous interaction request pattern: completion is a `batch-response` Bundle.
     Interaction,
+    /// The asynchronous bulk data request pattern: the result is written to NDJSON files, and
+    /// completion is a manifest listing them.
+    Bulk,
 }
 
 impl JobKind {
@@ -123,6 +126,7 @@ impl JobKind {
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::Interaction => "interaction",
+            Self::Bulk => "bulk",
         }
     }
 
@@ -130,6 +134,7 @@ impl JobKind {
     pub fn from_name(name: &str) -> Option<Self> {
         match name {
             "interaction" => Some(Self::Interaction),
+            "bulk" => Some(Self::Bulk),
             _ => None,
         }
     }

@@ -15,6 +15,7 @@ use tower_service::Service;
 use crate::admission::Refusal;
 use crate::audit::{self, Action};
 use crate::body::RequestBody;
+use crate::bulk::{self, export::ExportSpec};
 use crate::context::JobContext;
 use crate::future::add_vary_prefer;
 use crate::job::{JobId, JobKind, JobRecord};
@@ -22,7 +23,7 @@ use crate::layer::{RequestHead, Shared};
 use crate::media;
 use crate::outcome::{self, IssueCode, NO_STORE, error_response};
 use crate::prefer::{self, PREFERENCE_APPLIED};
-use crate::runner;
+use crate::runner::{self, Work};
 use crate::store::BoxError;
 use crate::watcher;
 
@@ -90,15 +91,13 @@ where
     if config.caller.is_some() && caller.is_none() {
         return Err(refuse(anonymous(), "no-caller"));
     }
-    if let Some(refusal) = check_format(&parts.uri, &parts.headers) {
+    let bulk_hint = config.bulk.enabled && bulk::may_be_bulk(&config.bulk, &parts.uri);
+    if let Some(refusal) = check_format(&parts.uri, &parts.headers, bulk_hint) {
         return Err(refuse(refusal, "not-acceptable"));
     }
     let Some(base) = config.public_base(&parts.uri, &parts.headers) else {
         return Err(refuse(no_host(), "no-host"));
     };
-    if query_has_output_format(&parts.uri) {
-        return Err(refuse(bulk_not_supported(), "bulk-not-supported"));
-    }
     // Quotas before the body is read: a refused kick-off costs nothing (KICK-8, SEC-13).
     let admission = shared.quotas.admit(caller.as_deref()).map_err(|refusal| match refusal {
         Refusal::Busy => refuse(throttled("This server runs as many asynchronous jobs as it may; try again shortly."), "quota-instance"),
@@ -126,20 +125,31 @@ where
             ));
         }
     };
-    if body_has_output_format(&parts.headers, &body) {
-        return Err(refuse(bulk_not_supported(), "bulk-not-supported"));
-    }
+    // SEL-3…6: `_outputFormat` (query, form or Parameters body) or a bulk operation.
+    let export = bulk::select(&config.bulk, &parts, &body)
+        .map_err(|refusal| refuse(refusal.response(), "bulk-refused"))?;
 
     let id = JobId::new();
     let target = recorded_target(&parts.uri);
-    let record = JobRecord::new(
-        id,
-        JobKind::Interaction,
-        parts.method.as_str(),
-        target,
-        runner.clock.now(),
-    )
-    .with_owner(caller);
+    let status_url = config.status_url(&base, &id);
+    let (kind, work, body) = match export {
+        None => (JobKind::Interaction, Work::Interaction, body),
+        Some(params) => {
+            // The manifest's `request`: the kick-off's public URL (BULK-9).
+            let relative = target
+                .strip_prefix(config.base_path.as_str())
+                .unwrap_or(&target);
+            let spec = ExportSpec {
+                params,
+                status_url: status_url.clone(),
+                request_url: format!("{base}{relative}"),
+            };
+            let body = bulk::inner_request(&config.bulk, &mut parts, body);
+            (JobKind::Bulk, Work::Bulk(spec), body)
+        }
+    };
+    let record = JobRecord::new(id, kind, parts.method.as_str(), target, runner.clock.now())
+        .with_owner(caller);
     let is_get_or_head = matches!(parts.method, Method::GET | Method::HEAD);
     // PREFER-9: the inner service never sees `respond-async` or `wait`; the rest is forwarded.
     prefer::strip_async_preferences(&mut parts.headers);
@@ -161,7 +171,7 @@ where
     runner::spawn(
         shared.clone(),
         job,
-        record,
+        (record, work),
         admission,
         recorded,
         inner,
@@ -174,7 +184,7 @@ where
         );
         return Err(refuse(unavailable, "store-unavailable"));
     }
-    Ok((accepted(&config.status_url(&base, &id), is_get_or_head), id))
+    Ok((accepted(&status_url, is_get_or_head), id))
 }
 
 /// No configured base URL and no usable `Host`: absolute URLs cannot be built.
@@ -261,7 +271,8 @@ fn accepted(status_url: &str, vary: bool) -> Response<Bytes> {
 
 /// KICK-7: the Bundle and OperationOutcomes are JSON; a request that accepts no JSON (or asks for
 /// another `_format`) is refused now rather than failed at completion.
-fn check_format(uri: &Uri, headers: &HeaderMap) -> Option<Response<Bytes>> {
+/// A bulk kick-off may also accept NDJSON, the format of its files.
+fn check_format(uri: &Uri, headers: &HeaderMap, bulk: bool) -> Option<Response<Bytes>> {
     if let Some(format) = query_values(uri, "_format").next() {
         // An unescaped `+` in the query decodes as a space; clients send it, servers accept it.
         let format = format.trim().to_ascii_lowercase().replace(' ', "+");
@@ -281,7 +292,7 @@ fn check_format(uri: &Uri, headers: &HeaderMap) -> Option<Response<Bytes>> {
         .filter(|range| !range.trim().is_empty())
         .peekable();
     ranges.peek()?;
-    if ranges.any(accepts_json) {
+    if ranges.any(|range| accepts_json(range) || (bulk && accepts_ndjson(range))) {
         return None;
     }
     Some(not_acceptable(
@@ -301,6 +312,21 @@ fn accepts_json(range: &str) -> bool {
     !zero_quality && (media::is_json(&media) || media == "application/*" || media == "*/*")
 }
 
+/// Whether one media range of `Accept` is an NDJSON type with a non-zero quality.
+fn accepts_ndjson(range: &str) -> bool {
+    let mut pieces = range.split(';');
+    let media = media::essence(pieces.next().unwrap_or_default());
+    let zero_quality = pieces.any(|param| {
+        let (name, value) = param.split_once('=').unwrap_or((param, ""));
+        name.trim().eq_ignore_ascii_case("q") && value.trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
+    });
+    !zero_quality
+        && matches!(
+            media.as_str(),
+            "application/fhir+ndjson" | "application/ndjson"
+        )
+}
+
 fn not_acceptable(diagnostics: &str) -> Response<Bytes> {
     error_response(
         StatusCode::NOT_ACCEPTABLE,
@@ -309,61 +335,11 @@ fn not_acceptable(diagnostics: &str) -> Response<Bytes> {
     )
 }
 
-/// SEL-4: `_outputFormat` asks for the bulk pattern, which this layer does not offer.
-fn bulk_not_supported() -> Response<Bytes> {
-    error_response(
-        StatusCode::BAD_REQUEST,
-        IssueCode::NotSupported,
-        "_outputFormat asks for the asynchronous bulk data pattern, which is not supported for this request. Send \
-         the request without _outputFormat to get a batch-response Bundle.",
-    )
-}
-
 /// The decoded values of query parameter `name`.
 fn query_values<'a>(uri: &'a Uri, name: &'a str) -> impl Iterator<Item = String> + 'a {
     form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
         .filter(move |(key, _)| key == name)
         .map(|(_, value)| value.into_owned())
-}
-
-fn query_has_output_format(uri: &Uri) -> bool {
-    query_values(uri, "_outputFormat").next().is_some()
-}
-
-/// SEL-6: `_outputFormat` in a form body or a `Parameters` body.
-fn body_has_output_format(headers: &HeaderMap, body: &[u8]) -> bool {
-    const NAME: &[u8] = b"_outputFormat";
-    if !body.windows(NAME.len()).any(|w| w == NAME) {
-        return false;
-    }
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
-    let media = media::essence(content_type.unwrap_or_default());
-    match media.as_str() {
-        "application/x-www-form-urlencoded" => {
-            form_urlencoded::parse(body).any(|(key, _)| key == "_outputFormat")
-        }
-        json if media::is_json(json) => {
-            #[derive(serde::Deserialize)]
-            struct Parameters {
-                #[serde(rename = "resourceType")]
-                resource_type: String,
-                #[serde(default)]
-                parameter: Vec<Parameter>,
-            }
-            #[derive(serde::Deserialize)]
-            struct Parameter {
-                #[serde(default)]
-                name: String,
-            }
-            serde_json::from_slice::<Parameters>(body).is_ok_and(|p| {
-                p.resource_type == "Parameters"
-                    && p.parameter.iter().any(|p| p.name == "_outputFormat")
-            })
-        }
-        _ => false,
-    }
 }
 
 /// Reads the whole request body under `limit` bytes; `413` over it, `400` if reading fails.
@@ -412,7 +388,8 @@ mod tests {
         for v in values {
             headers.append(header::ACCEPT, HeaderValue::from_str(v).unwrap());
         }
-        check_format(&"/fhir/Patient".parse().unwrap(), &headers).map(|r| r.status().as_u16())
+        check_format(&"/fhir/Patient".parse().unwrap(), &headers, false)
+            .map(|r| r.status().as_u16())
     }
 
     // KICK-7 and interop.md: accept lists and q values, never an exact string.
@@ -435,7 +412,8 @@ mod tests {
     #[test]
     fn kick_7_format_parameter_overrides_accept() {
         let check = |uri: &str| {
-            check_format(&uri.parse().unwrap(), &HeaderMap::new()).map(|r| r.status().as_u16())
+            check_format(&uri.parse().unwrap(), &HeaderMap::new(), false)
+                .map(|r| r.status().as_u16())
         };
         assert_eq!(check("/fhir/Patient?_format=json"), None);
         assert_eq!(
@@ -459,33 +437,5 @@ mod tests {
             "/fhir/Patient?name=x"
         );
         assert_eq!(target("/fhir/Patient?access_token=abc"), "/fhir/Patient");
-    }
-
-    // SEL-4, SEL-6: `_outputFormat` in the query, a form body or a Parameters body.
-    #[test]
-    fn sel_6_output_format_is_found_everywhere() {
-        assert!(query_has_output_format(
-            &"/fhir/Patient?_outputFormat=ndjson".parse().unwrap()
-        ));
-        assert!(!query_has_output_format(
-            &"/fhir/Patient?name=_outputFormat".parse().unwrap()
-        ));
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/x-www-form-urlencoded"),
-        );
-        assert!(body_has_output_format(
-            &headers,
-            b"name=x&_outputFormat=ndjson"
-        ));
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        let params = br#"{"resourceType":"Parameters","parameter":[{"name":"_outputFormat","valueString":"ndjson"}]}"#;
-        assert!(body_has_output_format(&headers, params));
-        let patient = br#"{"resourceType":"Patient","name":[{"text":"_outputFormat"}]}"#;
-        assert!(!body_has_output_format(&headers, patient));
     }
 }

@@ -6,9 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Extensions, HeaderMap, Method, StatusCode, Uri};
+use object_store::ObjectStore;
 use tower_layer::Layer;
 
 use crate::admission::Quotas;
+use crate::bulk::{BulkConfig, ManifestFormat, files};
 use crate::clock::Clock;
 use crate::job::JobId;
 use crate::runner::Runner;
@@ -68,8 +70,10 @@ impl AsyncLayer {
         ShutdownHandle::new(self.shared.clone())
     }
 
-    /// A task that deletes expired jobs from the store every `every`, to reclaim space. Spawn
-    /// it once; it runs until dropped or aborted. Expired jobs are never served either way.
+    /// A task that deletes expired jobs from the store every `every`, to reclaim space, and the
+    /// bulk data files of jobs that expired, failed or were cancelled (EXPIRE-2). Spawn it once;
+    /// it runs until dropped or aborted. Expired jobs and their files are never served either
+    /// way.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
@@ -98,6 +102,37 @@ impl AsyncLayer {
                         tracing::warn!(%error, "sweeping expired asynchronous jobs failed")
                     }
                 }
+                sweep_files(&shared).await;
+            }
+        }
+    }
+}
+
+/// Removes the file folders of bulk jobs that are gone (expired, cancelled) or failed; a
+/// completed job keeps its files until it expires, a running one is still writing them.
+async fn sweep_files(shared: &Shared) {
+    let bulk = &shared.config.bulk;
+    let ids = match files::job_dirs(bulk).await {
+        Ok(ids) => ids,
+        Err(error) => {
+            tracing::warn!(%error, "listing bulk data files failed");
+            return;
+        }
+    };
+    let runner = &shared.runner;
+    for id in ids {
+        match runner.store.get(&id, runner.clock.now()).await {
+            Ok(Some(record))
+                if matches!(
+                    record.state,
+                    crate::JobState::Completed(_)
+                        | crate::JobState::Running { .. }
+                        | crate::JobState::Accepted
+                ) => {}
+            Ok(_) => files::remove_job(bulk, &id).await,
+            Err(error) => {
+                tracing::warn!(%error, "reading a job while sweeping its files failed");
+                return;
             }
         }
     }
@@ -179,6 +214,7 @@ pub(crate) struct Config {
     /// The answer to another caller's status, cancel or file request: 404 (default) or 403.
     pub(crate) foreign_status: StatusCode,
     pub(crate) body_timeout: Duration,
+    pub(crate) bulk: BulkConfig,
 }
 
 impl Config {
@@ -247,6 +283,7 @@ impl fmt::Debug for Config {
             .field("max_retry_after", &self.max_retry_after)
             .field("max_run_time", &self.max_run_time)
             .field("eligible", &self.eligible.as_ref().map(|_| "custom"))
+            .field("bulk", &self.bulk)
             .finish()
     }
 }
@@ -272,6 +309,16 @@ impl fmt::Debug for Config {
 /// | [`body_timeout`](Self::body_timeout) | 60 s |
 /// | [`lease`](Self::lease) | 30 s |
 /// | [`instance_id`](Self::instance_id) | random |
+/// | [`bulk`](Self::bulk) | on |
+/// | [`bulk_operations`](Self::bulk_operations) | `$export` |
+/// | [`file_store`](Self::file_store) | an in-memory store per layer |
+/// | [`file_prefix`](Self::file_prefix) | `fhir-async` |
+/// | [`max_file_size`](Self::max_file_size) | 64 MiB |
+/// | [`max_file_resources`](Self::max_file_resources) | 100 000 |
+/// | [`file_part_size`](Self::file_part_size) | 5 MiB |
+/// | [`max_open_files`](Self::max_open_files) | 4 |
+/// | [`manifest_format`](Self::manifest_format) | [`ManifestFormat::Stu2`] |
+/// | [`requires_access_token`](Self::requires_access_token) | `true` |
 ///
 /// [`try_build`](Self::try_build) says which setting is invalid; [`build`](Self::build) panics
 /// with the same message.
@@ -296,6 +343,16 @@ pub struct AsyncLayerBuilder {
     max_jobs_per_caller: Option<usize>,
     min_poll_interval: Option<Duration>,
     body_timeout: Duration,
+    bulk: bool,
+    bulk_operations: Vec<String>,
+    file_store: Option<Arc<dyn ObjectStore>>,
+    file_prefix: String,
+    max_file_size: u64,
+    max_file_resources: u64,
+    file_part_size: usize,
+    max_open_files: usize,
+    manifest_format: ManifestFormat,
+    requires_access_token: bool,
 }
 
 impl AsyncLayerBuilder {
@@ -320,6 +377,16 @@ impl AsyncLayerBuilder {
             max_jobs_per_caller: None,
             min_poll_interval: None,
             body_timeout: Duration::from_secs(60),
+            bulk: true,
+            bulk_operations: vec!["$export".to_owned()],
+            file_store: None,
+            file_prefix: "fhir-async".to_owned(),
+            max_file_size: 64 * 1024 * 1024,
+            max_file_resources: 100_000,
+            file_part_size: 5 * 1024 * 1024,
+            max_open_files: 4,
+            manifest_format: ManifestFormat::Stu2,
+            requires_access_token: true,
         }
     }
 
@@ -523,6 +590,111 @@ impl AsyncLayerBuilder {
         self
     }
 
+    /// Whether the bulk data pattern is offered (SEL-3). When it is not, a kick-off with
+    /// `_outputFormat` is refused with `400` + `not-supported` (SEL-4), and bulk operations such
+    /// as `$export` run as interaction requests. Default: on.
+    pub fn bulk(mut self, enabled: bool) -> Self {
+        self.bulk = enabled;
+        self
+    }
+
+    /// The operations that take the bulk pattern even without `_outputFormat`, by name as the
+    /// last path segment (`$export` matches `[base]/$export`, `[base]/Patient/$export` and
+    /// `[base]/Group/{id}/$export`). Default: `$export`.
+    ///
+    /// ```
+    /// use tower_fhir_async::{AsyncLayer, MemoryStore};
+    ///
+    /// let layer = AsyncLayer::builder(MemoryStore::default())
+    ///     .bulk_operations(["$export", "$everything"])
+    ///     .build();
+    /// # drop(layer);
+    /// ```
+    pub fn bulk_operations<I, N>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = N>,
+        N: Into<String>,
+    {
+        self.bulk_operations = names.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Where bulk data files are kept: any [`object_store::ObjectStore`] — a
+    /// `LocalFileSystem`, S3, Azure, GCS… Default: an in-memory store of this layer's own,
+    /// which keeps whole exports in memory and is not shared between instances; give every
+    /// instance behind a load balancer the same store.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use tower_fhir_async::object_store::local::LocalFileSystem;
+    /// use tower_fhir_async::{AsyncLayer, MemoryStore};
+    ///
+    /// # let dir = std::env::temp_dir();
+    /// let files = LocalFileSystem::new_with_prefix(&dir).expect("an existing folder");
+    /// let layer = AsyncLayer::builder(MemoryStore::default())
+    ///     .file_store(Arc::new(files))
+    ///     .build();
+    /// # drop(layer);
+    /// ```
+    pub fn file_store(mut self, store: Arc<dyn ObjectStore>) -> Self {
+        self.file_store = Some(store);
+        self
+    }
+
+    /// The folder in the [`file_store`](Self::file_store) that the layer keeps to itself:
+    /// files are `{prefix}/{job id}/{name}`, and the sweeper removes folders of jobs that no
+    /// longer exist. Default `fhir-async`.
+    pub fn file_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.file_prefix = prefix.into();
+        self
+    }
+
+    /// The largest bulk data file, in bytes; a client's `_maximumFileSize` can only lower it
+    /// (BULK-3). A single resource larger than this gets a file of its own. Default 64 MiB.
+    pub fn max_file_size(mut self, bytes: u64) -> Self {
+        self.max_file_size = bytes;
+        self
+    }
+
+    /// The most resources in one bulk data file. Default 100 000.
+    pub fn max_file_resources(mut self, count: u64) -> Self {
+        self.max_file_resources = count;
+        self
+    }
+
+    /// The size of the parts files are uploaded in (multipart uploads, so no file is ever held
+    /// whole in memory). S3 needs at least 5 MiB. Default 5 MiB.
+    pub fn file_part_size(mut self, bytes: usize) -> Self {
+        self.file_part_size = bytes;
+        self
+    }
+
+    /// The most files one export writes at once. When a result interleaves more resource types
+    /// than this, the least recently written file is closed and a later one of its type begun.
+    /// Memory per export is about this × 3 × [`file_part_size`](Self::file_part_size) at most.
+    /// Default 4.
+    pub fn max_open_files(mut self, count: usize) -> Self {
+        self.max_open_files = count;
+        self
+    }
+
+    /// The form of the completion manifest (BULK-9). Default [`ManifestFormat::Stu2`], the form
+    /// every published bulk data client reads.
+    pub fn manifest_format(mut self, format: ManifestFormat) -> Self {
+        self.manifest_format = format;
+        self
+    }
+
+    /// The manifest's `requiresAccessToken` (BULK-14). With `true` (the default) file requests
+    /// pass the same authentication as any other request, and with [`caller`](Self::caller)
+    /// only the job's caller gets its files. With `false` the file URLs are capability URLs:
+    /// their 128 random bits are the key, no caller check applies, and the
+    /// [`retention`](Self::retention) should be short.
+    pub fn requires_access_token(mut self, required: bool) -> Self {
+        self.requires_access_token = required;
+        self
+    }
+
     /// Builds the layer.
     ///
     /// # Panics
@@ -601,6 +773,39 @@ impl AsyncLayerBuilder {
                 humantime::format_duration(self.lease)
             )));
         }
+        for (name, value) in [
+            ("max_file_size", self.max_file_size),
+            ("max_file_resources", self.max_file_resources),
+            ("file_part_size", self.file_part_size as u64),
+            ("max_open_files", self.max_open_files as u64),
+        ] {
+            if value == 0 {
+                return Err(BuildError(format!("{name} must be at least 1")));
+            }
+        }
+        let file_prefix = object_store::path::Path::parse(self.file_prefix.trim_matches('/'))
+            .ok()
+            .filter(|prefix| prefix.parts().count() > 0)
+            .ok_or_else(|| {
+                BuildError(format!(
+                    "file_prefix must be a non-empty object store path, not {:?}",
+                    self.file_prefix
+                ))
+            })?;
+        let bulk = BulkConfig {
+            enabled: self.bulk,
+            operations: self.bulk_operations,
+            files: self
+                .file_store
+                .unwrap_or_else(|| Arc::new(object_store::memory::InMemory::new())),
+            prefix: file_prefix,
+            max_file_size: self.max_file_size,
+            max_file_resources: self.max_file_resources,
+            part_size: self.file_part_size,
+            open_files: self.max_open_files,
+            manifest: self.manifest_format,
+            requires_access_token: self.requires_access_token,
+        };
         let instance = match self.instance_id {
             Some(id) if id.trim().is_empty() => {
                 return Err(BuildError("instance_id must not be empty".to_owned()));
@@ -624,6 +829,7 @@ impl AsyncLayerBuilder {
             caller: self.caller,
             foreign_status: self.foreign_status,
             body_timeout: self.body_timeout,
+            bulk,
         };
         let runner = Runner::new(self.store, Clock::new(), instance, self.lease);
         let quotas = Quotas::new(self.max_running_jobs, self.max_jobs_per_caller);

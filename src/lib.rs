@@ -44,6 +44,7 @@
 mod admission;
 mod audit;
 mod body;
+mod bulk;
 mod bundle;
 mod clock;
 mod context;
@@ -63,10 +64,14 @@ mod throttle;
 mod watcher;
 
 pub use body::{RequestBody, ResponseBody};
+pub use bulk::ManifestFormat;
 pub use context::JobContext;
 pub use future::ResponseFuture;
 pub use job::{InvalidJobId, JobId, JobKind, JobOutcome, JobRecord, JobState, StoredResponse};
 pub use layer::{AsyncLayer, AsyncLayerBuilder, BuildError, RequestHead};
+/// The `object_store` crate bulk data files are kept with, so that a store you build yourself
+/// (`LocalFileSystem`, S3, …) is of the matching version.
+pub use object_store;
 pub use service::AsyncService;
 pub use shutdown::{ShutdownHandle, ShutdownReport};
 #[cfg(feature = "postgres")]

@@ -1,5 +1,5 @@
-//! The layer's own routes under `{base}{status path}/`: status (`GET`/`HEAD`) and cancel
-//! (`DELETE`).
+//! The layer's own routes under `{base}{status path}/`: status (`GET`/`HEAD`), cancel
+//! (`DELETE`) and bulk data files (`GET`/`HEAD {id}/file/{name}`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,8 +10,10 @@ use http::request::Parts;
 use http::{HeaderName, HeaderValue, Method, Response, StatusCode};
 
 use crate::audit::{self, Action};
+use crate::body::OwnBody;
+use crate::bulk::{self, files};
 use crate::bundle;
-use crate::job::{JobId, JobRecord, JobState};
+use crate::job::{JobId, JobKind, JobRecord, JobState};
 use crate::layer::{RequestHead, Shared};
 use crate::outcome::{
     self, FHIR_JSON, IssueCode, NO_STORE, delta_seconds, error_response, job_not_found,
@@ -26,9 +28,16 @@ const STORE_RETRY: Duration = Duration::from_secs(5);
 
 /// Answers a request under the layer's route prefix. A `HEAD` gets the headers of the `GET`
 /// answer, with no body.
-pub(crate) async fn handle(shared: Arc<Shared>, parts: Parts) -> Response<Bytes> {
+pub(crate) async fn handle(shared: Arc<Shared>, parts: Parts) -> Response<OwnBody> {
     // An instance that only answers polls must still notice jobs of lost instances.
     watcher::ensure(&shared);
+    let rest = shared
+        .config
+        .own_route(parts.uri.path())
+        .unwrap_or_default();
+    if let Some((id, name)) = file_route(rest) {
+        return file(&shared, &parts, id, name).await;
+    }
     let mut response = route(&shared, &parts).await;
     if parts.method == Method::HEAD {
         let length = response.body().len();
@@ -37,7 +46,94 @@ pub(crate) async fn handle(shared: Arc<Shared>, parts: Parts) -> Response<Bytes>
             .insert(CONTENT_LENGTH, HeaderValue::from(length));
         *response.body_mut() = Bytes::new();
     }
+    response.map(OwnBody::from)
+}
+
+/// `/{id}/file/{name}`: the job id and file name of a file request.
+fn file_route(rest: &str) -> Option<(&str, &str)> {
+    let (id, tail) = rest.strip_prefix('/')?.split_once('/')?;
+    Some((id, tail.strip_prefix("file/")?))
+}
+
+/// `GET`/`HEAD` of a bulk data file (BULK-13…15, BULK-18): streamed, gzip when asked; the
+/// caller checks of the status route apply when `requiresAccessToken` is true (BULK-14).
+async fn file(shared: &Shared, parts: &Parts, id: &str, name: &str) -> Response<OwnBody> {
+    let caller = shared.config.caller_of(&RequestHead::of(parts));
+    let parsed = JobId::parse(id);
+    let (response, outcome) = serve_file(shared, parts, parsed, name, caller.as_deref()).await;
+    audit::event(Action::File, parsed, caller.as_deref(), outcome);
     response
+}
+
+async fn serve_file(
+    shared: &Shared,
+    parts: &Parts,
+    id: Option<JobId>,
+    name: &str,
+    caller: Option<&str>,
+) -> (Response<OwnBody>, &'static str) {
+    let bytes = |response: Response<Bytes>| response.map(OwnBody::from);
+    if !matches!(parts.method, Method::GET | Method::HEAD) {
+        let mut response = error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            IssueCode::NotSupported,
+            &format!(
+                "{} is not supported on a bulk data file; use GET or HEAD.",
+                parts.method
+            ),
+        );
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return (bytes(response), "method-not-allowed");
+    }
+    // Only names this layer writes reach the store: no `..`, no slashes, no encodings.
+    let Some(id) = id.filter(|_| files::is_file_name(name)) else {
+        return (bytes(file_not_found()), "not-found");
+    };
+    let runner = &shared.runner;
+    let record = match runner.store.get(&id, runner.clock.now()).await {
+        Ok(Some(record)) => record,
+        Ok(None) => return (bytes(file_not_found()), "not-found"),
+        Err(error) => {
+            tracing::warn!(%error, "reading a job for a file request failed");
+            let reply = outcome::unavailable(
+                "The job store is temporarily unavailable; request the file again later.",
+                STORE_RETRY,
+            );
+            return (bytes(reply), "store-unavailable");
+        }
+    };
+    let bulk = &shared.config.bulk;
+    if bulk.requires_access_token && !shared.config.may_access(record.owner.as_deref(), caller) {
+        return (bytes(foreign(shared)), "denied");
+    }
+    if record.kind != JobKind::Bulk || !matches!(record.state, JobState::Completed(_)) {
+        return (bytes(file_not_found()), "not-found");
+    }
+    let head_only = parts.method == Method::HEAD;
+    match files::serve(bulk, &id, name, &parts.headers, head_only).await {
+        Ok(Some(response)) => (response, "served"),
+        Ok(None) => (bytes(file_not_found()), "not-found"),
+        Err(error) => {
+            tracing::warn!(job.id = %id, %error, "reading a bulk data file failed");
+            let reply = outcome::unavailable(
+                "The file store is temporarily unavailable; request the file again later.",
+                STORE_RETRY,
+            );
+            (bytes(reply), "file-store-unavailable")
+        }
+    }
+}
+
+/// CANCEL-7, EXPIRE-3: no such file, or no longer.
+fn file_not_found() -> Response<Bytes> {
+    error_response(
+        StatusCode::NOT_FOUND,
+        IssueCode::NotFound,
+        "No such bulk data file: the job is unknown, not complete, expired or deleted, or the file is not one of \
+         its files.",
+    )
 }
 
 async fn route(shared: &Shared, parts: &Parts) -> Response<Bytes> {
@@ -119,6 +215,24 @@ async fn status(
         JobState::Accepted | JobState::Running { .. } => {
             (in_progress(shared, &record, now), "in-progress")
         }
+        JobState::Completed(manifest) if record.kind == JobKind::Bulk => {
+            // BULK-8: the manifest, `application/json`, with `Expires` (EXPIRE-2).
+            let mut reply = Response::new(manifest.body.clone());
+            let headers = reply.headers_mut();
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            headers.insert(CACHE_CONTROL, NO_STORE);
+            insert_expires(headers, record.expires_at);
+            (reply, "completed")
+        }
+        JobState::Failed(failure) if record.kind == JobKind::Bulk => {
+            // BULK-6: the failure's own status + OperationOutcome, with final issue codes.
+            let mut reply = Response::new(bulk::export::final_outcome(&failure.body));
+            *reply.status_mut() = failure.status;
+            let headers = reply.headers_mut();
+            headers.insert(CONTENT_TYPE, FHIR_JSON);
+            headers.insert(CACHE_CONTROL, NO_STORE);
+            (reply, "failed")
+        }
         JobState::Completed(response) | JobState::Failed(response) => {
             // Without a usable base (no configured URL, no Host on this poll) only `fullUrl` is lost.
             let base = shared.config.public_base(&parts.uri, &parts.headers);
@@ -127,12 +241,16 @@ async fn status(
             let headers = reply.headers_mut();
             headers.insert(CONTENT_TYPE, FHIR_JSON);
             headers.insert(CACHE_CONTROL, NO_STORE);
-            if let Some(expires) = record.expires_at {
-                if let Ok(value) = HeaderValue::from_str(&httpdate::fmt_http_date(expires)) {
-                    headers.insert(EXPIRES, value);
-                }
-            }
+            insert_expires(headers, record.expires_at);
             (reply, "completed")
+        }
+    }
+}
+
+fn insert_expires(headers: &mut http::HeaderMap, expires_at: Option<std::time::SystemTime>) {
+    if let Some(expires) = expires_at {
+        if let Ok(value) = HeaderValue::from_str(&httpdate::fmt_http_date(expires)) {
+            headers.insert(EXPIRES, value);
         }
     }
 }
@@ -217,6 +335,8 @@ async fn cancel(
     match runner.store.cancel(&id, now).await {
         Ok(true) => {
             let stopped = runner.cancel_local(&id);
+            // CANCEL-5: a bulk job's files go with it.
+            files::remove_job(&shared.config.bulk, &id).await;
             if let Some(polls) = &shared.polls {
                 polls.forget(&id);
             }

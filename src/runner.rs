@@ -9,9 +9,11 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use dashmap::DashMap;
 use futures_util::FutureExt;
+use futures_util::future::Either;
 use http::{HeaderName, Request, Response, StatusCode, header};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use std::future::Future;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -20,6 +22,7 @@ use tracing::Instrument;
 
 use crate::admission::Admission;
 use crate::body::RequestBody;
+use crate::bulk::{self, export::ExportSpec};
 use crate::clock::Clock;
 use crate::context::JobShared;
 use crate::job::{JobId, JobOutcome, JobRecord, StoredResponse};
@@ -160,13 +163,21 @@ impl Runner {
     }
 }
 
+/// What a job does with the inner service's answer.
+pub(crate) enum Work {
+    /// Keeps it, for a `batch-response` Bundle.
+    Interaction,
+    /// Exports it into bulk data files.
+    Bulk(ExportSpec),
+}
+
 /// Spawns a registered job: the task records it, reports the store's answer on `recorded`, and
 /// runs it only if recording succeeded. Recording inside the task means a kick-off that is dropped
 /// (the client went away) can never leave a recorded job that nobody runs.
 pub(crate) fn spawn<S, ReqB, ResB>(
     shared: Arc<Shared>,
     job: Arc<JobShared>,
-    record: JobRecord,
+    (record, work): (JobRecord, Work),
     admission: Admission,
     recorded: oneshot::Sender<Result<(), StoreError>>,
     inner: S,
@@ -207,7 +218,7 @@ pub(crate) fn spawn<S, ReqB, ResB>(
             return;
         }
         tracing::info!("asynchronous job accepted");
-        run(shared.clone(), job, inner, request).await;
+        run(shared.clone(), job, inner, request, work).await;
     };
     tracker.spawn(task.instrument(span));
 }
@@ -231,6 +242,7 @@ async fn run<S, ReqB, ResB>(
     job: Arc<JobShared>,
     inner: S,
     request: Request<RequestBody<ReqB>>,
+    work: Work,
 ) where
     S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
     S::Error: Into<BoxError>,
@@ -250,12 +262,14 @@ async fn run<S, ReqB, ResB>(
         Err(error) => tracing::warn!(%error, "could not mark the job running; running it anyway"),
     }
 
-    let execution = execute(
-        inner,
-        request,
-        shared.config.result_limit,
-        shared.config.max_run_time,
-    );
+    let is_bulk = matches!(work, Work::Bulk(_));
+    let execution = match work {
+        Work::Interaction => Either::Left(execute(inner, request, shared.config.result_limit)),
+        Work::Bulk(spec) => {
+            Either::Right(bulk::export::execute(&shared, &job, spec, inner, request))
+        }
+    };
+    let execution = guarded(execution, shared.config.max_run_time);
     let outcome = tokio::select! {
         biased;
         () = job.cancel.cancelled() => None,
@@ -274,7 +288,10 @@ async fn run<S, ReqB, ResB>(
             return;
         }
     };
-    record(&shared, id, outcome).await;
+    if !record(&shared, id, outcome).await && is_bulk {
+        // Cancelled meanwhile, or the outcome is lost: its files must not outlive it.
+        bulk::files::remove_job(&shared.config.bulk, &id).await;
+    }
 }
 
 /// Calls the inner service and keeps its response; every failure becomes a [`JobOutcome`].
@@ -282,7 +299,6 @@ async fn execute<S, ReqB, ResB>(
     mut inner: S,
     request: Request<RequestBody<ReqB>>,
     result_limit: usize,
-    max_run_time: Option<Duration>,
 ) -> JobOutcome
 where
     S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
@@ -292,7 +308,7 @@ where
 {
     // Waiting for readiness is part of the job: a concurrency limit around the inner service
     // queues jobs, and a cancel stops a job that is still waiting.
-    let call = AssertUnwindSafe(async move {
+    let result = async move {
         std::future::poll_fn(|cx| inner.poll_ready(cx))
             .await
             .map_err(|e| Failure::Service(e.into()))?;
@@ -301,10 +317,22 @@ where
             .await
             .map_err(|e| Failure::Service(e.into()))?;
         keep(response, result_limit).await
-    })
-    .catch_unwind();
+    }
+    .await;
+    match result {
+        Ok(stored) => JobOutcome::Completed(stored),
+        Err(failure) => JobOutcome::Failed(failure.into_response(result_limit)),
+    }
+}
+
+/// A job's work under its time limit, with a panic in the inner service caught.
+async fn guarded(
+    work: impl Future<Output = JobOutcome>,
+    max_run_time: Option<Duration>,
+) -> JobOutcome {
+    let work = AssertUnwindSafe(work).catch_unwind();
     let result = match max_run_time {
-        Some(limit) => match tokio::time::timeout(limit, call).await {
+        Some(limit) => match tokio::time::timeout(limit, work).await {
             Ok(result) => result,
             Err(_) => {
                 let why = format!(
@@ -318,20 +346,16 @@ where
                 ));
             }
         },
-        None => call.await,
+        None => work.await,
     };
-    match result {
-        Ok(Ok(stored)) => JobOutcome::Completed(stored),
-        Ok(Err(failure)) => JobOutcome::Failed(failure.into_response(result_limit)),
-        Err(_panic) => {
-            tracing::error!("the inner service panicked while running an asynchronous job");
-            JobOutcome::Failed(synthesized(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                IssueCode::Exception,
-                "The server failed while processing the request (it panicked); the request may or may not have taken effect.",
-            ))
-        }
-    }
+    result.unwrap_or_else(|_panic| {
+        tracing::error!("the inner service panicked while running an asynchronous job");
+        JobOutcome::Failed(synthesized(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            IssueCode::Exception,
+            "The server failed while processing the request (it panicked); the request may or may not have taken effect.",
+        ))
+    })
 }
 
 enum Failure {
@@ -411,8 +435,9 @@ pub(crate) fn later(now: SystemTime, after: Duration) -> SystemTime {
     now.checked_add(after).unwrap_or(now)
 }
 
-/// Records a job's outcome, trying again a few times while the store is unavailable.
-async fn record(shared: &Shared, id: JobId, outcome: JobOutcome) {
+/// Records a job's outcome, trying again a few times while the store is unavailable; `false`
+/// when it was not recorded (cancelled meanwhile, or the store kept failing).
+async fn record(shared: &Shared, id: JobId, outcome: JobOutcome) -> bool {
     let runner = &shared.runner;
     let status = match &outcome {
         JobOutcome::Completed(r) | JobOutcome::Failed(r) => r.status.as_u16(),
@@ -432,13 +457,13 @@ async fn record(shared: &Shared, id: JobId, outcome: JobOutcome) {
                     failed = matches!(outcome, JobOutcome::Failed(_)),
                     "asynchronous job finished"
                 );
-                return;
+                return true;
             }
             Ok(false) => {
                 tracing::info!(
                     "asynchronous job finished after it was cancelled; its result was dropped"
                 );
-                return;
+                return false;
             }
             Err(StoreError::Unavailable(error)) if attempt < RECORD_ATTEMPTS => {
                 tracing::warn!(%error, attempt, "recording the job's outcome failed; trying again");
@@ -447,8 +472,9 @@ async fn record(shared: &Shared, id: JobId, outcome: JobOutcome) {
             }
             Err(error) => {
                 tracing::error!(%error, "recording the job's outcome failed; the result is lost");
-                return;
+                return false;
             }
         }
     }
+    false
 }

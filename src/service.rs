@@ -9,7 +9,7 @@ use http::{Method, Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
-use crate::body::{RequestBody, ResponseBody};
+use crate::body::{OwnBody, RequestBody, ResponseBody};
 use crate::future::ResponseFuture;
 use crate::kickoff::kick_off;
 use crate::layer::{RequestHead, Shared};
@@ -115,11 +115,10 @@ where
             if preferences.respond_async && eligible {
                 // The job gets its own clone and waits for its readiness in the background.
                 let inner = self.inner.clone();
-                return ResponseFuture::own(Box::pin(kick_off(
-                    self.shared.clone(),
-                    inner,
-                    request,
-                )));
+                let shared = self.shared.clone();
+                return ResponseFuture::own(Box::pin(async move {
+                    kick_off(shared, inner, request).await.map(OwnBody::from)
+                }));
             }
             vary = is_get_or_head && eligible;
         }

@@ -285,8 +285,11 @@ fn check(case: &Case, reply: &Reply) -> Result<(), String> {
         && reply.status == StatusCode::METHOD_NOT_ALLOWED
         && case.outcome.is_some()
     {
-        // STATUS-15, AMB-31: the layer's own 405.
-        if header(reply, "allow") != Some("GET, HEAD, DELETE") {
+        // STATUS-15, AMB-31: the layer's own 405 (file routes take no DELETE).
+        if !matches!(
+            header(reply, "allow"),
+            Some("GET, HEAD, DELETE" | "GET, HEAD")
+        ) {
             problems.push(format!("Allow {:?}", header(reply, "allow")));
         }
     }
@@ -542,8 +545,8 @@ async fn prefer_2_to_8_hostile_prefer_values_never_cause_an_error() {
 // ---------------------------------------------------------------------------------------------
 // STATUS-15, AMB-31, CANCEL-7: the status routes take exactly `{base}/_async/{32 lowercase hex}`;
 // everything else under the prefix is 404 `not-found`, other methods 405 `not-supported`. Bulk
-// file paths (`{id}/file/{name}`) are not served yet: 404 whatever the name, and they must stay
-// 404 for `..` and encoded separators when files come.
+// file paths (`{id}/file/{name}`) take GET and HEAD only, and are 404 for names the layer never
+// writes, `..` and encoded separators, and for jobs that are not completed bulk jobs.
 
 #[tokio::test]
 async fn status_15_mangled_ids_paths_methods_and_head_on_the_status_routes() {
@@ -620,8 +623,6 @@ async fn status_15_mangled_ids_paths_methods_and_head_on_the_status_routes() {
             404,
             Some("not-found"),
         ),
-        // Everything below a job's id answers like the status URL's own methods today; revisit
-        // `Allow` when file routes come.
         case(
             "AMB-31 OPTIONS on a file path",
             request("OPTIONS", at(&format!("{done}/file/output.ndjson"))),
@@ -629,7 +630,7 @@ async fn status_15_mangled_ids_paths_methods_and_head_on_the_status_routes() {
             Some("not-supported"),
         ),
         case(
-            "BULK-13 a completed job's file: no file routes yet",
+            "BULK-13 a file of a completed interaction job (it has none)",
             get(at(&format!("{done}/file/output.ndjson"))),
             404,
             Some("not-found"),
@@ -649,8 +650,8 @@ async fn status_15_mangled_ids_paths_methods_and_head_on_the_status_routes() {
         case(
             "CANCEL-7 DELETE of a file path cancels nothing",
             delete(at(&format!("{live}/file/output.ndjson"))),
-            404,
-            Some("not-found"),
+            405,
+            Some("not-supported"),
         ),
         case(
             "AMB-31 HEAD on a running job",

@@ -721,11 +721,12 @@ async fn prefer_11_vary_prefer_on_get_and_head_of_eligible_routes_only() {
 // ---------------------------------------------------------------------------------------------
 // §7 scenario 11: `_outputFormat` on a Bundle-only deployment.
 
-// SEL-4, SEL-6, KICK-5: `_outputFormat` in the query, a form body or a `Parameters` body is refused
-// with 400 + `not-supported` before any job exists; the wrapped service is never called.
+// SEL-4, SEL-6, KICK-5: with the bulk pattern turned off, `_outputFormat` in the query, a form body
+// or a `Parameters` body is refused with 400 + `not-supported` before any job exists; the wrapped
+// service is never called.
 #[tokio::test]
-async fn sel_4_output_format_is_refused_with_400_before_any_job() {
-    let server = start(layer()).await;
+async fn sel_4_output_format_is_refused_with_400_when_bulk_is_off() {
+    let server = start(layer().bulk(false)).await;
     let form = "application/x-www-form-urlencoded";
     let parameters = r#"{"resourceType":"Parameters","parameter":[{"name":"_type","valueString":"Patient"},{"name":"_outputFormat","valueString":"application/fhir+ndjson"}]}"#;
     let cases: [(Method, &str, Option<&str>, &str); 7] = [

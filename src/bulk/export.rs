@@ -1,0 +1,726 @@
+//! Running a bulk job: the kick-off request through the wrapped service, its NDJSON body split
+//! line by line, or its search Bundles paged through `next` links, into NDJSON files per
+//! resource type; then the manifest (BULK-5…10).
+
+use std::borrow::Cow;
+use std::pin::pin;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body::Body;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tower_service::Service;
+
+use super::files::{FileSet, is_resource_type};
+use super::{ExportParams, FileEntry, ManifestHead, manifest};
+use crate::body::RequestBody;
+use crate::context::JobShared;
+use crate::job::{JobOutcome, StoredResponse};
+use crate::layer::Shared;
+use crate::media;
+use crate::outcome::{IssueCode, operation_outcome};
+use crate::runner::synthesized;
+use crate::store::BoxError;
+
+/// How often (in resources) progress is reported.
+const PROGRESS_EVERY: u64 = 1000;
+
+/// What a bulk job needs besides its request.
+#[derive(Debug, Clone)]
+pub(crate) struct ExportSpec {
+    pub(crate) params: ExportParams,
+    /// The job's status URL, the base of its file URLs.
+    pub(crate) status_url: String,
+    /// The kick-off's full URL, for the manifest's `request`.
+    pub(crate) request_url: String,
+}
+
+/// Runs one export to its outcome: the manifest (`200`, `application/json`, BULK-8), or a
+/// failure as status + OperationOutcome (BULK-6).
+pub(crate) async fn execute<S, ReqB, ResB>(
+    shared: &Shared,
+    job: &JobShared,
+    spec: ExportSpec,
+    inner: S,
+    request: Request<RequestBody<ReqB>>,
+) -> JobOutcome
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes>,
+    ResB::Error: Into<BoxError>,
+{
+    let config = &shared.config.bulk;
+    // BULK-9: the time the query runs; the wrapped service answers from here on.
+    let transaction_time = shared.runner.clock.now();
+    let mut export = Export {
+        files: FileSet::new(config, &job.id, &spec.params),
+        job,
+        line_limit: shared.config.result_limit,
+        total: None,
+        reported: 0,
+    };
+    if let Err(failure) = export.run(inner, request).await {
+        return JobOutcome::Failed(failure);
+    }
+    let Export { files, .. } = export;
+    let entries: Vec<FileEntry> = match files.finish().await {
+        Ok(entries) => entries,
+        Err(error) => return JobOutcome::Failed(write_failed(&error)),
+    };
+    let head = ManifestHead {
+        transaction_time,
+        request: &spec.request_url,
+        status_url: &spec.status_url,
+        requires_access_token: config.requires_access_token,
+    };
+    JobOutcome::Completed(StoredResponse {
+        status: StatusCode::OK,
+        headers: vec![(
+            CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        )],
+        body: manifest(config.manifest, &head, &entries),
+    })
+}
+
+struct Export<'a> {
+    files: FileSet,
+    job: &'a JobShared,
+    /// The longest line, and the largest Bundle page, read.
+    line_limit: usize,
+    /// `Bundle.total` of the first page, when given.
+    total: Option<u64>,
+    /// Resources written when progress was last reported.
+    reported: u64,
+}
+
+/// How the wrapped service's answer is read.
+enum Format {
+    Ndjson,
+    Json,
+}
+
+impl Export<'_> {
+    /// Pages through the result. `Err` fails the whole job; problems after the first page are
+    /// written to the error file instead (partial success, BULK-7).
+    async fn run<S, ReqB, ResB>(
+        &mut self,
+        mut inner: S,
+        request: Request<RequestBody<ReqB>>,
+    ) -> Result<(), StoredResponse>
+    where
+        S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
+        S::Error: Into<BoxError>,
+        ResB: Body<Data = Bytes>,
+        ResB::Error: Into<BoxError>,
+    {
+        // Later pages are GETs with the kick-off's headers (its credentials) and extensions.
+        let mut headers = request.headers().clone();
+        headers.remove(header::CONTENT_TYPE);
+        headers.remove(header::CONTENT_LENGTH);
+        let extensions = request.extensions().clone();
+        let authority = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| request.uri().authority().map(|a| a.to_string()));
+
+        let mut next = Some(request);
+        let mut page = 0u64;
+        let mut previous: Option<String> = None;
+        while let Some(request) = next.take() {
+            page += 1;
+            let target = request.uri().path().to_owned();
+            let response = match call(&mut inner, request).await {
+                Ok(response) => response,
+                Err(error) => {
+                    let why = format!(
+                        "The FHIR server could not process page {page} of the export: {error}"
+                    );
+                    return self
+                        .page_failed(page, StatusCode::BAD_GATEWAY, IssueCode::Exception, &why)
+                        .await;
+                }
+            };
+            let status = response.status();
+            if !status.is_success() {
+                if page == 1 {
+                    return Err(upstream_failure(response, self.line_limit).await);
+                }
+                let why = format!(
+                    "Page {page} of the export ({target}) failed with status {status}; the export stops there."
+                );
+                return self
+                    .page_failed(page, status, IssueCode::for_status(status), &why)
+                    .await;
+            }
+            let format = match response
+                .headers()
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+            {
+                None => Format::Json,
+                Some(value) => match media::essence(value).as_str() {
+                    "application/fhir+ndjson" | "application/ndjson" | "application/x-ndjson" => {
+                        Format::Ndjson
+                    }
+                    json if media::is_json(json) => Format::Json,
+                    other => {
+                        let why = format!(
+                            "Page {page} of the export is {other}, neither NDJSON nor a FHIR JSON Bundle; it cannot be \
+                             exported."
+                        );
+                        return self
+                            .page_failed(
+                                page,
+                                StatusCode::BAD_GATEWAY,
+                                IssueCode::NotSupported,
+                                &why,
+                            )
+                            .await;
+                    }
+                },
+            };
+            let link = match format {
+                Format::Ndjson => {
+                    self.lines(response.into_body()).await?;
+                    None
+                }
+                Format::Json => self.bundle(page, response.into_body()).await?,
+            };
+            let Some(link) = link else { break };
+            if previous.as_deref() == Some(link.as_str()) {
+                self.error(&format!(
+                    "Page {page} links to itself as the next page; the export stops there."
+                ))
+                .await?;
+                break;
+            }
+            match next_uri(&link, authority.as_deref()) {
+                Ok(uri) => {
+                    let mut request = Request::new(RequestBody::buffered(Bytes::new()));
+                    *request.method_mut() = Method::GET;
+                    *request.uri_mut() = uri;
+                    *request.headers_mut() = headers.clone();
+                    *request.extensions_mut() = extensions.clone();
+                    next = Some(request);
+                    previous = Some(link);
+                }
+                Err(why) => {
+                    self.error(&format!("The next page after page {page} cannot be fetched: {why}; the export stops there."))
+                        .await?;
+                }
+            }
+        }
+        self.report();
+        Ok(())
+    }
+
+    /// A page that could not be read: the whole job fails on the first page, later pages
+    /// become an error entry (BULK-6, BULK-7).
+    async fn page_failed(
+        &mut self,
+        page: u64,
+        status: StatusCode,
+        code: IssueCode,
+        why: &str,
+    ) -> Result<(), StoredResponse> {
+        if page == 1 {
+            Err(synthesized(status, code, why))
+        } else {
+            self.error(why).await
+        }
+    }
+
+    /// Splits an NDJSON body into resources, line by line, never holding more than one line.
+    async fn lines<B>(&mut self, body: B) -> Result<(), StoredResponse>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
+        let mut body = pin!(body);
+        let mut buffer = BytesMut::new();
+        let mut scanned = 0;
+        let mut line = 0u64;
+        // Inside a line longer than the limit: its bytes are dropped up to its end.
+        let mut skipping = false;
+        loop {
+            // The body's error need not be `Send`: it is converted before anything else waits.
+            let next = body
+                .frame()
+                .await
+                .map(|r| r.map_err(Into::<BoxError>::into));
+            let frame = match next {
+                None => break,
+                Some(Ok(frame)) => frame,
+                Some(Err(error)) => {
+                    let why =
+                        format!("The export's NDJSON stream broke off after {line} lines: {error}");
+                    return self.error(&why).await;
+                }
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            buffer.extend_from_slice(&data);
+            while let Some(at) = buffer[scanned..].iter().position(|&b| b == b'\n') {
+                let text = buffer.split_to(scanned + at + 1);
+                scanned = 0;
+                line += 1;
+                if std::mem::take(&mut skipping) {
+                    continue;
+                }
+                self.resource_line(line, &text[..text.len() - 1]).await?;
+            }
+            scanned = buffer.len();
+            if buffer.len() > self.line_limit {
+                if !skipping {
+                    let why = format!(
+                        "Line {} of the export is longer than {} bytes and was left out.",
+                        line + 1,
+                        self.line_limit
+                    );
+                    self.error(&why).await?;
+                }
+                skipping = true;
+                buffer.clear();
+                scanned = 0;
+            }
+        }
+        if !buffer.is_empty() && !skipping {
+            self.resource_line(line + 1, &buffer).await?;
+        }
+        Ok(())
+    }
+
+    /// One NDJSON line: a resource for its type's file, an OperationOutcome for the error file,
+    /// or an error entry if it is not a resource.
+    async fn resource_line(&mut self, number: u64, line: &[u8]) -> Result<(), StoredResponse> {
+        let line = line.trim_ascii();
+        if line.is_empty() {
+            return Ok(());
+        }
+        match serde_json::from_slice::<TypeOnly<'_>>(line) {
+            Ok(head) => self.resource(&head.resource_type, line).await,
+            Err(error) => {
+                self.error(&format!(
+                    "Line {number} of the export is not a FHIR resource in JSON: {error}"
+                ))
+                .await
+            }
+        }
+    }
+
+    /// A JSON page: a searchset Bundle's entries (and its `next` link), or one resource.
+    async fn bundle<B>(&mut self, page: u64, body: B) -> Result<Option<String>, StoredResponse>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
+        let body = match Limited::new(body, self.line_limit).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(error) if error.is::<LengthLimitError>() => {
+                let why = format!(
+                    "Page {page} of the export is larger than {} bytes; ask for smaller pages (_count).",
+                    self.line_limit
+                );
+                self.page_failed(
+                    page,
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    IssueCode::TooCostly,
+                    &why,
+                )
+                .await?;
+                return Ok(None);
+            }
+            Err(error) => {
+                let why = format!("Reading page {page} of the export failed: {error}");
+                self.page_failed(page, StatusCode::BAD_GATEWAY, IssueCode::Exception, &why)
+                    .await?;
+                return Ok(None);
+            }
+        };
+        let head = match serde_json::from_slice::<TypeOnly<'_>>(&body) {
+            Ok(head) => head,
+            Err(error) => {
+                let why =
+                    format!("Page {page} of the export is not a FHIR resource in JSON: {error}");
+                self.page_failed(page, StatusCode::BAD_GATEWAY, IssueCode::Processing, &why)
+                    .await?;
+                return Ok(None);
+            }
+        };
+        let is_searchset =
+            head.resource_type == "Bundle" && head.kind.as_deref() == Some("searchset");
+        if !is_searchset {
+            // Any other answer is one resource.
+            self.resource(&head.resource_type, &compact(&body)).await?;
+            return Ok(None);
+        }
+        let bundle: Searchset<'_> = match serde_json::from_slice(&body) {
+            Ok(bundle) => bundle,
+            Err(error) => {
+                let why =
+                    format!("Page {page} of the export is not a valid searchset Bundle: {error}");
+                self.page_failed(page, StatusCode::BAD_GATEWAY, IssueCode::Processing, &why)
+                    .await?;
+                return Ok(None);
+            }
+        };
+        if page == 1 {
+            self.total = bundle.total;
+        }
+        for entry in &bundle.entry {
+            let Some(resource) = entry.resource else {
+                continue;
+            };
+            let line = compact(resource.get().as_bytes());
+            match serde_json::from_slice::<TypeOnly<'_>>(&line) {
+                Ok(head)
+                    if entry.search.as_ref().and_then(|s| s.mode.as_deref()) == Some("outcome") =>
+                {
+                    let _ = head;
+                    self.outcome(&line).await?;
+                }
+                Ok(head) => self.resource(&head.resource_type, &line).await?,
+                Err(error) => {
+                    self.error(&format!(
+                        "An entry on page {page} is not a FHIR resource: {error}"
+                    ))
+                    .await?;
+                }
+            }
+        }
+        Ok(bundle
+            .link
+            .into_iter()
+            .find(|link| link.relation == "next")
+            .map(|link| link.url.into_owned()))
+    }
+
+    /// Writes one resource to its type's file; OperationOutcomes go to the error file.
+    async fn resource(&mut self, resource_type: &str, line: &[u8]) -> Result<(), StoredResponse> {
+        if resource_type == "OperationOutcome" {
+            return self.outcome(line).await;
+        }
+        if !is_resource_type(resource_type) {
+            let shown: String = resource_type.chars().take(64).collect();
+            return self
+                .error(&format!(
+                    "A resource has the invalid resourceType {shown:?} and was left out."
+                ))
+                .await;
+        }
+        self.files
+            .write(resource_type, line)
+            .await
+            .map_err(|error| write_failed(&error))?;
+        self.progress();
+        Ok(())
+    }
+
+    /// An OperationOutcome from the wrapped service, for the error file (BULK-7, BULK-9).
+    async fn outcome(&mut self, line: &[u8]) -> Result<(), StoredResponse> {
+        let severity = serde_json::from_slice::<Outcome<'_>>(line)
+            .ok()
+            .and_then(|outcome| outcome.worst())
+            .unwrap_or(Cow::Borrowed("error"));
+        self.files
+            .write_error(&severity, line)
+            .await
+            .map_err(|error| write_failed(&error))
+    }
+
+    /// A problem of the layer's own, as an OperationOutcome line in the error file.
+    async fn error(&mut self, diagnostics: &str) -> Result<(), StoredResponse> {
+        tracing::debug!(
+            diagnostics,
+            "bulk export problem recorded in its error file"
+        );
+        let outcome = operation_outcome(IssueCode::Processing, diagnostics).to_string();
+        self.files
+            .write_error("error", outcome.as_bytes())
+            .await
+            .map_err(|error| write_failed(&error))
+    }
+
+    fn progress(&mut self) {
+        let written = self.files.written();
+        if written >= self.reported + PROGRESS_EVERY {
+            self.report();
+        }
+    }
+
+    /// `X-Progress`: a percentage when the total is known (`Bundle.total`), else a count.
+    fn report(&mut self) {
+        let written = self.files.written();
+        self.reported = written;
+        let text = match self.total {
+            Some(total) if total > 0 => {
+                let percent = (written.saturating_mul(100) / total).min(100);
+                format!("{percent}% complete ({written} of {total} resources)")
+            }
+            _ => format!("{written} resources exported"),
+        };
+        self.job.set_progress(&text);
+    }
+}
+
+async fn call<S, R, ResB>(inner: &mut S, request: R) -> Result<Response<ResB>, BoxError>
+where
+    S: Service<R, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+{
+    std::future::poll_fn(|cx| inner.poll_ready(cx))
+        .await
+        .map_err(Into::into)?;
+    inner.call(request).await.map_err(Into::into)
+}
+
+/// BULK-6: the first page failed; the job fails with the wrapped service's status and its
+/// OperationOutcome, or one written here when it sent none.
+async fn upstream_failure<B>(response: Response<B>, limit: usize) -> StoredResponse
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let status = response.status();
+    let status = if status.is_client_error() || status.is_server_error() {
+        status
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
+    let is_json = media::header_is_json(response.headers().get(CONTENT_TYPE));
+    if is_json {
+        if let Ok(collected) = Limited::new(response.into_body(), limit).collect().await {
+            let body = collected.to_bytes();
+            if serde_json::from_slice::<TypeOnly<'_>>(&body)
+                .is_ok_and(|head| head.resource_type == "OperationOutcome")
+            {
+                return StoredResponse {
+                    status,
+                    headers: vec![(CONTENT_TYPE, crate::outcome::FHIR_JSON)],
+                    body,
+                };
+            }
+        }
+    }
+    synthesized(
+        status,
+        IssueCode::for_status(status),
+        &format!("The export failed: the FHIR server answered {status}."),
+    )
+}
+
+fn write_failed(error: &BoxError) -> StoredResponse {
+    tracing::warn!(%error, "writing a bulk export's files failed");
+    synthesized(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        IssueCode::Processing,
+        &format!("The export's files could not be written: {error}"),
+    )
+}
+
+/// The URI of a `next` link, for the wrapped service: its path and query. A link to another
+/// server is not followed (its answer would not be this server's, and the caller's
+/// credentials must not go there).
+fn next_uri(link: &str, authority: Option<&str>) -> Result<Uri, String> {
+    let uri: Uri = link
+        .parse()
+        .map_err(|_| "its link is not a valid URL".to_owned())?;
+    if let (Some(theirs), Some(ours)) = (uri.authority(), authority) {
+        if !theirs.as_str().eq_ignore_ascii_case(ours) {
+            return Err(format!("its link points to another server ({theirs})"));
+        }
+    }
+    let Some(path_and_query) = uri.path_and_query().filter(|p| p.path().starts_with('/')) else {
+        return Err("its link has no absolute path".to_owned());
+    };
+    path_and_query
+        .as_str()
+        .parse()
+        .map_err(|_| "its link is not a valid URL".to_owned())
+}
+
+/// JSON without whitespace outside strings: a pretty-printed resource as one NDJSON line.
+fn compact(json: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(json.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    for &byte in json {
+        if in_string {
+            out.push(byte);
+            if escaped {
+                escaped = false;
+            } else if byte == b'\\' {
+                escaped = true;
+            } else if byte == b'"' {
+                in_string = false;
+            }
+        } else if !matches!(byte, b' ' | b'\t' | b'\n' | b'\r') {
+            if byte == b'"' {
+                in_string = true;
+            }
+            out.push(byte);
+        }
+    }
+    out
+}
+
+/// The fields read of every resource.
+#[derive(Deserialize)]
+struct TypeOnly<'a> {
+    #[serde(rename = "resourceType", borrow)]
+    resource_type: Cow<'a, str>,
+    #[serde(rename = "type", default, borrow)]
+    kind: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Searchset<'a> {
+    #[serde(default)]
+    total: Option<u64>,
+    #[serde(default, borrow)]
+    link: Vec<Link<'a>>,
+    #[serde(default, borrow)]
+    entry: Vec<Entry<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Link<'a> {
+    #[serde(borrow)]
+    relation: Cow<'a, str>,
+    #[serde(borrow)]
+    url: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct Entry<'a> {
+    #[serde(default, borrow)]
+    resource: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    search: Option<Search<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Search<'a> {
+    #[serde(default, borrow)]
+    mode: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Outcome<'a> {
+    #[serde(default, borrow)]
+    issue: Vec<Issue<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Issue<'a> {
+    #[serde(default, borrow)]
+    severity: Option<Cow<'a, str>>,
+}
+
+impl<'a> Outcome<'a> {
+    /// The most severe issue's severity.
+    fn worst(self) -> Option<Cow<'a, str>> {
+        let rank = |s: &str| match s {
+            "fatal" => 4,
+            "error" => 3,
+            "warning" => 2,
+            "information" => 1,
+            _ => 0,
+        };
+        self.issue
+            .into_iter()
+            .filter_map(|issue| issue.severity)
+            .filter(|s| rank(s) > 0)
+            .max_by_key(|s| rank(s))
+    }
+}
+
+/// Used by the status route: a failed bulk job is final, so issue codes that tell a client to
+/// poll again (`transient` and its children, STATUS-11) become `processing` (BULK-6).
+pub(crate) fn final_outcome(body: &Bytes) -> Bytes {
+    const TRANSIENT: [&str; 7] = [
+        "transient",
+        "lock-error",
+        "no-store",
+        "exception",
+        "timeout",
+        "incomplete",
+        "throttled",
+    ];
+    let Ok(mut outcome) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return body.clone();
+    };
+    let mut changed = false;
+    if let Some(issues) = outcome.get_mut("issue").and_then(|i| i.as_array_mut()) {
+        for issue in issues {
+            if let Some(code) = issue.get_mut("code") {
+                if code.as_str().is_some_and(|c| TRANSIENT.contains(&c)) {
+                    *code = "processing".into();
+                    changed = true;
+                }
+            }
+        }
+    }
+    if changed {
+        Bytes::from(outcome.to_string())
+    } else {
+        body.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compact_keeps_strings_and_drops_layout() {
+        let pretty = b"{\n  \"resourceType\": \"Patient\",\n  \"name\": [ { \"text\": \"A \\\" b\\n c\" } ]\n}";
+        assert_eq!(
+            String::from_utf8(compact(pretty)).unwrap(),
+            r#"{"resourceType":"Patient","name":[{"text":"A \" b\n c"}]}"#
+        );
+    }
+
+    #[test]
+    fn next_links_stay_on_this_server() {
+        let ours = Some("fhir.example.org");
+        assert_eq!(
+            next_uri("https://fhir.example.org/fhir/Patient?_page=2", ours).unwrap(),
+            "/fhir/Patient?_page=2"
+        );
+        assert_eq!(
+            next_uri("/fhir/Patient?_page=2", ours).unwrap(),
+            "/fhir/Patient?_page=2"
+        );
+        assert!(next_uri("https://evil.example/fhir/Patient?_page=2", ours).is_err());
+        assert!(next_uri("Patient?_page=2", ours).is_err());
+        assert!(next_uri("not a url", ours).is_err());
+    }
+
+    #[test]
+    fn bulk_6_failed_jobs_carry_final_codes() {
+        let body = Bytes::from(
+            r#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"transient"},{"severity":"error","code":"not-found"}]}"#,
+        );
+        let out: serde_json::Value = serde_json::from_slice(&final_outcome(&body)).unwrap();
+        assert_eq!(out["issue"][0]["code"], "processing");
+        assert_eq!(out["issue"][1]["code"], "not-found");
+    }
+
+    #[test]
+    fn worst_severity() {
+        let outcome: Outcome<'_> = serde_json::from_str(
+            r#"{"resourceType":"OperationOutcome","issue":[{"severity":"warning"},{"severity":"fatal"},{"severity":"error"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(outcome.worst().as_deref(), Some("fatal"));
+    }
+}
