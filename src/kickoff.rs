@@ -143,6 +143,7 @@ where
                 params,
                 status_url: status_url.clone(),
                 request_url: format!("{base}{relative}"),
+                public_base: base.clone(),
             };
             let body = bulk::inner_request(&config.bulk, &mut parts, body);
             (JobKind::Bulk, Work::Bulk(spec), body)

@@ -11,6 +11,12 @@
 //! `batch-response` Bundle wrapping the inner response; `DELETE` cancels the job and really stops
 //! its work. Every other request passes through untouched.
 //!
+//! A request for `$export` (at any level), or with `_outputFormat`, takes the bulk data pattern
+//! instead: the job streams the wrapped service's answer (NDJSON, or search Bundles followed
+//! page by page) into NDJSON files per resource type in an [`object_store`], completes with a
+//! manifest, and the layer serves the files (gzip when asked) until they expire or the job is
+//! deleted.
+//!
 //! ```
 //! use axum::{Router, routing::post};
 //! use tower_fhir_async::{AsyncLayer, MemoryStore};
@@ -38,6 +44,8 @@
 //!   `test-util` feature.
 //! - [`prefer`]: RFC 7240 `Prefer` parsing.
 //! - [`ShutdownHandle`]: graceful shutdown.
+//! - [`ManifestFormat`] and the `file_store` settings of [`AsyncLayerBuilder`]: the bulk data
+//!   pattern.
 //!
 //! [tower]: https://docs.rs/tower
 

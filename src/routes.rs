@@ -60,8 +60,18 @@ fn file_route(rest: &str) -> Option<(&str, &str)> {
 async fn file(shared: &Shared, parts: &Parts, id: &str, name: &str) -> Response<OwnBody> {
     let caller = shared.config.caller_of(&RequestHead::of(parts));
     let parsed = JobId::parse(id);
-    let (response, outcome) = serve_file(shared, parts, parsed, name, caller.as_deref()).await;
+    let (mut response, outcome) = serve_file(shared, parts, parsed, name, caller.as_deref()).await;
     audit::event(Action::File, parsed, caller.as_deref(), outcome);
+    // A served file's HEAD already has its headers and no body; errors lose their body here.
+    if parts.method == Method::HEAD && response.status() != StatusCode::OK {
+        if let OwnBody::Full(body) = response.body_mut() {
+            let length = body.len();
+            *body = Bytes::new();
+            response
+                .headers_mut()
+                .insert(CONTENT_LENGTH, HeaderValue::from(length));
+        }
+    }
     response
 }
 
@@ -227,7 +237,7 @@ async fn status(
         JobState::Failed(failure) if record.kind == JobKind::Bulk => {
             // BULK-6: the failure's own status + OperationOutcome, with final issue codes.
             let mut reply = Response::new(bulk::export::final_outcome(&failure.body));
-            *reply.status_mut() = failure.status;
+            *reply.status_mut() = bulk::export::final_status(failure.status);
             let headers = reply.headers_mut();
             headers.insert(CONTENT_TYPE, FHIR_JSON);
             headers.insert(CACHE_CONTROL, NO_STORE);

@@ -36,6 +36,8 @@ pub(crate) struct ExportSpec {
     pub(crate) status_url: String,
     /// The kick-off's full URL, for the manifest's `request`.
     pub(crate) request_url: String,
+    /// The public FHIR base URL the job was started under; `next` links under it are followed.
+    pub(crate) public_base: String,
 }
 
 /// Runs one export to its outcome: the manifest (`200`, `application/json`, BULK-8), or a
@@ -63,7 +65,11 @@ where
         total: None,
         reported: 0,
     };
-    if let Err(failure) = export.run(inner, request).await {
+    let origins = Origins {
+        public_base: &spec.public_base,
+        inner_base_path: &shared.config.base_path,
+    };
+    if let Err(failure) = export.run(inner, request, &origins).await {
         return JobOutcome::Failed(failure);
     }
     let Export { files, .. } = export;
@@ -111,6 +117,7 @@ impl Export<'_> {
         &mut self,
         mut inner: S,
         request: Request<RequestBody<ReqB>>,
+        origins: &Origins<'_>,
     ) -> Result<(), StoredResponse>
     where
         S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
@@ -123,7 +130,7 @@ impl Export<'_> {
         headers.remove(header::CONTENT_TYPE);
         headers.remove(header::CONTENT_LENGTH);
         let extensions = request.extensions().clone();
-        let authority = request
+        let host = request
             .headers()
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
@@ -201,7 +208,7 @@ impl Export<'_> {
                 .await?;
                 break;
             }
-            match next_uri(&link, authority.as_deref()) {
+            match origins.next_uri(&link, host.as_deref()) {
                 Ok(uri) => {
                     let mut request = Request::new(RequestBody::buffered(Bytes::new()));
                     *request.method_mut() = Method::GET;
@@ -345,6 +352,10 @@ impl Export<'_> {
                 return Ok(None);
             }
         };
+        if body.trim_ascii().is_empty() {
+            // No content: nothing to export.
+            return Ok(None);
+        }
         let head = match serde_json::from_slice::<TypeOnly<'_>>(&body) {
             Ok(head) => head,
             Err(error) => {
@@ -526,25 +537,48 @@ fn write_failed(error: &BoxError) -> StoredResponse {
     )
 }
 
-/// The URI of a `next` link, for the wrapped service: its path and query. A link to another
-/// server is not followed (its answer would not be this server's, and the caller's
-/// credentials must not go there).
-fn next_uri(link: &str, authority: Option<&str>) -> Result<Uri, String> {
-    let uri: Uri = link
-        .parse()
-        .map_err(|_| "its link is not a valid URL".to_owned())?;
-    if let (Some(theirs), Some(ours)) = (uri.authority(), authority) {
-        if !theirs.as_str().eq_ignore_ascii_case(ours) {
-            return Err(format!("its link points to another server ({theirs})"));
+/// Where `next` links may lead.
+struct Origins<'a> {
+    /// The public base URL (`https://fhir.example.org/fhir`).
+    public_base: &'a str,
+    /// The base path as the wrapped service sees it.
+    inner_base_path: &'a str,
+}
+
+impl Origins<'_> {
+    /// The URI of a `next` link, for the wrapped service: a link under the public base is
+    /// mapped onto the inner base path; another absolute link must name the kick-off's own
+    /// host (`host`), and its path and query are used. A link to another server is not
+    /// followed: its answer would not be this server's, and the caller's credentials must not
+    /// go there.
+    fn next_uri(&self, link: &str, host: Option<&str>) -> Result<Uri, String> {
+        let invalid = || "its link is not a valid URL".to_owned();
+        let base = self.public_base;
+        if let Some(rest) = link
+            .get(..base.len())
+            .filter(|head| head.eq_ignore_ascii_case(base))
+            .map(|_| &link[base.len()..])
+            .filter(|rest| rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'))
+        {
+            let path = if rest.is_empty() || rest.starts_with('?') {
+                format!("{}/{rest}", self.inner_base_path)
+            } else {
+                format!("{}{rest}", self.inner_base_path)
+            };
+            return path.parse().map_err(|_| invalid());
         }
+        let uri: Uri = link.parse().map_err(|_| invalid())?;
+        if let Some(theirs) = uri.authority() {
+            if !host.is_some_and(|ours| theirs.as_str().eq_ignore_ascii_case(ours)) {
+                return Err(format!("its link points to another server ({theirs})"));
+            }
+        }
+        let Some(path_and_query) = uri.path_and_query().filter(|p| p.path().starts_with('/'))
+        else {
+            return Err("its link has no absolute path".to_owned());
+        };
+        path_and_query.as_str().parse().map_err(|_| invalid())
     }
-    let Some(path_and_query) = uri.path_and_query().filter(|p| p.path().starts_with('/')) else {
-        return Err("its link has no absolute path".to_owned());
-    };
-    path_and_query
-        .as_str()
-        .parse()
-        .map_err(|_| "its link is not a valid URL".to_owned())
 }
 
 /// JSON without whitespace outside strings: a pretty-printed resource as one NDJSON line.
@@ -643,6 +677,17 @@ impl<'a> Outcome<'a> {
     }
 }
 
+/// Used by the status route: a failed bulk job is final, so a status that tells a client to
+/// poll again (`429`, `503`, e.g. for a job whose instance was lost) becomes `500` (BULK-6).
+pub(crate) fn final_status(status: StatusCode) -> StatusCode {
+    match status {
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
+        other => other,
+    }
+}
+
 /// Used by the status route: a failed bulk job is final, so issue codes that tell a client to
 /// poll again (`transient` and its children, STATUS-11) become `processing` (BULK-6).
 pub(crate) fn final_outcome(body: &Bytes) -> Bytes {
@@ -691,18 +736,55 @@ mod tests {
 
     #[test]
     fn next_links_stay_on_this_server() {
-        let ours = Some("fhir.example.org");
+        let origins = Origins {
+            public_base: "https://fhir.example.org/fhir",
+            inner_base_path: "/r4",
+        };
+        let host = Some("internal:8080");
+        let next = |link: &str| origins.next_uri(link, host).map(|u| u.to_string());
+        // Under the public base: mapped onto the inner base path.
         assert_eq!(
-            next_uri("https://fhir.example.org/fhir/Patient?_page=2", ours).unwrap(),
-            "/fhir/Patient?_page=2"
+            next("https://fhir.example.org/fhir/Patient?_page=2").unwrap(),
+            "/r4/Patient?_page=2"
         );
         assert_eq!(
-            next_uri("/fhir/Patient?_page=2", ours).unwrap(),
-            "/fhir/Patient?_page=2"
+            next("HTTPS://FHIR.example.org/fhir?_page=2").unwrap(),
+            "/r4/?_page=2"
         );
-        assert!(next_uri("https://evil.example/fhir/Patient?_page=2", ours).is_err());
-        assert!(next_uri("Patient?_page=2", ours).is_err());
-        assert!(next_uri("not a url", ours).is_err());
+        // The wrapped service's own view of itself.
+        assert_eq!(
+            next("http://internal:8080/r4/Patient?_page=2").unwrap(),
+            "/r4/Patient?_page=2"
+        );
+        assert_eq!(next("/r4/Patient?_page=2").unwrap(), "/r4/Patient?_page=2");
+        // Anywhere else: not followed.
+        assert!(next("https://evil.example/fhir/Patient?_page=2").is_err());
+        assert!(next("https://fhir.example.org/fhirx/Patient").is_err());
+        assert!(next("https://fhir.example.org.evil/fhir/Patient").is_err());
+        assert!(next("Patient?_page=2").is_err());
+        assert!(next("not a url").is_err());
+        assert!(
+            origins
+                .next_uri("http://internal:8080/r4/Patient", None)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn bulk_6_failed_jobs_carry_final_statuses() {
+        assert_eq!(
+            final_status(StatusCode::SERVICE_UNAVAILABLE),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert_eq!(
+            final_status(StatusCode::TOO_MANY_REQUESTS),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert_eq!(
+            final_status(StatusCode::BAD_GATEWAY),
+            StatusCode::BAD_GATEWAY
+        );
+        assert_eq!(final_status(StatusCode::NOT_FOUND), StatusCode::NOT_FOUND);
     }
 
     #[test]

@@ -39,6 +39,18 @@ enum Group {
     Errors,
 }
 
+impl Group {
+    /// Whether this is the group of `resource_type` (`None`: the error files), without
+    /// allocating.
+    fn is(&self, resource_type: Option<&str>) -> bool {
+        match (self, resource_type) {
+            (Self::Type(name), Some(other)) => name == other,
+            (Self::Errors, None) => true,
+            _ => false,
+        }
+    }
+}
+
 struct OpenFile {
     group: Group,
     entry: FileEntry,
@@ -62,6 +74,8 @@ pub(crate) struct FileSet {
     open: Vec<OpenFile>,
     closed: Vec<FileEntry>,
     numbers: HashMap<Group, u32>,
+    /// Resources written, error lines not counted.
+    written: u64,
     finished: bool,
 }
 
@@ -82,14 +96,16 @@ impl FileSet {
             open: Vec::new(),
             closed: Vec::new(),
             numbers: HashMap::new(),
+            written: 0,
             finished: false,
         }
     }
 
     /// Appends one resource (one line, without its newline) to a file of `resource_type`.
     pub(crate) async fn write(&mut self, resource_type: &str, line: &[u8]) -> Result<(), BoxError> {
-        self.append(Group::Type(resource_type.to_owned()), line, None)
-            .await
+        self.append(Some(resource_type), line, None).await?;
+        self.written += 1;
+        Ok(())
     }
 
     /// Appends one OperationOutcome (one line) to the error files, counted under `severity`.
@@ -98,24 +114,23 @@ impl FileSet {
         severity: &str,
         line: &[u8],
     ) -> Result<(), BoxError> {
-        self.append(Group::Errors, line, Some(severity)).await
+        self.append(None, line, Some(severity)).await
     }
 
     /// Resources written so far.
     pub(crate) fn written(&self) -> u64 {
-        let count = |entry: &FileEntry| if entry.error { 0 } else { entry.count };
-        self.closed.iter().map(count).sum::<u64>()
-            + self.open.iter().map(|f| count(&f.entry)).sum::<u64>()
+        self.written
     }
 
+    /// Appends a line to the open file of `resource_type` (`None`: the error files).
     async fn append(
         &mut self,
-        group: Group,
+        resource_type: Option<&str>,
         line: &[u8],
         severity: Option<&str>,
     ) -> Result<(), BoxError> {
         let length = line.len() as u64 + 1;
-        let mut index = self.open.iter().position(|f| f.group == group);
+        let mut index = self.open.iter().position(|f| f.group.is(resource_type));
         if let Some(i) = index {
             let entry = &self.open[i].entry;
             // BULK-3: a resource that does not fit starts the next file; one larger than the
@@ -135,6 +150,8 @@ impl FileSet {
                     let file = self.open.remove(0);
                     self.close(file).await?;
                 }
+                let group =
+                    resource_type.map_or(Group::Errors, |name| Group::Type(name.to_owned()));
                 let file = self.create(group);
                 self.open.push(file);
                 self.open.len() - 1

@@ -78,7 +78,7 @@ async fn get<S: JobStore>(store: &S, id: &JobId, now: SystemTime) -> Option<JobR
     store.get(id, now).await.expect("get should succeed")
 }
 
-/// `create` then `get` returns an equal record.
+/// `create` then `get` returns an equal record, whatever its kind.
 pub async fn create_then_get_returns_the_record<S: JobStore>(store: &S) {
     let now = now_ms();
     let rec = record(now).with_owner(Some("client-7".into()));
@@ -90,6 +90,17 @@ pub async fn create_then_get_returns_the_record<S: JobStore>(store: &S) {
         get(store, &rec.id, now).await,
         Some(rec),
         "get returns what create stored"
+    );
+    // Every kind round-trips: the kind decides how a completion is rendered.
+    let bulk = JobRecord::new(JobId::new(), JobKind::Bulk, "GET", "/fhir/$export", now);
+    store
+        .create(bulk.clone())
+        .await
+        .expect("create should succeed");
+    assert_eq!(
+        get(store, &bulk.id, now).await.map(|r| r.kind),
+        Some(JobKind::Bulk),
+        "a bulk job is read back as a bulk job"
     );
 }
 
