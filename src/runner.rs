@@ -265,9 +265,10 @@ async fn run<S, ReqB, ResB>(
     let is_bulk = matches!(work, Work::Bulk(_));
     let execution = match work {
         Work::Interaction => Either::Left(execute(inner, request, shared.config.result_limit)),
-        Work::Bulk(spec) => {
-            Either::Right(bulk::export::execute(&shared, &job, spec, inner, request))
-        }
+        // Boxed: an export's state is large, and an interaction job should not carry its size.
+        Work::Bulk(spec) => Either::Right(Box::pin(bulk::export::execute(
+            &shared, &job, spec, inner, request,
+        ))),
     };
     let execution = guarded(execution, shared.config.max_run_time);
     let outcome = tokio::select! {
@@ -288,7 +289,8 @@ async fn run<S, ReqB, ResB>(
             return;
         }
     };
-    if !record(&shared, id, outcome).await && is_bulk {
+    // Boxed: recording (with its retries) happens once, at the end; running jobs need not carry it.
+    if !Box::pin(record(&shared, id, outcome)).await && is_bulk {
         // Cancelled meanwhile, or the outcome is lost: its files must not outlive it.
         bulk::files::remove_job(&shared.config.bulk, &id).await;
     }
