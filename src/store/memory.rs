@@ -8,7 +8,7 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
 use super::{JobStore, StoreError};
-use crate::job::{JobId, JobOutcome, JobRecord, JobState};
+use crate::job::{JobId, JobKind, JobOutcome, JobRecord, JobState};
 
 /// Jobs in this process's memory, in a concurrent hash map.
 ///
@@ -29,7 +29,82 @@ use crate::job::{JobId, JobOutcome, JobRecord, JobState};
 /// ```
 #[derive(Debug, Clone, Default)]
 pub struct MemoryStore {
-    jobs: Arc<DashMap<JobId, JobRecord>>,
+    jobs: Arc<DashMap<JobId, Slot>>,
+}
+
+/// A record as kept here, for the job's whole retention: the same fields as [`JobRecord`]
+/// without spare capacity (boxed strings, the method inline rather than on the heap).
+#[derive(Debug)]
+struct Slot {
+    kind: JobKind,
+    state: JobState,
+    owner: Option<Box<str>>,
+    method: Method,
+    target: Box<str>,
+    progress: Option<Box<str>>,
+    created_at: SystemTime,
+    finished_at: Option<SystemTime>,
+    expires_at: Option<SystemTime>,
+}
+
+/// A request method: inline for the standard ones (and short extensions).
+#[derive(Debug)]
+enum Method {
+    Http(http::Method),
+    Other(Box<str>),
+}
+
+impl Slot {
+    fn new(record: JobRecord) -> Self {
+        let method = match http::Method::from_bytes(record.method.as_bytes()) {
+            Ok(method) if method.as_str() == record.method => Method::Http(method),
+            _ => Method::Other(record.method.into_boxed_str()),
+        };
+        Self {
+            kind: record.kind,
+            state: compact(record.state),
+            owner: record.owner.map(String::into_boxed_str),
+            method,
+            target: record.target.into_boxed_str(),
+            progress: record.progress.map(String::into_boxed_str),
+            created_at: record.created_at,
+            finished_at: record.finished_at,
+            expires_at: record.expires_at,
+        }
+    }
+
+    fn record(&self, id: JobId) -> JobRecord {
+        let method = match &self.method {
+            Method::Http(method) => method.as_str(),
+            Method::Other(method) => method,
+        };
+        let mut record = JobRecord::new(id, self.kind, method, &*self.target, self.created_at)
+            .with_owner(self.owner.as_deref().map(str::to_owned));
+        record.state = self.state.clone();
+        record.progress = self.progress.as_deref().map(str::to_owned);
+        record.finished_at = self.finished_at;
+        record.expires_at = self.expires_at;
+        record
+    }
+
+    fn is_expired(&self, now: SystemTime) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
+
+    fn end(&mut self, state: JobState, finished_at: SystemTime, expires_at: SystemTime) {
+        self.state = compact(state);
+        self.progress = None;
+        self.finished_at = Some(finished_at);
+        self.expires_at = Some(expires_at);
+    }
+}
+
+/// A state without spare capacity in its kept headers.
+fn compact(mut state: JobState) -> JobState {
+    if let JobState::Completed(response) | JobState::Failed(response) = &mut state {
+        response.headers.shrink_to_fit();
+    }
+    state
 }
 
 impl MemoryStore {
@@ -54,7 +129,7 @@ impl JobStore for MemoryStore {
         let result = match self.jobs.entry(record.id) {
             Entry::Occupied(_) => Err(StoreError::Conflict(record.id)),
             Entry::Vacant(slot) => {
-                slot.insert(record);
+                slot.insert(Slot::new(record));
                 Ok(())
             }
         };
@@ -69,8 +144,8 @@ impl JobStore for MemoryStore {
         let record = self
             .jobs
             .get(id)
-            .filter(|r| !r.is_expired(now))
-            .map(|r| r.clone());
+            .filter(|slot| !slot.is_expired(now))
+            .map(|slot| slot.record(*id));
         ready(Ok(record))
     }
 
@@ -104,10 +179,7 @@ impl JobStore for MemoryStore {
             if record.state.is_finished() {
                 return false;
             }
-            record.state = outcome.into();
-            record.progress = None;
-            record.finished_at = Some(finished_at);
-            record.expires_at = Some(expires_at);
+            record.end(outcome.into(), finished_at, expires_at);
             true
         });
         ready(Ok(finished))
@@ -132,7 +204,7 @@ impl JobStore for MemoryStore {
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
         if let Some(mut record) = self.jobs.get_mut(id) {
             if !record.state.is_finished() && record.progress.as_deref() != Some(progress) {
-                record.progress = Some(progress.to_owned());
+                record.progress = Some(progress.into());
             }
         }
         ready(Ok(()))
@@ -174,18 +246,15 @@ impl JobStore for MemoryStore {
         expires_at: SystemTime,
     ) -> impl Future<Output = Result<Vec<JobId>, StoreError>> + Send {
         let mut failed = Vec::new();
-        for mut record in self.jobs.iter_mut() {
-            let lapsed = match record.state {
+        for mut entry in self.jobs.iter_mut() {
+            let lapsed = match entry.state {
                 JobState::Running { lease_until, .. } => lease_until <= now,
-                JobState::Accepted => record.created_at <= unstarted_before,
+                JobState::Accepted => entry.created_at <= unstarted_before,
                 _ => false,
             };
             if lapsed {
-                record.state = outcome.clone().into();
-                record.progress = None;
-                record.finished_at = Some(now);
-                record.expires_at = Some(expires_at);
-                failed.push(record.id);
+                entry.end(outcome.clone().into(), now, expires_at);
+                failed.push(*entry.key());
             }
         }
         ready(Ok(failed))
