@@ -197,8 +197,11 @@ impl ExportRequest {
                     }
                 }
                 "_outputFormat" => {
+                    // An unescaped `+` in a query arrives as a space; the AsyncLayer accepts
+                    // `application/fhir ndjson` as NDJSON, so the export it runs must too.
+                    let format = value.trim().replace(' ', "+").to_ascii_lowercase();
                     if !matches!(
-                        value.as_str(),
+                        format.as_str(),
                         "application/fhir+ndjson" | "application/ndjson" | "ndjson"
                     ) {
                         return Err(bad(format!(

@@ -5,7 +5,7 @@
 use std::borrow::Cow;
 use std::pin::pin;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{self, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body;
@@ -245,14 +245,17 @@ impl Export<'_> {
     }
 
     /// Splits an NDJSON body into resources, line by line, never holding more than one line.
+    /// Lines inside a frame are read where they are; only a line split across frames is copied.
     async fn lines<B>(&mut self, body: B) -> Result<(), StoredResponse>
     where
         B: Body<Data = Bytes>,
         B::Error: Into<BoxError>,
     {
+        /// A line buffer larger than this is given back after use.
+        const KEEP: usize = 1 << 20;
         let mut body = pin!(body);
-        let mut buffer = BytesMut::new();
-        let mut scanned = 0;
+        // The start of a line whose end has not arrived yet.
+        let mut partial: Vec<u8> = Vec::new();
         let mut line = 0u64;
         // Inside a line longer than the limit: its bytes are dropped up to its end.
         let mut skipping = false;
@@ -274,35 +277,52 @@ impl Export<'_> {
             let Ok(data) = frame.into_data() else {
                 continue;
             };
-            buffer.extend_from_slice(&data);
-            while let Some(at) = buffer[scanned..].iter().position(|&b| b == b'\n') {
-                let text = buffer.split_to(scanned + at + 1);
-                scanned = 0;
+            let mut rest: &[u8] = &data;
+            while let Some(at) = memchr::memchr(b'\n', rest) {
+                let head = &rest[..at];
+                rest = &rest[at + 1..];
                 line += 1;
                 if std::mem::take(&mut skipping) {
                     continue;
                 }
-                self.resource_line(line, &text[..text.len() - 1]).await?;
-            }
-            scanned = buffer.len();
-            if buffer.len() > self.line_limit {
-                if !skipping {
-                    let why = format!(
-                        "Line {} of the export is longer than {} bytes and was left out.",
-                        line + 1,
-                        self.line_limit
-                    );
-                    self.error(&why).await?;
+                if partial.is_empty() {
+                    self.resource_line(line, head).await?;
+                } else if partial.len() + head.len() > self.line_limit {
+                    partial.clear();
+                    self.too_long(line).await?;
+                } else {
+                    partial.extend_from_slice(head);
+                    let whole = std::mem::take(&mut partial);
+                    self.resource_line(line, &whole).await?;
+                    if whole.capacity() <= KEEP {
+                        partial = whole;
+                        partial.clear();
+                    }
                 }
-                skipping = true;
-                buffer.clear();
-                scanned = 0;
             }
+            if skipping {
+                continue;
+            }
+            if partial.len() + rest.len() > self.line_limit {
+                partial = Vec::new();
+                skipping = true;
+                self.too_long(line + 1).await?;
+                continue;
+            }
+            partial.extend_from_slice(rest);
         }
-        if !buffer.is_empty() && !skipping {
-            self.resource_line(line + 1, &buffer).await?;
+        if !partial.is_empty() && !skipping {
+            self.resource_line(line + 1, &partial).await?;
         }
         Ok(())
+    }
+
+    async fn too_long(&mut self, line: u64) -> Result<(), StoredResponse> {
+        let why = format!(
+            "Line {line} of the export is longer than {} bytes and was left out.",
+            self.line_limit
+        );
+        self.error(&why).await
     }
 
     /// One NDJSON line: a resource for its type's file, an OperationOutcome for the error file,
@@ -476,7 +496,8 @@ impl Export<'_> {
                 let percent = (written.saturating_mul(100) / total).min(100);
                 format!("{percent}% complete ({written} of {total} resources)")
             }
-            _ => format!("{written} resources exported"),
+            // Never a leading number that is not a percentage: clients read one as a percentage.
+            _ => format!("exported {written} resources"),
         };
         self.job.set_progress(&text);
     }

@@ -29,8 +29,8 @@ use crate::store::BoxError;
 /// writer holds a few large buffers rather than a buffer per line.
 const STAGE: usize = 64 * 1024;
 
-/// Parts of one file in flight to the object store at once.
-const PARTS_IN_FLIGHT: usize = 2;
+/// Parts of one file in flight to the object store at once, besides the one being filled.
+const PARTS_IN_FLIGHT: usize = 1;
 
 /// The name under which a file's lines are grouped: a resource type, or the error files.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -60,7 +60,7 @@ struct OpenFile {
 
 /// The files of one running export. At most `open_files` files are open at once (the least
 /// recently written is closed to make room), each buffering at most one part plus
-/// [`PARTS_IN_FLIGHT`] parts in flight, so memory stays bounded whatever the export's size.
+/// [`PARTS_IN_FLIGHT`] part in flight, so memory stays bounded whatever the export's size.
 ///
 /// Dropped before [`finish`](Self::finish) (a cancelled, failed or stopped export), it aborts
 /// its uploads and removes every file it wrote, in the background.
@@ -165,6 +165,12 @@ impl FileSet {
         let Some(file) = self.open.last_mut() else {
             return Ok(());
         };
+        if !file.staged.is_empty() && file.staged.len() + line.len() + 1 > STAGE {
+            // Chunks of a fixed size: a frozen chunk keeps its whole allocation, so it must
+            // not be one grown by doubling.
+            let chunk = std::mem::replace(&mut file.staged, BytesMut::with_capacity(STAGE));
+            file.writer.put(chunk.freeze()).await?;
+        }
         file.staged.extend_from_slice(line);
         file.staged.extend_from_slice(b"\n");
         file.entry.count += 1;
@@ -179,10 +185,6 @@ impl FileSet {
                 Some((_, count)) => *count += 1,
                 None => file.entry.severities.push((severity.to_owned(), 1)),
             }
-        }
-        if file.staged.len() >= STAGE {
-            let chunk = file.staged.split().freeze();
-            file.writer.put(chunk).await?;
         }
         Ok(())
     }
@@ -212,7 +214,7 @@ impl FileSet {
                 severities: Vec::new(),
             },
             writer,
-            staged: BytesMut::new(),
+            staged: BytesMut::with_capacity(STAGE),
         }
     }
 
