@@ -704,6 +704,153 @@ async fn results_survive_a_restart<B: Backend>(backend: Arc<B>) {
     );
 }
 
+/// Resources per type that `export_app`'s `$export` streams.
+const EXPORTED: [(&str, usize); 3] = [("Patient", 120), ("Observation", 300), ("Encounter", 45)];
+
+/// A router whose `GET /fhir/$export` streams NDJSON, type after type.
+fn export_app(layer: AsyncLayer) -> Router {
+    Router::new()
+        .route(
+            "/fhir/$export",
+            axum::routing::get(|| async {
+                let mut body = String::new();
+                for (kind, count) in EXPORTED {
+                    for i in 0..count {
+                        body.push_str(&format!(r#"{{"resourceType":"{kind}","id":"{kind}-{i}"}}"#));
+                        body.push('\n');
+                    }
+                }
+                (
+                    [(http::header::CONTENT_TYPE, "application/fhir+ndjson")],
+                    body,
+                )
+            }),
+        )
+        .layer(layer)
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .flat_map(|entry| {
+            let path = entry.path();
+            if path.is_dir() {
+                files_under(&path)
+            } else {
+                vec![path]
+            }
+        })
+        .collect()
+}
+
+/// Issue #4 items 7 and 8, BULK-8, BULK-13, CANCEL-5: a bulk export run on A, with its files in a
+/// folder both instances share, is polled, downloaded and deleted through B.
+async fn bulk_files_through_another_instance<B: Backend>(backend: Arc<B>) {
+    let client = TestClient::default();
+    let dir = std::env::temp_dir().join(format!("tower-fhir-async-shared-{}", JobId::new()));
+    std::fs::create_dir_all(&dir).expect("a temporary folder");
+    let files: Arc<dyn tower_fhir_async::object_store::ObjectStore> = Arc::new(
+        tower_fhir_async::object_store::local::LocalFileSystem::new_with_prefix(&dir)
+            .expect("a local file store")
+            .with_automatic_cleanup(true),
+    );
+    let instance = |name: &str, store| {
+        AsyncLayer::builder(store)
+            .base_url(BASE)
+            .instance_id(format!("{name}-{}", JobId::new()))
+            .file_store(files.clone())
+            .build()
+    };
+    let a = serve(export_app(instance("a", backend.connect().await))).await;
+    let b = serve(export_app(instance("b", backend.connect().await))).await;
+
+    let kicked = client
+        .send(
+            Method::GET,
+            &a.url("/fhir/$export"),
+            &[("prefer", "respond-async")],
+            "",
+        )
+        .await;
+    let path = status_path(&kicked);
+    backend.track(job_id(&path));
+    let done = client.poll_until_done(&b.url(&path), 500).await;
+    assert_eq!(
+        done.status,
+        StatusCode::OK,
+        "the manifest through B: {done:?}"
+    );
+    assert_eq!(done.header("content-type"), "application/json", "{done:?}");
+    let manifest = done.json();
+    let output = manifest["output"].as_array().expect("output[]").clone();
+    let mut seen = std::collections::BTreeMap::new();
+    for file in &output {
+        let url = file["url"].as_str().expect("a file url");
+        let file_path = &url[url.find("/fhir/").expect("a path under the base")..];
+        let reply = client.get(&b.url(file_path)).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "{file_path} through B: {reply:?}"
+        );
+        let text = String::from_utf8_lossy(&reply.body).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            Some(lines.len() as u64),
+            file["count"].as_u64(),
+            "count of {file_path}"
+        );
+        for line in lines {
+            let resource: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+            assert_eq!(resource["resourceType"], file["type"], "{line}");
+        }
+        *seen
+            .entry(file["type"].as_str().unwrap_or_default().to_owned())
+            .or_insert(0) += file["count"].as_u64().unwrap_or_default() as usize;
+    }
+    for (kind, count) in EXPORTED {
+        assert_eq!(
+            seen.get(kind),
+            Some(&count),
+            "{kind} resources in {manifest}"
+        );
+    }
+    assert!(
+        !files_under(&dir).is_empty(),
+        "the files are in the shared folder"
+    );
+
+    let deleted = client.delete(&b.url(&path)).await;
+    assert_eq!(
+        deleted.status,
+        StatusCode::ACCEPTED,
+        "DELETE through B: {deleted:?}"
+    );
+    let started = Instant::now();
+    while !files_under(&dir).is_empty() {
+        assert!(
+            started.elapsed() < SETUP_WAIT,
+            "files left after the DELETE: {:?}",
+            files_under(&dir)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first = output[0]["url"].as_str().unwrap_or_default();
+    let gone = client
+        .get(&a.url(&first[first.find("/fhir/").unwrap_or(0)..]))
+        .await;
+    assert_eq!(
+        gone.status,
+        StatusCode::NOT_FOUND,
+        "a deleted job's file on A: {gone:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The demo server, run as a child process; killed (SIGKILL) and reaped when dropped.
 struct Demo {
     child: Child,
@@ -1026,5 +1173,25 @@ async fn item_4_status_10_postgres_jobs_of_a_killed_process_fail_as_transient() 
     run(PostgresBackend::open_for_demo().await, |backend| {
         jobs_of_a_killed_instance_fail(backend, "postgres")
     })
+    .await;
+}
+
+// Issue #4 item 7, BULK-13, CANCEL-5: an export run on A is served and deleted by B (Redis).
+#[tokio::test(flavor = "multi_thread")]
+async fn item_7_bulk_13_redis_bulk_files_through_another_instance() {
+    run(
+        RedisBackend::open("bulk").await,
+        bulk_files_through_another_instance,
+    )
+    .await;
+}
+
+// Issue #4 item 7, BULK-13, CANCEL-5 on PostgreSQL.
+#[tokio::test(flavor = "multi_thread")]
+async fn item_7_bulk_13_postgres_bulk_files_through_another_instance() {
+    run(
+        PostgresBackend::open("bulk").await,
+        bulk_files_through_another_instance,
+    )
     .await;
 }

@@ -19,6 +19,8 @@ FLAGS:
     --store BACKEND       job store for the async layer: `memory` (default), or, to share
                           jobs between several servers, `redis://HOST:PORT` (build with
                           --features redis) or `postgres://USER@HOST/DB` (--features postgres)
+    --files DIR           keep bulk export files in folder DIR (created if missing) instead of
+                          memory; give servers that share a --store the same DIR
     --auth                require `Authorization: Bearer <client-id>` on every request, and
                           bind each async job to the client that started it (another
                           client polling or cancelling it gets 404)
@@ -36,6 +38,8 @@ pub(crate) struct Options {
     pub(crate) auth: bool,
     pub(crate) reindex: Duration,
     pub(crate) store: StoreChoice,
+    /// Where bulk export files go; `None`: in memory.
+    pub(crate) files: Option<std::path::PathBuf>,
 }
 
 /// Where the async layer keeps its jobs.
@@ -103,6 +107,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, U
         auth: false,
         reindex: Duration::from_secs(10),
         store: StoreChoice::Memory,
+        files: None,
     };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -143,6 +148,13 @@ pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, U
             }
             "--store" => {
                 options.store = store_choice(&value("BACKEND")?)?;
+            }
+            "--files" => {
+                let raw = value("DIR")?;
+                if raw.trim().is_empty() {
+                    return Err(UsageError("--files needs a folder: --files DIR".into()));
+                }
+                options.files = Some(raw.into());
             }
             "--auth" => {
                 if inline.is_some() {

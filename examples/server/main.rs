@@ -117,6 +117,24 @@ async fn main() -> ExitCode {
         },
     };
     let mut builder = builder.base_url(&public_base);
+    if let Some(dir) = &options.files {
+        // Bulk files in a folder: servers sharing a job store and this folder serve each
+        // other's exports.
+        let files = std::fs::create_dir_all(dir)
+            .map_err(|err| err.to_string())
+            .and_then(|()| {
+                tower_fhir_async::object_store::local::LocalFileSystem::new_with_prefix(dir)
+                    .map(|files| files.with_automatic_cleanup(true))
+                    .map_err(|err| err.to_string())
+            });
+        match files {
+            Ok(files) => builder = builder.file_store(std::sync::Arc::new(files)),
+            Err(err) => {
+                eprintln!("error: cannot keep bulk files in {}: {err}", dir.display());
+                return ExitCode::from(2);
+            }
+        }
+    }
     if options.auth {
         // SEC-10: each job belongs to the client that started it; another client's poll or
         // cancel gets the same 404 as a job that does not exist.
