@@ -198,6 +198,19 @@ pub(crate) fn has_prefer(headers: &HeaderMap) -> bool {
     headers.contains_key(PREFER)
 }
 
+/// Whether some `Prefer` line contains the text `respond-async` in any case: without it no
+/// element can be `respond-async` (names are tokens, matched case-insensitively), so requests
+/// with other preferences skip the parse.
+pub(crate) fn mentions_respond_async(headers: &HeaderMap) -> bool {
+    const NAME: &[u8] = b"respond-async";
+    headers.get_all(PREFER).iter().any(|value| {
+        value
+            .as_bytes()
+            .windows(NAME.len())
+            .any(|window| window.eq_ignore_ascii_case(NAME))
+    })
+}
+
 /// Splits at the first `sep` outside a quoted string.
 fn split_top(input: &[u8], sep: u8) -> (&[u8], Option<&[u8]>) {
     let mut quoted = false;
@@ -340,6 +353,27 @@ mod tests {
     }
 
     #[test]
+    fn mentions_respond_async_is_a_sound_shortcut() {
+        for lines in [
+            &["respond-async"][..],
+            &["RESPOND-ASYNC; foo=bar"],
+            &["return=minimal", "wait=10, Respond-Async"],
+            &["foo=\"respond-async\""],
+        ] {
+            assert!(mentions_respond_async(&headers(lines)), "{lines:?}");
+        }
+        for lines in [
+            &["return=minimal"][..],
+            &["respond_async"],
+            &["wait=5", "handling=lenient"],
+        ] {
+            let headers = headers(lines);
+            assert!(!mentions_respond_async(&headers), "{lines:?}");
+            assert!(!AsyncPreferences::from_headers(&headers).respond_async);
+        }
+    }
+
+    #[test]
     fn non_utf8_lines_do_not_hide_respond_async() {
         let mut map = HeaderMap::new();
         map.append(
@@ -351,6 +385,20 @@ mod tests {
     }
 
     proptest! {
+        // The pass-through shortcut never hides a `respond-async` the parser would find.
+        #[test]
+        fn respond_async_is_never_missed_by_the_shortcut(
+            line in "(respond-async|Respond-ASYNC|respond|async|wait=1|return=minimal|[,; \"=-]|x){0,8}"
+        ) {
+            if let Ok(value) = HeaderValue::from_str(&line) {
+                let mut map = HeaderMap::new();
+                map.append(PREFER, value);
+                if AsyncPreferences::from_headers(&map).respond_async {
+                    prop_assert!(mentions_respond_async(&map));
+                }
+            }
+        }
+
         // PREFER-4: no input makes the parser panic; forwarding never yields an invalid header.
         #[test]
         fn prefer_4_never_panics(bytes in proptest::collection::vec(32u8..=255, 0..200)) {

@@ -97,7 +97,9 @@ where
             return ResponseFuture::own(Box::pin(routes::handle(self.shared.clone(), parts)));
         }
 
-        let preferences = if prefer::has_prefer(request.headers()) {
+        let preferences = if prefer::has_prefer(request.headers())
+            && prefer::mentions_respond_async(request.headers())
+        {
             AsyncPreferences::from_headers(request.headers())
         } else {
             AsyncPreferences::default()

@@ -277,14 +277,23 @@ impl Drop for FileSet {
     }
 }
 
-/// Removes every object under `dir`.
+/// Removes every object under `dir`. An object already gone (another cleanup got there first)
+/// counts as removed; other failures do not stop the rest, and the last one is returned.
 pub(crate) async fn remove_dir(store: &dyn ObjectStore, dir: &Path) -> Result<usize, BoxError> {
     let locations = store.list(Some(dir)).map_ok(|meta| meta.location).boxed();
-    let removed = store
-        .delete_stream(locations)
-        .try_fold(0usize, |n, _| async move { Ok(n + 1) })
-        .await?;
-    Ok(removed)
+    let mut results = store.delete_stream(locations);
+    let mut removed = 0;
+    let mut failure = None;
+    while let Some(result) = results.next().await {
+        match result {
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => removed += 1,
+            Err(error) => failure = Some(error),
+        }
+    }
+    match failure {
+        Some(error) => Err(error.into()),
+        None => Ok(removed),
+    }
 }
 
 /// Removes a job's files (CANCEL-5, EXPIRE-2); failures are logged, the sweeper retries.
