@@ -24,13 +24,20 @@ impl Action {
     }
 }
 
-/// Records one audit event.
+/// Records one audit event, and counts it in `fhir_async_requests_total` (labels `action`,
+/// `outcome`).
 pub(crate) fn event(
     action: Action,
     id: Option<JobId>,
     caller: Option<&str>,
     outcome: &'static str,
 ) {
+    metrics::counter!(
+        crate::meters::REQUESTS,
+        "action" => action.as_str(),
+        "outcome" => outcome,
+    )
+    .increment(1);
     tracing::info!(
         target: "tower_fhir_async::audit",
         action = action.as_str(),

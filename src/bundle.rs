@@ -186,7 +186,7 @@ fn binary(response: &StoredResponse) -> serde_json::Value {
 }
 
 /// `"201 Created"`: the code, then the reason phrase when there is one (BUNDLE-5).
-fn status_line(status: StatusCode) -> String {
+pub(crate) fn status_line(status: StatusCode) -> String {
     match status.canonical_reason() {
         Some(reason) => format!("{} {reason}", status.as_u16()),
         None => status.as_u16().to_string(),

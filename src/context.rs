@@ -5,6 +5,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::Admission;
@@ -54,6 +55,8 @@ pub(crate) struct JobShared {
     started: AtomicBool,
     /// Set when progress changed since it was last written to the store.
     progress_changed: AtomicBool,
+    /// Counts changes a poller can see (progress, the end of the job), for long polls.
+    changes: watch::Sender<u64>,
 }
 
 impl JobShared {
@@ -65,6 +68,7 @@ impl JobShared {
             admission: Mutex::new(None),
             started: AtomicBool::new(false),
             progress_changed: AtomicBool::new(false),
+            changes: watch::Sender::new(0),
         })
     }
 
@@ -79,6 +83,16 @@ impl JobShared {
     pub(crate) fn release(&self) {
         let admission = self.admission.lock().ok().and_then(|mut held| held.take());
         drop(admission);
+    }
+
+    /// Wakes long polls: the job has ended (its outcome is recorded, or it was dropped).
+    pub(crate) fn mark_changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that sees every later change of progress or state.
+    pub(crate) fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     pub(crate) fn mark_started(&self) {
@@ -111,9 +125,16 @@ impl JobShared {
                 }
             })
             .collect();
-        if let Ok(mut progress) = self.progress.lock() {
-            *progress = Some(clean);
-            self.progress_changed.store(true, Ordering::Release);
+        let changed = match self.progress.lock() {
+            Ok(mut progress) if progress.as_deref() != Some(&*clean) => {
+                *progress = Some(clean);
+                self.progress_changed.store(true, Ordering::Release);
+                true
+            }
+            _ => false,
+        };
+        if changed {
+            self.mark_changed();
         }
     }
 

@@ -13,12 +13,17 @@ use crate::body::{OwnBody, ResponseBody};
 
 pub(crate) type OwnFuture = Pin<Box<dyn Future<Output = Response<OwnBody>> + Send>>;
 
+/// The inner call for `GET [base]/metadata` when the layer declares itself in it (CAP-4): it can
+/// fail with the inner service's error, and its body may be rewritten.
+pub(crate) type CapabilityFuture<E> =
+    Pin<Box<dyn Future<Output = Result<Response<OwnBody>, E>> + Send>>;
+
 pin_project! {
     /// The future of [`AsyncService`](crate::AsyncService).
     ///
     /// A passed-through request drives its own clone of the inner service to readiness, calls
     /// it, and polls the inner future in place, unboxed. Only the layer's own work (kick-off,
-    /// status, cancel) is boxed.
+    /// status, cancel, a CapabilityStatement it declares itself in) is boxed.
     pub struct ResponseFuture<S, R>
     where
         S: Service<R>,
@@ -49,6 +54,9 @@ pin_project! {
         Own {
             fut: OwnFuture,
         },
+        Capability {
+            fut: CapabilityFuture<S::Error>,
+        },
     }
 }
 
@@ -66,6 +74,12 @@ impl<S: Service<R>, R> ResponseFuture<S, R> {
     pub(crate) fn own(fut: OwnFuture) -> Self {
         Self {
             kind: Kind::Own { fut },
+        }
+    }
+
+    pub(crate) fn capability(fut: CapabilityFuture<S::Error>) -> Self {
+        Self {
+            kind: Kind::Capability { fut },
         }
     }
 }
@@ -102,6 +116,10 @@ where
                 }
                 KindProj::Own { fut } => {
                     return Poll::Ready(Ok(ready!(fut.as_mut().poll(cx)).map(ResponseBody::own)));
+                }
+                KindProj::Capability { fut } => {
+                    let response = ready!(fut.as_mut().poll(cx))?;
+                    return Poll::Ready(Ok(response.map(ResponseBody::own)));
                 }
             }
         }

@@ -119,6 +119,9 @@ pub enum JobKind {
     /// The asynchronous bulk data request pattern: the result is written to NDJSON files, and
     /// completion is a manifest listing them.
     Bulk,
+    /// The bulk pattern, kicked off with `Prefer: separate-export-status` (PREFER-13): every
+    /// status response is `200` and carries the job's own status in `X-Export-Status`.
+    BulkSeparateStatus,
 }
 
 impl JobKind {
@@ -127,7 +130,13 @@ impl JobKind {
         match self {
             Self::Interaction => "interaction",
             Self::Bulk => "bulk",
+            Self::BulkSeparateStatus => "bulk-separate-export-status",
         }
+    }
+
+    /// Whether the job follows the bulk data pattern.
+    pub const fn is_bulk(self) -> bool {
+        matches!(self, Self::Bulk | Self::BulkSeparateStatus)
     }
 
     /// The kind named by [`as_str`](Self::as_str).
@@ -135,6 +144,7 @@ impl JobKind {
         match name {
             "interaction" => Some(Self::Interaction),
             "bulk" => Some(Self::Bulk),
+            "bulk-separate-export-status" => Some(Self::BulkSeparateStatus),
             _ => None,
         }
     }

@@ -18,13 +18,13 @@ use crate::body::RequestBody;
 use crate::bulk::{self, export::ExportSpec};
 use crate::context::JobContext;
 use crate::future::add_vary_prefer;
-use crate::job::{JobId, JobKind, JobRecord};
+use crate::job::{JobId, JobKind, JobRecord, JobState};
 use crate::layer::{RequestHead, Shared};
 use crate::media;
 use crate::outcome::{self, IssueCode, NO_STORE, error_response};
 use crate::prefer::{self, PREFERENCE_APPLIED};
 use crate::runner::{self, Work};
-use crate::store::BoxError;
+use crate::store::{BoxError, Created, MAX_IDEMPOTENCY_KEY_LEN};
 use crate::watcher;
 
 /// How long a client should wait before retrying a refused kick-off.
@@ -91,6 +91,12 @@ where
     if config.caller.is_some() && caller.is_none() {
         return Err(refuse(anonymous(), "no-caller"));
     }
+    // Idempotent kick-offs are scoped to the caller, so without caller binding the header is
+    // ignored: anyone could otherwise learn another client's status URL by guessing its key.
+    let once = match idempotency_key(&parts.headers) {
+        Err(refusal) => return Err(refuse(*refusal, "bad-idempotency-key")),
+        Ok(key) => key.filter(|_| caller.is_some()),
+    };
     let bulk_hint = config.bulk.enabled && bulk::may_be_bulk(&config.bulk, &parts.uri);
     if let Some(refusal) = check_format(&parts.uri, &parts.headers, bulk_hint) {
         return Err(refuse(refusal, "not-acceptable"));
@@ -126,6 +132,7 @@ where
         }
     };
     // SEL-3…6: `_outputFormat` (query, form or Parameters body) or a bulk operation.
+    let preferences = prefer::AsyncPreferences::from_headers(&parts.headers);
     let export = bulk::select(&config.bulk, &parts, &body)
         .map_err(|refusal| refuse(refusal.response(), "bulk-refused"))?;
 
@@ -146,7 +153,13 @@ where
                 public_base: base.clone(),
             };
             let body = bulk::inner_request(&config.bulk, &mut parts, body);
-            (JobKind::Bulk, Work::Bulk(spec), body)
+            // PREFER-13: every status response is then `200` + `X-Export-Status`.
+            let kind = if preferences.separate_export_status {
+                JobKind::BulkSeparateStatus
+            } else {
+                JobKind::Bulk
+            };
+            (kind, Work::Bulk(spec), body)
         }
     };
     let record = JobRecord::new(id, kind, parts.method.as_str(), target, runner.clock.now())
@@ -166,26 +179,123 @@ where
     };
     parts.extensions.insert(JobContext::new(job.clone()));
     let replay = Request::from_parts(parts, RequestBody::buffered(body));
+    // PREFER-8: with `wait=N`, the answer may be the job's own, if it ends in time.
+    let wait = preferences
+        .wait
+        .map(|seconds| Duration::from_secs(seconds).min(config.max_wait))
+        .filter(|wait| !wait.is_zero() && !kind.is_bulk());
+    let changes = wait.map(|_| job.changes());
+    let applied = if kind == JobKind::BulkSeparateStatus {
+        HeaderValue::from_static("respond-async, separate-export-status")
+    } else {
+        HeaderValue::from_static("respond-async")
+    };
 
     // KICK-9: the job is recorded before the 202, so the first poll can never 404.
     let (recorded, was_recorded) = oneshot::channel();
     runner::spawn(
         shared.clone(),
         job,
-        (record, work),
+        (record, work, once),
         admission,
         recorded,
         inner,
         replay,
     );
-    if !matches!(was_recorded.await, Ok(Ok(()))) {
-        let unavailable = outcome::unavailable(
-            "The job store is temporarily unavailable; send the request again later.",
-            KICK_OFF_RETRY,
-        );
-        return Err(refuse(unavailable, "store-unavailable"));
+    match was_recorded.await {
+        Ok(Ok(Created::New)) => {}
+        Ok(Ok(Created::Existing(existing))) => {
+            // A repeat (same caller, same `Idempotency-Key`) of a live job: its status URL.
+            let url = config.status_url(&base, &existing);
+            return Ok((accepted(&url, is_get_or_head, applied), existing));
+        }
+        _ => {
+            let unavailable = outcome::unavailable(
+                "The job store is temporarily unavailable; send the request again later.",
+                KICK_OFF_RETRY,
+            );
+            return Err(refuse(unavailable, "store-unavailable"));
+        }
     }
-    Ok((accepted(&status_url, is_get_or_head), id))
+    if let (Some(wait), Some(changes)) = (wait, changes) {
+        if let Some(mut answer) = answer_in_time(shared, id, wait, changes).await {
+            if is_get_or_head {
+                add_vary_prefer(answer.headers_mut());
+            }
+            return Ok((answer, id));
+        }
+    }
+    Ok((accepted(&status_url, is_get_or_head, applied), id))
+}
+
+/// PREFER-8: waits up to `wait` for the job to end; if it did, its inner response is the
+/// answer, as a synchronous call's would have been, and the job is forgotten (no status URL
+/// was given out).
+async fn answer_in_time(
+    shared: &Shared,
+    id: JobId,
+    wait: Duration,
+    mut changes: tokio::sync::watch::Receiver<u64>,
+) -> Option<Response<Bytes>> {
+    let runner = &shared.runner;
+    let ended = async {
+        loop {
+            // The job's end is its last change; a progress report is not the end.
+            if changes.changed().await.is_err() || runner.changes(&id).is_none() {
+                return;
+            }
+        }
+    };
+    if tokio::time::timeout(wait, ended).await.is_err() {
+        return None;
+    }
+    let now = runner.clock.now();
+    let record = runner.store.get(&id, now).await.ok().flatten()?;
+    let (JobState::Completed(response) | JobState::Failed(response)) = record.state else {
+        return None;
+    };
+    // Taken back: nobody has this job's status URL.
+    let _ = runner.store.cancel(&id, now).await;
+    let mut reply = Response::new(response.body);
+    *reply.status_mut() = response.status;
+    for (name, value) in response.headers {
+        reply.headers_mut().append(name, value);
+    }
+    Some(reply)
+}
+
+/// The `Idempotency-Key` request header.
+const IDEMPOTENCY_KEY: header::HeaderName = header::HeaderName::from_static("idempotency-key");
+
+/// The kick-off's `Idempotency-Key`: one value, 1 to 255 visible characters (quotes, as the
+/// IETF draft writes keys, are part of the key); `400` otherwise.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Box<Response<Bytes>>> {
+    let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    let invalid = |why: &str| {
+        Box::new(error_response(
+            StatusCode::BAD_REQUEST,
+            IssueCode::Invalid,
+            why,
+        ))
+    };
+    if values.next().is_some() {
+        return Err(invalid(
+            "Idempotency-Key is given more than once; send one key.",
+        ));
+    }
+    let key = value.to_str().map(str::trim).unwrap_or_default();
+    if key.is_empty()
+        || key.len() > MAX_IDEMPOTENCY_KEY_LEN
+        || !key.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(invalid(&format!(
+            "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters without spaces."
+        )));
+    }
+    Ok(Some(key.to_owned()))
 }
 
 /// No configured base URL and no usable `Host`: absolute URLs cannot be built.
@@ -251,17 +361,14 @@ fn recorded_target(uri: &Uri) -> String {
 }
 
 /// `202 Accepted` + absolute `Content-Location` (KICK-2, KICK-3, KICK-10, PREFER-10).
-fn accepted(status_url: &str, vary: bool) -> Response<Bytes> {
+fn accepted(status_url: &str, vary: bool, applied: HeaderValue) -> Response<Bytes> {
     let mut response = Response::new(Bytes::new());
     *response.status_mut() = StatusCode::ACCEPTED;
     let headers = response.headers_mut();
     if let Ok(location) = HeaderValue::from_str(status_url) {
         headers.insert(CONTENT_LOCATION, location);
     }
-    headers.insert(
-        PREFERENCE_APPLIED,
-        HeaderValue::from_static("respond-async"),
-    );
+    headers.insert(PREFERENCE_APPLIED, applied);
     headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
     headers.insert(CACHE_CONTROL, NO_STORE);
     if vary {

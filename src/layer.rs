@@ -209,12 +209,17 @@ pub(crate) struct Config {
     pub(crate) max_retry_after: Duration,
     pub(crate) max_run_time: Option<Duration>,
     pub(crate) eligible: Option<Arc<Predicate>>,
+    /// Declare asynchronous support in `GET [base]/metadata` (CAP-4).
+    pub(crate) declare_async: bool,
     /// Who is calling, when jobs are bound to their callers (SEC-10).
     pub(crate) caller: Option<Arc<Identify>>,
     /// The answer to another caller's status, cancel or file request: 404 (default) or 403.
     pub(crate) foreign_status: StatusCode,
     pub(crate) body_timeout: Duration,
     pub(crate) bulk: BulkConfig,
+    /// The longest a kick-off (`Prefer: wait`) or a status poll (long poll) is held.
+    pub(crate) max_wait: Duration,
+    pub(crate) completion: CompletionMode,
 }
 
 impl Config {
@@ -283,9 +288,24 @@ impl fmt::Debug for Config {
             .field("max_retry_after", &self.max_retry_after)
             .field("max_run_time", &self.max_run_time)
             .field("eligible", &self.eligible.as_ref().map(|_| "custom"))
+            .field("declare_async", &self.declare_async)
             .field("bulk", &self.bulk)
             .finish()
     }
+}
+
+/// How a finished interaction job is delivered to its poller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum CompletionMode {
+    /// `200` at the status URL with a `batch-response` Bundle whose entry wraps the inner
+    /// response (FHIR R5's asynchronous interaction pattern).
+    #[default]
+    Bundle,
+    /// `303 See Other` from the status URL to `{status URL}/result`, which answers exactly what
+    /// the synchronous call would have (status, the kept headers, body), as often as asked
+    /// until the job expires (the FHIR API Incubator's redirect design, FUT-1…7).
+    Redirect,
 }
 
 /// Configures an [`AsyncLayer`]. Setters consume and return the builder.
@@ -301,6 +321,7 @@ impl fmt::Debug for Config {
 /// | [`max_retry_after`](Self::max_retry_after) | 30 s |
 /// | [`max_run_time`](Self::max_run_time) | none |
 /// | [`eligible`](Self::eligible) | every request but `GET [base]/metadata` |
+/// | [`declare_async`](Self::declare_async) | off: `GET [base]/metadata` passes unchanged |
 /// | [`caller`](Self::caller) | jobs not bound to callers |
 /// | [`foreign_job_status`](Self::foreign_job_status) | 404 |
 /// | [`max_running_jobs`](Self::max_running_jobs) | no limit |
@@ -309,6 +330,8 @@ impl fmt::Debug for Config {
 /// | [`body_timeout`](Self::body_timeout) | 60 s |
 /// | [`lease`](Self::lease) | 30 s |
 /// | [`instance_id`](Self::instance_id) | random |
+/// | [`max_wait`](Self::max_wait) | zero: `Prefer: wait` is not honoured |
+/// | [`completion`](Self::completion) | [`CompletionMode::Bundle`] |
 /// | [`bulk`](Self::bulk) | on |
 /// | [`bulk_operations`](Self::bulk_operations) | `$export` |
 /// | [`file_store`](Self::file_store) | an in-memory store per layer |
@@ -335,6 +358,7 @@ pub struct AsyncLayerBuilder {
     max_retry_after: Duration,
     max_run_time: Option<Duration>,
     eligible: Option<Arc<Predicate>>,
+    declare_async: bool,
     lease: Duration,
     instance_id: Option<String>,
     caller: Option<Arc<Identify>>,
@@ -343,6 +367,8 @@ pub struct AsyncLayerBuilder {
     max_jobs_per_caller: Option<usize>,
     min_poll_interval: Option<Duration>,
     body_timeout: Duration,
+    max_wait: Duration,
+    completion: CompletionMode,
     bulk: bool,
     bulk_operations: Vec<String>,
     file_store: Option<Arc<dyn ObjectStore>>,
@@ -369,6 +395,7 @@ impl AsyncLayerBuilder {
             max_retry_after: Duration::from_secs(30),
             max_run_time: None,
             eligible: None,
+            declare_async: false,
             lease: LEASE,
             instance_id: None,
             caller: None,
@@ -377,6 +404,8 @@ impl AsyncLayerBuilder {
             max_jobs_per_caller: None,
             min_poll_interval: None,
             body_timeout: Duration::from_secs(60),
+            max_wait: Duration::ZERO,
+            completion: CompletionMode::Bundle,
             bulk: true,
             bulk_operations: vec!["$export".to_owned()],
             file_store: None,
@@ -494,6 +523,37 @@ impl AsyncLayerBuilder {
         self
     }
 
+    /// Declares the layer in the wrapped server's CapabilityStatement (CAP-1, CAP-4): the
+    /// answer to `GET [base]/metadata` gets the `synchronicity-control` extension with
+    /// `valueUri` `either` on every `rest.resource.interaction`, `rest.resource.operation` and
+    /// `rest.operation` of a `server` entry that the layer would make asynchronous. With an
+    /// [`eligible`](Self::eligible) predicate, the predicate is asked about a request standing
+    /// for each entry (`read` is `GET [base]/{type}/x`, `create` is `POST [base]/{type}`, a type
+    /// operation `POST [base]/{type}/$name`, a system operation `POST [base]/$name`, …).
+    ///
+    /// Everything else in the statement stays byte for byte: the extension is spliced into the
+    /// original text, and an existing `synchronicity-control` extension is replaced rather than
+    /// repeated. `Content-Length` is set to the new length; `ETag` and digest headers, which
+    /// named the original bytes, are dropped; every other header stays. A statement that is not
+    /// JSON, compressed, over 8 MiB, not a `CapabilityStatement` or not readable passes through
+    /// unchanged, headers included. A `HEAD` answered with the body (as axum's handlers are,
+    /// before axum drops it) is rewritten like a `GET`; one answered without it loses
+    /// `Content-Length` and `ETag`, which the rewritten `GET` would not match. Default: off.
+    ///
+    /// ```
+    /// use tower_fhir_async::{AsyncLayer, MemoryStore};
+    ///
+    /// let layer = AsyncLayer::builder(MemoryStore::default())
+    ///     .base_url("https://fhir.example.org/fhir")
+    ///     .declare_async(true)
+    ///     .build();
+    /// # drop(layer);
+    /// ```
+    pub fn declare_async(mut self, declare: bool) -> Self {
+        self.declare_async = declare;
+        self
+    }
+
     /// Binds each job to its caller (SEC-10): `identify` names the caller of a request, usually
     /// from what an authentication layer outside this one left in the request extensions. The
     /// identity is recorded with the job; status, cancel and file requests from another caller,
@@ -590,6 +650,38 @@ impl AsyncLayerBuilder {
         self
     }
 
+    /// The longest the layer holds a request for `Prefer: wait=N` (capped at this; zero, the
+    /// default, ignores `wait`):
+    ///
+    /// - a kick-off with `Prefer: respond-async, wait=N` (PREFER-8) waits up to `N` seconds for
+    ///   its job; if the job ends in time, the client gets the inner response itself, as a
+    ///   synchronous call would have (no status URL), else the usual `202`. Bulk kick-offs are
+    ///   always `202`.
+    /// - a status poll with `Prefer: wait=N` (a long poll) of an unfinished job is answered when
+    ///   the job's progress or state changes, or after `N` seconds.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_fhir_async::{AsyncLayer, MemoryStore};
+    ///
+    /// let layer = AsyncLayer::builder(MemoryStore::default())
+    ///     .max_wait(Duration::from_secs(10))
+    ///     .build();
+    /// # drop(layer);
+    /// ```
+    pub fn max_wait(mut self, cap: Duration) -> Self {
+        self.max_wait = cap;
+        self
+    }
+
+    /// How a finished interaction job is delivered: as a `batch-response` Bundle at the status
+    /// URL (the default, FHIR R5), or by `303 See Other` to a result URL that answers exactly
+    /// what the synchronous call would have (the API Incubator's newer design, FUT-1…7).
+    pub fn completion(mut self, mode: CompletionMode) -> Self {
+        self.completion = mode;
+        self
+    }
+
     /// Whether the bulk data pattern is offered (SEL-3). When it is not, a kick-off with
     /// `_outputFormat` is refused with `400` + `not-supported` (SEL-4), and bulk operations such
     /// as `$export` run as interaction requests. Default: on.
@@ -630,7 +722,10 @@ impl AsyncLayerBuilder {
     /// use tower_fhir_async::{AsyncLayer, MemoryStore};
     ///
     /// # let dir = std::env::temp_dir();
-    /// let files = LocalFileSystem::new_with_prefix(&dir).expect("an existing folder");
+    /// // Automatic cleanup: removed exports leave no empty folders behind.
+    /// let files = LocalFileSystem::new_with_prefix(&dir)
+    ///     .expect("an existing folder")
+    ///     .with_automatic_cleanup(true);
     /// let layer = AsyncLayer::builder(MemoryStore::default())
     ///     .file_store(Arc::new(files))
     ///     .build();
@@ -826,10 +921,13 @@ impl AsyncLayerBuilder {
             max_retry_after: self.max_retry_after.max(Duration::from_secs(1)),
             max_run_time: self.max_run_time,
             eligible: self.eligible,
+            declare_async: self.declare_async,
             caller: self.caller,
             foreign_status: self.foreign_status,
             body_timeout: self.body_timeout,
             bulk,
+            max_wait: self.max_wait,
+            completion: self.completion,
         };
         let runner = Runner::new(self.store, Clock::new(), instance, self.lease);
         let quotas = Quotas::new(self.max_running_jobs, self.max_jobs_per_caller);

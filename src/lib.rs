@@ -54,6 +54,7 @@ mod audit;
 mod body;
 mod bulk;
 mod bundle;
+mod capability;
 mod clock;
 mod context;
 mod future;
@@ -61,6 +62,7 @@ mod job;
 mod kickoff;
 mod layer;
 mod media;
+mod meters;
 mod outcome;
 pub mod prefer;
 mod routes;
@@ -76,7 +78,7 @@ pub use bulk::ManifestFormat;
 pub use context::JobContext;
 pub use future::ResponseFuture;
 pub use job::{InvalidJobId, JobId, JobKind, JobOutcome, JobRecord, JobState, StoredResponse};
-pub use layer::{AsyncLayer, AsyncLayerBuilder, BuildError, RequestHead};
+pub use layer::{AsyncLayer, AsyncLayerBuilder, BuildError, CompletionMode, RequestHead};
 /// The `object_store` crate bulk data files are kept with, so that a store you build yourself
 /// (`LocalFileSystem`, S3, …) is of the matching version.
 pub use object_store;

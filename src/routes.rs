@@ -5,7 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, EXPIRES, RETRY_AFTER};
+use http::header::{
+    ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ETAG, EXPIRES, IF_NONE_MATCH, LOCATION,
+    RETRY_AFTER,
+};
 use http::request::Parts;
 use http::{HeaderName, HeaderValue, Method, Response, StatusCode};
 
@@ -14,14 +17,21 @@ use crate::body::OwnBody;
 use crate::bulk::{self, files};
 use crate::bundle;
 use crate::job::{JobId, JobKind, JobRecord, JobState};
-use crate::layer::{RequestHead, Shared};
+use crate::layer::{CompletionMode, RequestHead, Shared};
 use crate::outcome::{
     self, FHIR_JSON, IssueCode, NO_STORE, delta_seconds, error_response, job_not_found,
 };
+use crate::prefer;
 use crate::watcher;
 
 /// The `X-Progress` response header (STATUS-4).
 pub(crate) const X_PROGRESS: HeaderName = HeaderName::from_static("x-progress");
+
+/// The `X-Export-Status` response header (STATUS-17).
+const X_EXPORT_STATUS: HeaderName = HeaderName::from_static("x-export-status");
+
+/// How often a long poll of a job running on another instance reads the store again.
+const REMOTE_RECHECK: Duration = Duration::from_millis(250);
 
 /// How long a client should wait before retrying when the store is unavailable.
 const STORE_RETRY: Duration = Duration::from_secs(5);
@@ -118,7 +128,7 @@ async fn serve_file(
     if bulk.requires_access_token && !shared.config.may_access(record.owner.as_deref(), caller) {
         return (bytes(foreign(shared)), "denied");
     }
-    if record.kind != JobKind::Bulk || !matches!(record.state, JobState::Completed(_)) {
+    if !record.kind.is_bulk() || !matches!(record.state, JobState::Completed(_)) {
         return (bytes(file_not_found()), "not-found");
     }
     let head_only = parts.method == Method::HEAD;
@@ -158,6 +168,9 @@ async fn route(shared: &Shared, parts: &Parts) -> Response<Bytes> {
             "This is the prefix of asynchronous job status URLs; use the full URL from `Content-Location`.",
         );
     };
+    if let Some(id) = rest.strip_suffix("/result") {
+        return result(shared, parts, id).await;
+    }
     if !matches!(parts.method, Method::GET | Method::HEAD | Method::DELETE) {
         let mut response = error_response(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -191,27 +204,20 @@ async fn route(shared: &Shared, parts: &Parts) -> Response<Bytes> {
     response
 }
 
-/// `GET` on a status URL: 202 while running, 200 + Bundle when done (STATUS-3…5, BUNDLE-1);
-/// with the outcome for the audit trail.
+/// `GET` on a status URL: 202 while running, 200 + Bundle when done (STATUS-3…5, BUNDLE-1),
+/// the manifest or the failure of a bulk job (BULK-5…8), `303` to the result in redirect mode
+/// (FUT-1); `304` when `If-None-Match` names the current state, and a long poll with
+/// `Prefer: wait=N`. With the outcome for the audit trail.
 async fn status(
     shared: &Shared,
     id: JobId,
     parts: &Parts,
     caller: Option<&str>,
 ) -> (Response<Bytes>, &'static str) {
-    let runner = &shared.runner;
-    let now = runner.clock.now();
-    let record = match runner.store.get(&id, now).await {
+    let mut record = match read(shared, id).await {
         Ok(Some(record)) => record,
         Ok(None) => return (job_not_found(), "not-found"),
-        Err(error) => {
-            tracing::warn!(%error, "reading a job's status failed");
-            let reply = outcome::unavailable(
-                "The job store is temporarily unavailable; poll again later.",
-                STORE_RETRY,
-            );
-            return (reply, "store-unavailable");
-        }
+        Err(reply) => return (reply, "store-unavailable"),
     };
     // SEC-10: another caller's job looks like no job at all (or 403, if so configured).
     if !shared.config.may_access(record.owner.as_deref(), caller) {
@@ -221,11 +227,61 @@ async fn status(
     if let Some(Err(wait)) = shared.polls.as_ref().map(|polls| polls.check(id)) {
         return (too_fast(wait), "throttled");
     }
-    match &record.state {
-        JobState::Accepted | JobState::Running { .. } => {
-            (in_progress(shared, &record, now), "in-progress")
+    if !record.state.is_finished() {
+        if let Some(wait) = long_poll(shared, &parts.headers) {
+            record = match wait_for_change(shared, record, parts, wait).await {
+                Ok(Some(record)) => record,
+                Ok(None) => return (job_not_found(), "not-found"),
+                Err(reply) => return (reply, "store-unavailable"),
+            };
         }
-        JobState::Completed(manifest) if record.kind == JobKind::Bulk => {
+    }
+    let progress = shared
+        .runner
+        .local_progress(&record.id)
+        .or_else(|| record.progress.as_deref().map(Box::from));
+    let tag = etag(&record, progress.as_deref());
+    if not_modified(&parts.headers, &tag) {
+        return (
+            unchanged(shared, &record, progress.as_deref(), tag),
+            "not-modified",
+        );
+    }
+    let (mut reply, outcome) = render(shared, &record, progress.as_deref(), parts);
+    reply.headers_mut().insert(ETAG, tag);
+    (reply, outcome)
+}
+
+/// Reads a job; `Err` is the answer when the store is unavailable.
+async fn read(shared: &Shared, id: JobId) -> Result<Option<JobRecord>, Response<Bytes>> {
+    let runner = &shared.runner;
+    runner
+        .store
+        .get(&id, runner.clock.now())
+        .await
+        .map_err(|error| {
+            tracing::warn!(%error, "reading a job's status failed");
+            outcome::unavailable(
+                "The job store is temporarily unavailable; poll again later.",
+                STORE_RETRY,
+            )
+        })
+}
+
+/// A status response for the job as it is now.
+fn render(
+    shared: &Shared,
+    record: &JobRecord,
+    progress: Option<&str>,
+    parts: &Parts,
+) -> (Response<Bytes>, &'static str) {
+    let now = shared.runner.clock.now();
+    let separate = record.kind == JobKind::BulkSeparateStatus;
+    let (mut reply, outcome) = match &record.state {
+        JobState::Accepted | JobState::Running { .. } => {
+            (in_progress(shared, record, progress, now), "in-progress")
+        }
+        JobState::Completed(manifest) if record.kind.is_bulk() => {
             // BULK-8: the manifest, `application/json`, with `Expires` (EXPIRE-2).
             let mut reply = Response::new(manifest.body.clone());
             let headers = reply.headers_mut();
@@ -234,7 +290,7 @@ async fn status(
             insert_expires(headers, record.expires_at);
             (reply, "completed")
         }
-        JobState::Failed(failure) if record.kind == JobKind::Bulk => {
+        JobState::Failed(failure) if record.kind.is_bulk() => {
             // BULK-6: the failure's own status + OperationOutcome, with final issue codes.
             let mut reply = Response::new(bulk::export::final_outcome(&failure.body));
             *reply.status_mut() = bulk::export::final_status(failure.status);
@@ -243,10 +299,28 @@ async fn status(
             headers.insert(CACHE_CONTROL, NO_STORE);
             (reply, "failed")
         }
+        JobState::Completed(_) | JobState::Failed(_)
+            if shared.config.completion == CompletionMode::Redirect =>
+        {
+            // FUT-1: `303` to the result URL, empty body.
+            let base = shared.config.public_base(&parts.uri, &parts.headers);
+            let mut reply = Response::new(Bytes::new());
+            *reply.status_mut() = StatusCode::SEE_OTHER;
+            let headers = reply.headers_mut();
+            headers.insert(CACHE_CONTROL, NO_STORE);
+            let location = match base {
+                Some(base) => format!("{}/result", shared.config.status_url(&base, &record.id)),
+                None => format!("{}/result", parts.uri.path()),
+            };
+            if let Ok(location) = HeaderValue::from_str(&location) {
+                headers.insert(LOCATION, location);
+            }
+            (reply, "completed")
+        }
         JobState::Completed(response) | JobState::Failed(response) => {
             // Without a usable base (no configured URL, no Host on this poll) only `fullUrl` is lost.
             let base = shared.config.public_base(&parts.uri, &parts.headers);
-            let body = bundle::render(&id, response, record.finished_at, base.as_deref());
+            let body = bundle::render(&record.id, response, record.finished_at, base.as_deref());
             let mut reply = Response::new(body);
             let headers = reply.headers_mut();
             headers.insert(CONTENT_TYPE, FHIR_JSON);
@@ -254,7 +328,185 @@ async fn status(
             insert_expires(headers, record.expires_at);
             (reply, "completed")
         }
+    };
+    if separate {
+        // STATUS-17: the status of the poll itself is `200`; the job's is in `X-Export-Status`.
+        if let Ok(value) = HeaderValue::from_str(&bundle::status_line(reply.status())) {
+            reply.headers_mut().insert(X_EXPORT_STATUS, value);
+        }
+        *reply.status_mut() = StatusCode::OK;
     }
+    (reply, outcome)
+}
+
+/// The wait a status poll asks for with `Prefer: wait=N`, capped by `max_wait`; `None` when
+/// long polls are off or not asked for.
+fn long_poll(shared: &Shared, headers: &http::HeaderMap) -> Option<Duration> {
+    if shared.config.max_wait.is_zero() || !prefer::has_prefer(headers) {
+        return None;
+    }
+    let seconds = prefer::AsyncPreferences::from_headers(headers).wait?;
+    Some(Duration::from_secs(seconds).min(shared.config.max_wait)).filter(|w| !w.is_zero())
+}
+
+/// Holds a poll of an unfinished job until its progress or state changes, or `wait` passes.
+/// A job running here wakes the poll itself; for a job running on another instance the store
+/// is read again every [`REMOTE_RECHECK`].
+async fn wait_for_change(
+    shared: &Shared,
+    record: JobRecord,
+    parts: &Parts,
+    wait: Duration,
+) -> Result<Option<JobRecord>, Response<Bytes>> {
+    let id = record.id;
+    let runner = &shared.runner;
+    // Subscribed before the state is looked at, so no change falls between the two.
+    let local = runner.changes(&id);
+    let before = etag(
+        &record,
+        runner
+            .local_progress(&id)
+            .or_else(|| record.progress.as_deref().map(Box::from))
+            .as_deref(),
+    );
+    // A poll that already has what it would wait for: `If-None-Match` names another state.
+    if parts.headers.contains_key(IF_NONE_MATCH) && !not_modified(&parts.headers, &before) {
+        return Ok(Some(record));
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    match local {
+        Some(mut changes) => {
+            let _ = tokio::time::timeout_at(deadline, changes.changed()).await;
+        }
+        None => loop {
+            let next = (tokio::time::Instant::now() + REMOTE_RECHECK).min(deadline);
+            tokio::time::sleep_until(next).await;
+            match read(shared, id).await? {
+                Some(now) => {
+                    let progress = now.progress.clone();
+                    if now.state.is_finished()
+                        || etag(&now, progress.as_deref()) != before
+                        || next >= deadline
+                    {
+                        return Ok(Some(now));
+                    }
+                }
+                None => return Ok(None),
+            }
+        },
+    }
+    read(shared, id).await
+}
+
+/// A weak validator of what a poll would show: the state, the progress, when it ended. The same
+/// on every instance (a fixed hash), so a client that reaches another instance still gets `304`.
+fn etag(record: &JobRecord, progress: Option<&str>) -> HeaderValue {
+    const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const FNV_PRIME: u64 = 0x0100_0000_01b3;
+    let state = match &record.state {
+        // One state to a poller: both answer `202`.
+        JobState::Accepted | JobState::Running { .. } => "in-progress",
+        JobState::Completed(_) => "completed",
+        JobState::Failed(_) => "failed",
+    };
+    let finished = record
+        .finished_at
+        .and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis());
+    let text = format!("{state}|{}|{finished}", progress.unwrap_or_default());
+    let hash = text.bytes().fold(FNV_OFFSET, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(FNV_PRIME)
+    });
+    HeaderValue::from_str(&format!("W/\"{hash:016x}\""))
+        .unwrap_or(HeaderValue::from_static("W/\"0\""))
+}
+
+/// Whether `If-None-Match` names `tag` (weak comparison) or is `*`.
+fn not_modified(headers: &http::HeaderMap, tag: &HeaderValue) -> bool {
+    let tag = tag.to_str().unwrap_or_default();
+    let opaque = |t: &str| t.trim().trim_start_matches("W/").to_owned();
+    headers
+        .get_all(IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|candidate| candidate.trim() == "*" || opaque(candidate) == opaque(tag))
+}
+
+/// `304 Not Modified`: the headers the full answer would have carried that describe it, no body.
+fn unchanged(
+    shared: &Shared,
+    record: &JobRecord,
+    progress: Option<&str>,
+    tag: HeaderValue,
+) -> Response<Bytes> {
+    let mut reply = Response::new(Bytes::new());
+    *reply.status_mut() = StatusCode::NOT_MODIFIED;
+    let headers = reply.headers_mut();
+    headers.insert(ETAG, tag);
+    headers.insert(CACHE_CONTROL, NO_STORE);
+    if !record.state.is_finished() {
+        let full = in_progress(shared, record, progress, shared.runner.clock.now());
+        for name in [RETRY_AFTER, X_PROGRESS] {
+            if let Some(value) = full.headers().get(&name) {
+                headers.insert(name, value.clone());
+            }
+        }
+    } else {
+        insert_expires(headers, record.expires_at);
+    }
+    reply
+}
+
+/// `GET {status URL}/result` in redirect mode (FUT-2): exactly what the synchronous call would
+/// have answered, as often as asked until the job expires.
+async fn result(shared: &Shared, parts: &Parts, id: &str) -> Response<Bytes> {
+    let caller = shared.config.caller_of(&RequestHead::of(parts));
+    let id = JobId::parse(id);
+    let (reply, outcome) = match id {
+        _ if shared.config.completion != CompletionMode::Redirect => (job_not_found(), "not-found"),
+        None => (job_not_found(), "malformed-id"),
+        Some(_) if !matches!(parts.method, Method::GET | Method::HEAD) => {
+            let mut reply = error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                IssueCode::NotSupported,
+                &format!(
+                    "{} is not supported on a job's result URL; use GET or HEAD.",
+                    parts.method
+                ),
+            );
+            reply
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+            (reply, "method-not-allowed")
+        }
+        Some(id) => match read(shared, id).await {
+            Err(reply) => (reply, "store-unavailable"),
+            Ok(None) => (job_not_found(), "not-found"),
+            Ok(Some(record))
+                if !shared
+                    .config
+                    .may_access(record.owner.as_deref(), caller.as_deref()) =>
+            {
+                (foreign(shared), "denied")
+            }
+            Ok(Some(record)) => match record.state {
+                JobState::Completed(response) | JobState::Failed(response)
+                    if !record.kind.is_bulk() =>
+                {
+                    let mut reply = Response::new(response.body);
+                    *reply.status_mut() = response.status;
+                    for (name, value) in response.headers {
+                        reply.headers_mut().append(name, value);
+                    }
+                    (reply, "result")
+                }
+                _ => (job_not_found(), "not-found"),
+            },
+        },
+    };
+    audit::event(Action::Status, id, caller.as_deref(), outcome);
+    reply
 }
 
 fn insert_expires(headers: &mut http::HeaderMap, expires_at: Option<std::time::SystemTime>) {
@@ -295,7 +547,12 @@ fn too_fast(wait: Duration) -> Response<Bytes> {
 }
 
 /// `202 Accepted` with `Retry-After` growing with the job's age, and `X-Progress` when known.
-fn in_progress(shared: &Shared, record: &JobRecord, now: std::time::SystemTime) -> Response<Bytes> {
+fn in_progress(
+    shared: &Shared,
+    record: &JobRecord,
+    progress: Option<&str>,
+    now: std::time::SystemTime,
+) -> Response<Bytes> {
     let age = now.duration_since(record.created_at).unwrap_or_default();
     let retry = Duration::from_secs(age.as_secs() / 10)
         .clamp(Duration::from_secs(1), shared.config.max_retry_after);
@@ -304,11 +561,7 @@ fn in_progress(shared: &Shared, record: &JobRecord, now: std::time::SystemTime) 
     let headers = reply.headers_mut();
     headers.insert(RETRY_AFTER, delta_seconds(retry));
     headers.insert(CACHE_CONTROL, NO_STORE);
-    let progress = shared
-        .runner
-        .local_progress(&record.id)
-        .or_else(|| record.progress.as_deref().map(Box::from));
-    if let Some(value) = progress.and_then(|p| HeaderValue::from_str(&p).ok()) {
+    if let Some(value) = progress.and_then(|p| HeaderValue::from_str(p).ok()) {
         headers.insert(X_PROGRESS, value);
     }
     reply

@@ -27,8 +27,9 @@ use crate::clock::Clock;
 use crate::context::JobShared;
 use crate::job::{JobId, JobOutcome, JobRecord, StoredResponse};
 use crate::layer::Shared;
+use crate::meters;
 use crate::outcome::{FHIR_JSON, IssueCode, operation_outcome_bytes};
-use crate::store::{BoxError, DynStore, StoreError};
+use crate::store::{BoxError, Created, DynStore, StoreError};
 
 /// Inner response headers worth keeping with a result; the rest are hop-by-hop, recomputed,
 /// or (like `Set-Cookie`) must not be stored.
@@ -91,11 +92,19 @@ impl Runner {
             self.running.remove(&id);
             return None;
         }
+        metrics::gauge!(meters::RUNNING).increment(1.0);
         Some(job)
     }
 
     pub(crate) fn unregister(&self, id: &JobId) {
-        self.running.remove(id);
+        if self.running.remove(id).is_some() {
+            metrics::gauge!(meters::RUNNING).decrement(1.0);
+        }
+    }
+
+    /// Changes of a job running in this process (progress, its end), for long polls.
+    pub(crate) fn changes(&self, id: &JobId) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.running.get(id).map(|job| job.changes())
     }
 
     /// The live progress of a job running in this process.
@@ -177,9 +186,9 @@ pub(crate) enum Work {
 pub(crate) fn spawn<S, ReqB, ResB>(
     shared: Arc<Shared>,
     job: Arc<JobShared>,
-    (record, work): (JobRecord, Work),
+    (record, work, once): (JobRecord, Work, Option<String>),
     admission: Admission,
-    recorded: oneshot::Sender<Result<(), StoreError>>,
+    recorded: oneshot::Sender<Result<Created, StoreError>>,
     inner: S,
     request: Request<RequestBody<ReqB>>,
 ) where
@@ -201,12 +210,30 @@ pub(crate) fn spawn<S, ReqB, ResB>(
             shared: shared.clone(),
             job: job.clone(),
         };
-        if let Err(error) = shared.runner.store.create(record).await {
-            tracing::warn!(%error, "recording a new job failed");
-            let _ = recorded.send(Err(error));
+        let store = &shared.runner.store;
+        let created = match &once {
+            // Idempotent kick-off: a repeat of a live job names that job instead.
+            Some(key) => {
+                store
+                    .create_once(record, key, shared.runner.clock.now())
+                    .await
+            }
+            None => store.create(record).await.map(|()| Created::New),
+        };
+        let created = match created {
+            Ok(created) => created,
+            Err(error) => {
+                tracing::warn!(%error, "recording a new job failed");
+                let _ = recorded.send(Err(error));
+                return;
+            }
+        };
+        if let Created::Existing(existing) = created {
+            tracing::info!(%existing, "repeated kick-off (same Idempotency-Key); not run again");
+            let _ = recorded.send(Ok(created));
             return;
         }
-        if recorded.send(Ok(())).is_err() {
+        if recorded.send(Ok(Created::New)).is_err() {
             // The kick-off was dropped before it could answer (the client went away, or a
             // timeout fired): nobody has the status URL, and a retry must not run the work twice.
             let _ = shared
@@ -233,6 +260,7 @@ impl Drop for Registered {
     fn drop(&mut self) {
         self.job.release();
         self.shared.runner.unregister(&self.job.id);
+        self.job.mark_changed();
     }
 }
 
@@ -262,6 +290,7 @@ async fn run<S, ReqB, ResB>(
         Err(error) => tracing::warn!(%error, "could not mark the job running; running it anyway"),
     }
 
+    let started = tokio::time::Instant::now();
     let is_bulk = matches!(work, Work::Bulk(_));
     let execution = match work {
         Work::Interaction => Either::Left(execute(inner, request, shared.config.result_limit)),
@@ -286,14 +315,31 @@ async fn run<S, ReqB, ResB>(
         None => {
             // The store already dropped the job; dropping `execution` stopped the inner future.
             tracing::info!("asynchronous job cancelled; its work was stopped");
+            finished("cancelled", started);
             return;
         }
     };
+    let failed = matches!(outcome, JobOutcome::Failed(_));
     // Boxed: recording (with its retries) happens once, at the end; running jobs need not carry it.
-    if !Box::pin(record(&shared, id, outcome)).await && is_bulk {
+    let recorded = Box::pin(record(&shared, id, outcome)).await;
+    finished(
+        match (recorded, failed) {
+            (false, _) => "lost",
+            (true, false) => "completed",
+            (true, true) => "failed",
+        },
+        started,
+    );
+    if !recorded && is_bulk {
         // Cancelled meanwhile, or the outcome is lost: its files must not outlive it.
         bulk::files::remove_job(&shared.config.bulk, &id).await;
     }
+}
+
+/// Counts a job's end and its duration.
+fn finished(outcome: &'static str, started: tokio::time::Instant) {
+    metrics::counter!(meters::FINISHED, "outcome" => outcome).increment(1);
+    metrics::histogram!(meters::DURATION, "outcome" => outcome).record(started.elapsed());
 }
 
 /// Calls the inner service and keeps its response; every failure becomes a [`JobOutcome`].

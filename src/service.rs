@@ -10,6 +10,7 @@ use http_body::Body;
 use tower_service::Service;
 
 use crate::body::{OwnBody, RequestBody, ResponseBody};
+use crate::capability;
 use crate::future::ResponseFuture;
 use crate::kickoff::kick_off;
 use crate::layer::{RequestHead, Shared};
@@ -130,6 +131,15 @@ where
             // Ineligible, so processed synchronously (SEL-1); still, the inner service must not
             // see `respond-async`, or a second asynchronous layer could stack (SEL-7).
             prefer::strip_async_preferences(request.headers_mut());
+        }
+        // CAP-4: off by default, and then one flag test; the one request it takes is boxed.
+        if capability::is_declared(config, is_get_or_head, request.uri().path()) {
+            let inner = self.inner.clone();
+            let shared = self.shared.clone();
+            let request = request.map(RequestBody::streaming);
+            return ResponseFuture::capability(Box::pin(capability::declare(
+                shared, inner, request, vary,
+            )));
         }
         // `self.inner` was never driven to readiness (see `poll_ready`): the future drives a clone.
         ResponseFuture::pass_through(

@@ -101,6 +101,65 @@ mod memory {
     async fn status_14_stored_responses_round_trip_exactly() {
         conformance::stored_responses_round_trip_exactly(&MemoryStore::default()).await;
     }
+
+    // KICK-9, issue #7 item 6: a repeat with the same owner and key names the first job.
+    #[tokio::test]
+    async fn kick_9_create_once_returns_the_existing_job_for_a_repeated_key() {
+        conformance::create_once_returns_the_existing_job_for_a_repeated_key(
+            &MemoryStore::default(),
+        )
+        .await;
+    }
+
+    // KICK-9, issue #7 item 6: keys are scoped to the caller, never shared across callers.
+    #[tokio::test]
+    async fn kick_9_create_once_never_matches_across_owners() {
+        conformance::create_once_never_matches_across_owners(&MemoryStore::default()).await;
+    }
+
+    // KICK-9, issue #7 item 6 (Idempotency-Key): without a caller identity, a key never matches.
+    #[tokio::test]
+    async fn kick_9_create_once_without_an_owner_always_creates() {
+        conformance::create_once_without_an_owner_always_creates(&MemoryStore::default()).await;
+    }
+
+    // KICK-9, issue #7 item 6 (Idempotency-Key): a cancelled job is never returned for a repeat.
+    #[tokio::test]
+    async fn kick_9_create_once_after_cancel_creates_a_new_job() {
+        conformance::create_once_after_cancel_creates_a_new_job(&MemoryStore::default()).await;
+    }
+
+    // KICK-9, issue #7 item 6 (Idempotency-Key): a failed job is never returned for a repeat.
+    #[tokio::test]
+    async fn kick_9_create_once_after_failure_creates_a_new_job() {
+        conformance::create_once_after_failure_creates_a_new_job(&MemoryStore::default()).await;
+    }
+
+    // KICK-9, issue #7 item 6: a completed job is returned until it expires.
+    #[tokio::test]
+    async fn kick_9_create_once_returns_a_completed_job_until_it_expires() {
+        conformance::create_once_returns_a_completed_job_until_it_expires(&MemoryStore::default())
+            .await;
+    }
+
+    // KICK-9, issue #7 item 6 (Idempotency-Key): concurrent repeats create exactly one job.
+    #[tokio::test]
+    async fn kick_9_create_once_has_one_winner_among_concurrent_kick_offs() {
+        conformance::create_once_has_one_winner_among_concurrent_kick_offs(&MemoryStore::default())
+            .await;
+    }
+
+    // KICK-9, issue #7 item 6: keys up to MAX_IDEMPOTENCY_KEY_LEN bytes of any text.
+    #[tokio::test]
+    async fn kick_9_create_once_supports_the_longest_key() {
+        conformance::create_once_supports_the_longest_key(&MemoryStore::default()).await;
+    }
+
+    // KICK-9, issue #7 item 6 (Idempotency-Key): a taken id is a conflict and leaves the key free.
+    #[tokio::test]
+    async fn kick_9_create_once_rejects_a_taken_id() {
+        conformance::create_once_rejects_a_taken_id(&MemoryStore::default()).await;
+    }
 }
 
 // Redis (feature `redis`) and PostgreSQL (feature `postgres`) backends go here, one module each,

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::StatusCode;
-use tower_fhir_async::store::conformance;
 use tower_fhir_async::store::sqlx::postgres::{PgListener, PgPoolOptions};
 use tower_fhir_async::store::sqlx::{self, AssertSqlSafe, PgPool};
+use tower_fhir_async::store::{Created, conformance};
 use tower_fhir_async::{
     JobId, JobKind, JobOutcome, JobRecord, JobState, JobStore, PostgresStore, StoreError,
     StoredResponse,
@@ -144,6 +144,30 @@ mod conformance_cases {
             fail_lapsed_fails_only_lapsed_running_jobs;
         // STATUS-14, BUNDLE-*: stored responses survive storage byte for byte.
         status_14_stored_responses_round_trip_exactly => stored_responses_round_trip_exactly;
+        // KICK-9, issue #7 item 6: a repeat with the same owner and key names the first job.
+        kick_9_create_once_returns_the_existing_job_for_a_repeated_key =>
+            create_once_returns_the_existing_job_for_a_repeated_key;
+        // KICK-9, issue #7 item 6: keys are scoped to the caller, never shared across callers.
+        kick_9_create_once_never_matches_across_owners => create_once_never_matches_across_owners;
+        // KICK-9, issue #7 item 6: without a caller identity, a key never matches.
+        kick_9_create_once_without_an_owner_always_creates =>
+            create_once_without_an_owner_always_creates;
+        // KICK-9, issue #7 item 6: a cancelled job is never returned for a repeat.
+        kick_9_create_once_after_cancel_creates_a_new_job =>
+            create_once_after_cancel_creates_a_new_job;
+        // KICK-9, issue #7 item 6 (Idempotency-Key): a failed job is never returned for a repeat.
+        kick_9_create_once_after_failure_creates_a_new_job =>
+            create_once_after_failure_creates_a_new_job;
+        // KICK-9, issue #7 item 6: a completed job is returned until it expires.
+        kick_9_create_once_returns_a_completed_job_until_it_expires =>
+            create_once_returns_a_completed_job_until_it_expires;
+        // KICK-9, issue #7 item 6 (Idempotency-Key): concurrent repeats create exactly one job.
+        kick_9_create_once_has_one_winner_among_concurrent_kick_offs =>
+            create_once_has_one_winner_among_concurrent_kick_offs;
+        // KICK-9, issue #7 item 6: keys up to MAX_IDEMPOTENCY_KEY_LEN bytes of any text.
+        kick_9_create_once_supports_the_longest_key => create_once_supports_the_longest_key;
+        // KICK-9, issue #7 item 6: a taken id is a conflict and leaves the key free.
+        kick_9_create_once_rejects_a_taken_id => create_once_rejects_a_taken_id;
     }
 }
 
@@ -414,4 +438,242 @@ async fn design_running_state_round_trips() {
 async fn sec_table_names_must_be_plain_identifiers() {
     let pool = PgPool::connect_lazy(DEFAULT_URL).unwrap();
     let _ = PostgresStore::new(pool).with_table("jobs\"; DROP TABLE x; --");
+}
+
+/// The table as version 0.1 of this crate created it, before idempotent kick-offs.
+fn table_before_idempotency_keys(table: &str) -> Vec<String> {
+    vec![
+        format!(
+            "CREATE TABLE \"{table}\" (
+                id text COLLATE \"C\" PRIMARY KEY,
+                kind text NOT NULL,
+                state text NOT NULL,
+                owner text,
+                method text NOT NULL,
+                target text NOT NULL,
+                progress text,
+                instance text,
+                lease_until_ms bigint,
+                response bytea,
+                created_ms bigint NOT NULL,
+                finished_ms bigint,
+                expires_ms bigint
+            )"
+        ),
+        format!(
+            "CREATE INDEX \"{table}_lease\" ON \"{table}\" (lease_until_ms) \
+             WHERE state = 'running'"
+        ),
+        format!(
+            "CREATE INDEX \"{table}_unstarted\" ON \"{table}\" (created_ms) \
+             WHERE state = 'accepted'"
+        ),
+        format!(
+            "CREATE INDEX \"{table}_expires\" ON \"{table}\" (expires_ms) \
+             WHERE expires_ms IS NOT NULL"
+        ),
+    ]
+}
+
+fn owned(at: SystemTime) -> JobRecord {
+    record(at).with_owner(Some("alice".into()))
+}
+
+// KICK-9, issue #7 item 6: `migrate` upgrades a table created before idempotent kick-offs,
+// keeping its rows; until then, a kick-off with a key says to call `migrate()`, and everything
+// else keeps working.
+#[tokio::test]
+async fn kick_9_migrate_upgrades_a_table_from_before_idempotency_keys() {
+    let pool = connect().await;
+    let table = fresh_table();
+    for statement in table_before_idempotency_keys(&table) {
+        sqlx::query(AssertSqlSafe(statement))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let store = PostgresStore::new(pool.clone()).with_table(&table);
+    let outcome = tokio::spawn(async move {
+        let now = now_ms();
+        let old = owned(now);
+        store.create(old.clone()).await.unwrap();
+        store.start(&old.id, "a", now + 30 * SECOND).await.unwrap();
+
+        let error = store
+            .create_once(owned(now), "k", now)
+            .await
+            .expect_err("the table has no idempotency_key column yet");
+        assert!(matches!(error, StoreError::Unavailable(_)), "{error:?}");
+        let message = error.to_string();
+        assert!(
+            message.contains(store.table()) && message.contains("migrate()"),
+            "{message}"
+        );
+
+        store.migrate().await.expect("migrate upgrades the table");
+        store.migrate().await.expect("and is idempotent afterwards");
+        assert_eq!(
+            store.get(&old.id, now).await.unwrap().map(|r| r.state),
+            Some(JobState::Running {
+                instance: "a".into(),
+                lease_until: now + 30 * SECOND
+            }),
+            "existing rows are kept"
+        );
+        let first = owned(now);
+        assert_eq!(
+            store.create_once(first.clone(), "k", now).await.unwrap(),
+            Created::New
+        );
+        assert_eq!(
+            store.create_once(owned(now), "k", now).await.unwrap(),
+            Created::Existing(first.id)
+        );
+        let index: Option<String> =
+            sqlx::query_scalar("SELECT indexdef FROM pg_indexes WHERE indexname = $1")
+                .bind(format!("{}_once", store.table()))
+                .fetch_optional(store.pool())
+                .await
+                .unwrap();
+        let index = index.expect("migrate created the unique index");
+        assert!(index.starts_with("CREATE UNIQUE INDEX"), "{index}");
+    })
+    .await;
+    drop_table(&pool, &table).await;
+    pool.close().await;
+    if let Err(error) = outcome {
+        std::panic::resume_unwind(error.into_panic());
+    }
+}
+
+// KICK-9, issue #7 item 6: one row per owner and key among jobs that count: an expired row is
+// replaced by the new job in place, a failed row keeps its key but no longer holds it.
+#[tokio::test]
+async fn kick_9_rows_holding_a_key() {
+    with_store(|store| async move {
+        let count = |store: PostgresStore, key: &'static str| async move {
+            sqlx::query_scalar::<_, i64>(AssertSqlSafe(format!(
+                "SELECT count(*) FROM \"{}\" WHERE owner = 'alice' AND idempotency_key = $1",
+                store.table()
+            )))
+            .bind(key)
+            .fetch_one(store.pool())
+            .await
+            .unwrap()
+        };
+        let now = now_ms();
+        let expired = owned(now);
+        store.create_once(expired.clone(), "k", now).await.unwrap();
+        store
+            .finish(&expired.id, completed(), now, now + SECOND)
+            .await
+            .unwrap();
+        let next = owned(now);
+        assert_eq!(
+            store
+                .create_once(next.clone(), "k", now + SECOND)
+                .await
+                .unwrap(),
+            Created::New
+        );
+        assert_eq!(
+            count(store.clone(), "k").await,
+            1,
+            "the expired row was replaced"
+        );
+        assert_eq!(
+            store.get(&next.id, now).await.unwrap().map(|r| r.state),
+            Some(JobState::Accepted),
+            "by the new job, whole"
+        );
+        assert_eq!(store.get(&expired.id, now).await.unwrap(), None);
+
+        let failure = JobOutcome::Failed(StoredResponse {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            headers: vec![],
+            body: Bytes::from_static(b"{}"),
+        });
+        store
+            .finish(&next.id, failure, now, now + 60 * SECOND)
+            .await
+            .unwrap();
+        let retry = owned(now);
+        assert_eq!(
+            store.create_once(retry.clone(), "k", now).await.unwrap(),
+            Created::New
+        );
+        assert_eq!(
+            count(store.clone(), "k").await,
+            2,
+            "the failed row stays readable"
+        );
+        assert!(store.get(&next.id, now).await.unwrap().is_some());
+    })
+    .await;
+}
+
+// KICK-9, issue #7 item 6: kick-offs with the same owner and key racing on many connections
+// (several instances) create exactly one job, also while the job they find is being cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kick_9_kick_offs_racing_across_connections_have_one_winner() {
+    with_store(|store| async move {
+        let other_pool = connect().await;
+        let other = PostgresStore::new(other_pool.clone()).with_table(store.table());
+        for round in 0..10 {
+            let now = now_ms();
+            let key = format!("race-{round}");
+            let records: Vec<JobRecord> = (0..16).map(|_| owned(now)).collect();
+            let kick_offs = records.iter().enumerate().map(|(n, rec)| {
+                let store = if n % 2 == 0 { &store } else { &other }.clone();
+                let (rec, key) = (rec.clone(), key.clone());
+                tokio::spawn(async move { store.create_once(rec, &key, now).await })
+            });
+            let results: Vec<Created> = futures_util::future::join_all(kick_offs)
+                .await
+                .into_iter()
+                .map(|joined| joined.unwrap().unwrap())
+                .collect();
+            let winners: Vec<JobId> = records
+                .iter()
+                .zip(&results)
+                .filter(|(_, created)| **created == Created::New)
+                .map(|(rec, _)| rec.id)
+                .collect();
+            assert_eq!(winners.len(), 1, "{results:?}");
+            assert!(
+                results
+                    .iter()
+                    .all(|c| *c == Created::New || *c == Created::Existing(winners[0])),
+                "{results:?}"
+            );
+            for rec in &records {
+                assert_eq!(
+                    store.get(&rec.id, now).await.unwrap().is_some(),
+                    rec.id == winners[0]
+                );
+            }
+
+            // A repeat racing a cancel of the job it finds: either it names the job (and the
+            // cancel then removes it) or it creates a new one; never an error, never two.
+            let repeat = owned(now);
+            let (created, cancelled) = tokio::join!(
+                tokio::spawn({
+                    let (store, repeat, key) = (other.clone(), repeat.clone(), key.clone());
+                    async move { store.create_once(repeat, &key, now).await }
+                }),
+                tokio::spawn({
+                    let (store, id) = (store.clone(), winners[0]);
+                    async move { store.cancel(&id, now).await }
+                }),
+            );
+            assert!(cancelled.unwrap().unwrap());
+            match created.unwrap().unwrap() {
+                Created::Existing(id) => assert_eq!(id, winners[0]),
+                Created::New => assert!(store.get(&repeat.id, now).await.unwrap().is_some()),
+                other => panic!("{other:?}"),
+            }
+        }
+        other_pool.close().await;
+    })
+    .await;
 }

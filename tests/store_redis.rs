@@ -19,7 +19,7 @@ use futures_util::{FutureExt, StreamExt};
 use http::{HeaderValue, StatusCode};
 use tower_fhir_async::redis::aio::{ConnectionManager, MultiplexedConnection};
 use tower_fhir_async::redis::{self, Client};
-use tower_fhir_async::store::{Cancellations, conformance};
+use tower_fhir_async::store::{Cancellations, Created, conformance};
 use tower_fhir_async::{
     JobId, JobKind, JobOutcome, JobRecord, JobState, JobStore, RedisStore, StoreError,
     StoredResponse,
@@ -320,6 +320,87 @@ mod conformance_cases {
     async fn status_14_stored_responses_round_trip_exactly() {
         with_store("round-trip", |store| async move {
             conformance::stored_responses_round_trip_exactly(&store).await;
+        })
+        .await;
+    }
+
+    // KICK-9, issue #7 item 6: a repeat with the same owner and key names the first job.
+    #[tokio::test]
+    async fn kick_9_create_once_returns_the_existing_job_for_a_repeated_key() {
+        with_store("once-repeat", |store| async move {
+            conformance::create_once_returns_the_existing_job_for_a_repeated_key(&store).await;
+        })
+        .await;
+    }
+
+    // KICK-9, issue #7 item 6: keys are scoped to the caller, never shared across callers.
+    #[tokio::test]
+    async fn kick_9_create_once_never_matches_across_owners() {
+        with_store("once-owners", |store| async move {
+            conformance::create_once_never_matches_across_owners(&store).await;
+        })
+        .await;
+    }
+
+    // KICK-9, issue #7 item 6 (Idempotency-Key): without a caller identity, a key never matches.
+    #[tokio::test]
+    async fn kick_9_create_once_without_an_owner_always_creates() {
+        with_store("once-no-owner", |store| async move {
+            conformance::create_once_without_an_owner_always_creates(&store).await;
+        })
+        .await;
+    }
+
+    // KICK-9, issue #7 item 6 (Idempotency-Key): a cancelled job is never returned for a repeat.
+    #[tokio::test]
+    async fn kick_9_create_once_after_cancel_creates_a_new_job() {
+        with_store("once-cancel", |store| async move {
+            conformance::create_once_after_cancel_creates_a_new_job(&store).await;
+        })
+        .await;
+    }
+
+    // KICK-9, issue #7 item 6 (Idempotency-Key): a failed job is never returned for a repeat.
+    #[tokio::test]
+    async fn kick_9_create_once_after_failure_creates_a_new_job() {
+        with_store("once-failure", |store| async move {
+            conformance::create_once_after_failure_creates_a_new_job(&store).await;
+        })
+        .await;
+    }
+
+    // KICK-9, issue #7 item 6: a completed job is returned until it expires.
+    #[tokio::test]
+    async fn kick_9_create_once_returns_a_completed_job_until_it_expires() {
+        with_store("once-expiry", |store| async move {
+            conformance::create_once_returns_a_completed_job_until_it_expires(&store).await;
+        })
+        .await;
+    }
+
+    // KICK-9, issue #7 item 6 (Idempotency-Key): concurrent repeats create exactly one job.
+    #[tokio::test]
+    async fn kick_9_create_once_has_one_winner_among_concurrent_kick_offs() {
+        with_store("once-race", |store| async move {
+            conformance::create_once_has_one_winner_among_concurrent_kick_offs(&store).await;
+        })
+        .await;
+    }
+
+    // KICK-9, issue #7 item 6: keys up to MAX_IDEMPOTENCY_KEY_LEN bytes of any text.
+    #[tokio::test]
+    async fn kick_9_create_once_supports_the_longest_key() {
+        with_store("once-long-key", |store| async move {
+            conformance::create_once_supports_the_longest_key(&store).await;
+        })
+        .await;
+    }
+
+    // KICK-9, issue #7 item 6 (Idempotency-Key): a taken id is a conflict and leaves the key free.
+    #[tokio::test]
+    async fn kick_9_create_once_rejects_a_taken_id() {
+        with_store("once-conflict", |store| async move {
+            conformance::create_once_rejects_a_taken_id(&store).await;
         })
         .await;
     }
@@ -901,6 +982,253 @@ async fn design_cancellations_end_with_their_connection_and_can_be_asked_again()
             .await
             .unwrap()
             .expect("with_pubsub subscribes");
+    })
+    .await;
+}
+
+/// The key naming the job `owner` kicked off with idempotency key `key`, as the layout in
+/// `RedisStore`'s documentation describes it.
+fn once_key(store: &RedisStore, owner: &str, key: &str) -> String {
+    format!("{}once:{}:{owner}:{key}", store.prefix(), owner.len())
+}
+
+async fn once_value(store: &RedisStore, owner: &str, key: &str) -> Option<String> {
+    query(redis::cmd("GET").arg(once_key(store, owner, key))).await
+}
+
+async fn once_pttl(store: &RedisStore, owner: &str, key: &str) -> i64 {
+    query(redis::cmd("PTTL").arg(once_key(store, owner, key))).await
+}
+
+fn owned(at: SystemTime) -> JobRecord {
+    record(at).with_owner(Some("alice".into()))
+}
+
+// KICK-9, issue #7 item 6: an idempotency key is a string key naming its job, with no expiry
+// while the job runs, the job's own expiry once it completes, and gone once the job fails, is
+// cancelled or is swept, so keys never pile up in Redis.
+#[tokio::test]
+async fn kick_9_idempotency_keys_live_exactly_as_long_as_their_jobs() {
+    with_store("once-lifetime", |store| async move {
+        let now = now_ms();
+        let completed = owned(now);
+        store
+            .create_once(completed.clone(), "k-done", now)
+            .await
+            .unwrap();
+        assert_eq!(
+            once_value(&store, "alice", "k-done").await,
+            Some(completed.id.to_string()),
+            "the key names the job"
+        );
+        let field: Option<String> = query(
+            redis::cmd("HGET")
+                .arg(store.job_key(&completed.id))
+                .arg("once"),
+        )
+        .await;
+        assert_eq!(
+            field,
+            Some(once_key(&store, "alice", "k-done")),
+            "the job names its key"
+        );
+        assert_eq!(
+            once_pttl(&store, "alice", "k-done").await,
+            -1,
+            "no expiry while unfinished"
+        );
+        store
+            .start(&completed.id, "a", now + 30 * SECOND)
+            .await
+            .unwrap();
+        store
+            .finish(&completed.id, done(), now, now + 60 * SECOND)
+            .await
+            .unwrap();
+        let ttl = once_pttl(&store, "alice", "k-done").await;
+        assert!(
+            (50_000..=60_000).contains(&ttl),
+            "the key expires with its completed job (PTTL {ttl} ms)"
+        );
+        assert!((ttl - pttl(&store, &completed.id).await).abs() < 1_000);
+
+        let failed = owned(now);
+        store
+            .create_once(failed.clone(), "k-failed", now)
+            .await
+            .unwrap();
+        let outcome = JobOutcome::Failed(response(500, "{}"));
+        store
+            .finish(&failed.id, outcome, now, now + 60 * SECOND)
+            .await
+            .unwrap();
+        assert_eq!(
+            once_value(&store, "alice", "k-failed").await,
+            None,
+            "failed: key deleted"
+        );
+
+        let cancelled = owned(now);
+        store
+            .create_once(cancelled.clone(), "k-cancel", now)
+            .await
+            .unwrap();
+        store.cancel(&cancelled.id, now).await.unwrap();
+        assert_eq!(
+            once_value(&store, "alice", "k-cancel").await,
+            None,
+            "cancelled: key deleted"
+        );
+
+        let base = SystemTime::UNIX_EPOCH + 600_000 * SECOND;
+        let lapsed = owned(base);
+        store
+            .create_once(lapsed.clone(), "k-lapsed", base)
+            .await
+            .unwrap();
+        store
+            .start(&lapsed.id, "dead", base + SECOND)
+            .await
+            .unwrap();
+        let outcome = JobOutcome::Failed(response(503, "{}"));
+        let failed_ids = store
+            .fail_lapsed(base + 2 * SECOND, base, outcome, base + 60 * SECOND)
+            .await
+            .unwrap();
+        assert_eq!(failed_ids, vec![lapsed.id]);
+        assert_eq!(
+            once_value(&store, "alice", "k-lapsed").await,
+            None,
+            "lapsed: key deleted"
+        );
+
+        // Swept by the caller's clock before Redis expired it.
+        assert!(store.sweep(now + 60 * SECOND).await.unwrap() >= 1);
+        assert!(!exists(&store, &completed.id).await);
+        assert_eq!(
+            once_value(&store, "alice", "k-done").await,
+            None,
+            "swept: key deleted"
+        );
+    })
+    .await;
+}
+
+// KICK-9, issue #7 item 6: a key is taken over by the job created after its job stopped
+// counting; later transitions of the older job leave it alone, and it loses the older job's
+// expiry.
+#[tokio::test]
+async fn kick_9_a_key_names_the_newest_job_kicked_off_with_it() {
+    with_store("once-takeover", |store| async move {
+        let now = now_ms();
+        let old = owned(now);
+        store.create_once(old.clone(), "k", now).await.unwrap();
+        store
+            .finish(&old.id, done(), now, now + 10 * SECOND)
+            .await
+            .unwrap();
+        assert!(once_pttl(&store, "alice", "k").await > 0);
+        // The old job expired by the caller's clock; Redis still holds it.
+        let new = owned(now + 10 * SECOND);
+        let created = store
+            .create_once(new.clone(), "k", now + 10 * SECOND)
+            .await
+            .unwrap();
+        assert_eq!(created, Created::New);
+        assert_eq!(
+            once_value(&store, "alice", "k").await,
+            Some(new.id.to_string())
+        );
+        assert_eq!(
+            once_pttl(&store, "alice", "k").await,
+            -1,
+            "the new, unfinished job's key has no expiry"
+        );
+        assert!(exists(&store, &old.id).await);
+        // Sweeping or cancelling the old job keeps the key that names the new one.
+        store.sweep(now + 10 * SECOND).await.unwrap();
+        assert!(!exists(&store, &old.id).await);
+        store.cancel(&old.id, now).await.unwrap();
+        assert_eq!(
+            once_value(&store, "alice", "k").await,
+            Some(new.id.to_string())
+        );
+
+        // A key whose job Redis already removed is taken over too.
+        query::<i64>(redis::cmd("DEL").arg(store.job_key(&new.id))).await;
+        let newest = owned(now);
+        let created = store.create_once(newest.clone(), "k", now).await.unwrap();
+        assert_eq!(created, Created::New);
+        assert_eq!(
+            once_value(&store, "alice", "k").await,
+            Some(newest.id.to_string())
+        );
+
+        // A job of another owner named by the key (written behind the store's back) is never
+        // returned.
+        let bob = record(now).with_owner(Some("bob".into()));
+        store.create(bob.clone()).await.unwrap();
+        query::<()>(
+            redis::cmd("SET")
+                .arg(once_key(&store, "alice", "forged"))
+                .arg(bob.id.to_string()),
+        )
+        .await;
+        let created = store.create_once(owned(now), "forged", now).await.unwrap();
+        assert_eq!(created, Created::New);
+
+        // Stores with different prefixes do not share keys.
+        let other = store
+            .clone()
+            .with_prefix(format!("{}other:", store.prefix()));
+        let created = other.create_once(owned(now), "k", now).await.unwrap();
+        assert_eq!(created, Created::New);
+    })
+    .await;
+}
+
+// KICK-9, issue #7 item 6: kick-offs with the same owner and key racing on many connections
+// (several instances) create exactly one job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kick_9_kick_offs_racing_across_connections_have_one_winner() {
+    with_store("once-race", |store| async move {
+        let url = redis_url();
+        let mut stores = Vec::new();
+        for _ in 0..8 {
+            let connected = RedisStore::connect(&url).await.unwrap();
+            stores.push(connected.with_prefix(store.prefix()));
+        }
+        for round in 0..10 {
+            let now = now_ms();
+            let key = format!("race-{round}");
+            let records: Vec<JobRecord> = (0..16).map(|_| owned(now)).collect();
+            let kick_offs = records.iter().enumerate().map(|(n, rec)| {
+                let store = stores[n % stores.len()].clone();
+                let (rec, key) = (rec.clone(), key.clone());
+                tokio::spawn(async move { store.create_once(rec, &key, now).await })
+            });
+            let results: Vec<Created> = futures_util::future::join_all(kick_offs)
+                .await
+                .into_iter()
+                .map(|joined| joined.unwrap().unwrap())
+                .collect();
+            let winners: Vec<JobId> = records
+                .iter()
+                .zip(&results)
+                .filter(|(_, created)| **created == Created::New)
+                .map(|(rec, _)| rec.id)
+                .collect();
+            assert_eq!(winners.len(), 1, "{results:?}");
+            assert!(
+                results
+                    .iter()
+                    .all(|c| *c == Created::New || *c == Created::Existing(winners[0])),
+                "{results:?}"
+            );
+            for rec in &records {
+                assert_eq!(exists(&store, &rec.id).await, rec.id == winners[0]);
+            }
+        }
     })
     .await;
 }

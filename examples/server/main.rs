@@ -116,7 +116,11 @@ async fn main() -> ExitCode {
             }
         },
     };
-    let mut builder = builder.base_url(&public_base);
+    // `Prefer: respond-async, wait=N` answers at once when the job ends within N s (at most
+    // 10), and status polls may long-poll with `Prefer: wait=N`.
+    let mut builder = builder
+        .base_url(&public_base)
+        .max_wait(Duration::from_secs(10));
     if let Some(dir) = &options.files {
         // Bulk files in a folder: servers sharing a job store and this folder serve each
         // other's exports.

@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 
-use super::{JobStore, StoreError};
+use super::{Created, JobStore, MAX_IDEMPOTENCY_KEY_LEN, StoreError};
 use crate::job::{JobId, JobKind, JobOutcome, JobRecord, JobState, StoredResponse};
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -41,6 +41,15 @@ pub async fn run_all<S: JobStore>(store: &S) {
     renew_leases_reports_jobs_that_stopped_running_here(store).await;
     fail_lapsed_fails_only_lapsed_running_jobs(store).await;
     stored_responses_round_trip_exactly(store).await;
+    create_once_returns_the_existing_job_for_a_repeated_key(store).await;
+    create_once_never_matches_across_owners(store).await;
+    create_once_without_an_owner_always_creates(store).await;
+    create_once_after_cancel_creates_a_new_job(store).await;
+    create_once_after_failure_creates_a_new_job(store).await;
+    create_once_returns_a_completed_job_until_it_expires(store).await;
+    create_once_has_one_winner_among_concurrent_kick_offs(store).await;
+    create_once_supports_the_longest_key(store).await;
+    create_once_rejects_a_taken_id(store).await;
 }
 
 /// The current time, truncated to whole milliseconds: stores must keep times to the millisecond.
@@ -543,4 +552,378 @@ pub async fn stored_responses_round_trip_exactly<S: JobStore>(store: &S) {
     assert_eq!(got.kind, rec.kind);
     assert_eq!(got.created_at, rec.created_at);
     assert_eq!(got.finished_at, Some(finished_at));
+}
+
+/// A fresh record of `owner`, created at `at`.
+fn owned(owner: &str, at: SystemTime) -> JobRecord {
+    record(at).with_owner(Some(owner.into()))
+}
+
+/// A fresh idempotency key, so that cases sharing a store never meet each other's keys.
+fn fresh_key() -> String {
+    format!("kick-off-{}", JobId::new())
+}
+
+async fn create_once<S: JobStore>(
+    store: &S,
+    record: &JobRecord,
+    key: &str,
+    now: SystemTime,
+) -> Created {
+    store
+        .create_once(record.clone(), key, now)
+        .await
+        .expect("create_once should succeed")
+}
+
+/// A repeated kick-off with the same owner and key names the first job and creates nothing,
+/// while that job is accepted or running.
+pub async fn create_once_returns_the_existing_job_for_a_repeated_key<S: JobStore>(store: &S) {
+    let now = now_ms();
+    let key = fresh_key();
+    let first = owned("alice", now);
+    assert_eq!(create_once(store, &first, &key, now).await, Created::New);
+    assert_eq!(
+        get(store, &first.id, now).await,
+        Some(first.clone()),
+        "create_once stores the record as create does"
+    );
+    let repeat = owned("alice", now + SECOND);
+    assert_eq!(
+        create_once(store, &repeat, &key, now + SECOND).await,
+        Created::Existing(first.id),
+        "a repeat of an accepted job"
+    );
+    assert_eq!(
+        get(store, &repeat.id, now).await,
+        None,
+        "a repeat creates nothing"
+    );
+    store
+        .start(&first.id, "a", now + 30 * SECOND)
+        .await
+        .unwrap();
+    let again = owned("alice", now + 2 * SECOND);
+    assert_eq!(
+        create_once(store, &again, &key, now + 2 * SECOND).await,
+        Created::Existing(first.id),
+        "a repeat of a running job"
+    );
+    assert_eq!(get(store, &again.id, now).await, None);
+    let other_key = owned("alice", now);
+    assert_eq!(
+        create_once(store, &other_key, &fresh_key(), now).await,
+        Created::New,
+        "another key is another kick-off"
+    );
+    for rec in [&first, &other_key] {
+        store.cancel(&rec.id, now).await.unwrap();
+    }
+}
+
+/// The same key sent by two owners is two kick-offs: keys are scoped to the caller.
+pub async fn create_once_never_matches_across_owners<S: JobStore>(store: &S) {
+    let now = now_ms();
+    let key = fresh_key();
+    let alice = owned("alice", now);
+    let bob = owned("bob", now);
+    assert_eq!(create_once(store, &alice, &key, now).await, Created::New);
+    assert_eq!(
+        create_once(store, &bob, &key, now).await,
+        Created::New,
+        "another owner's key never matches"
+    );
+    assert!(get(store, &alice.id, now).await.is_some());
+    assert!(get(store, &bob.id, now).await.is_some());
+    assert_eq!(
+        create_once(store, &owned("alice", now), &key, now).await,
+        Created::Existing(alice.id)
+    );
+    assert_eq!(
+        create_once(store, &owned("bob", now), &key, now).await,
+        Created::Existing(bob.id)
+    );
+    // Pairs that a naive concatenation of owner and key would confuse.
+    let mut pairs = Vec::new();
+    for (owner, key_start) in [("ab", "c"), ("a", "bc"), ("a:b", "c"), ("a", "b:c")] {
+        let rec = owned(owner, now);
+        let key = format!("{key_start}{key}");
+        assert_eq!(
+            create_once(store, &rec, &key, now).await,
+            Created::New,
+            "owner {owner:?} with key {key:?} is a kick-off of its own"
+        );
+        pairs.push(rec);
+    }
+    for rec in pairs.iter().chain([&alice, &bob]) {
+        store.cancel(&rec.id, now).await.unwrap();
+    }
+}
+
+/// A record without an owner is always created: without a caller identity there is no scope
+/// for a key.
+pub async fn create_once_without_an_owner_always_creates<S: JobStore>(store: &S) {
+    let now = now_ms();
+    let key = fresh_key();
+    let [first, second] = [record(now), record(now)];
+    assert_eq!(create_once(store, &first, &key, now).await, Created::New);
+    assert_eq!(create_once(store, &second, &key, now).await, Created::New);
+    assert!(get(store, &first.id, now).await.is_some());
+    assert!(get(store, &second.id, now).await.is_some());
+    // Nor does an owner's job match a kick-off without an owner, or the other way round.
+    let owned_job = owned("alice", now);
+    assert_eq!(
+        create_once(store, &owned_job, &key, now).await,
+        Created::New
+    );
+    let third = record(now);
+    assert_eq!(create_once(store, &third, &key, now).await, Created::New);
+    for rec in [&first, &second, &owned_job, &third] {
+        store.cancel(&rec.id, now).await.unwrap();
+    }
+}
+
+/// A cancelled job does not count: the next kick-off with its key is new, and is the one that
+/// later repeats find.
+pub async fn create_once_after_cancel_creates_a_new_job<S: JobStore>(store: &S) {
+    let now = now_ms();
+    let key = fresh_key();
+    let cancelled = owned("alice", now);
+    assert_eq!(
+        create_once(store, &cancelled, &key, now).await,
+        Created::New
+    );
+    assert!(store.cancel(&cancelled.id, now).await.unwrap());
+    let next = owned("alice", now);
+    assert_eq!(
+        create_once(store, &next, &key, now).await,
+        Created::New,
+        "a cancelled job is never returned"
+    );
+    assert_eq!(
+        create_once(store, &owned("alice", now), &key, now).await,
+        Created::Existing(next.id)
+    );
+    // Also when the cancelled job had completed, and once a sweep has run.
+    let outcome = JobOutcome::Completed(response(200, "{}"));
+    store
+        .finish(&next.id, outcome, now, now + 60 * SECOND)
+        .await
+        .unwrap();
+    assert!(store.cancel(&next.id, now).await.unwrap());
+    store.sweep(now).await.unwrap();
+    let last = owned("alice", now);
+    assert_eq!(create_once(store, &last, &key, now).await, Created::New);
+    assert_eq!(
+        create_once(store, &owned("alice", now), &key, now).await,
+        Created::Existing(last.id)
+    );
+    store.cancel(&last.id, now).await.unwrap();
+}
+
+/// A failed job does not count, whether it failed through `finish` or `fail_lapsed`: the next
+/// kick-off is new, and later repeats find that one. The failed job stays readable.
+pub async fn create_once_after_failure_creates_a_new_job<S: JobStore>(store: &S) {
+    let now = now_ms();
+    let key = fresh_key();
+    let failed = owned("alice", now);
+    assert_eq!(create_once(store, &failed, &key, now).await, Created::New);
+    store
+        .start(&failed.id, "a", now + 30 * SECOND)
+        .await
+        .unwrap();
+    let lost = response(503, r#"{"resourceType":"OperationOutcome"}"#);
+    let outcome = JobOutcome::Failed(lost.clone());
+    assert!(
+        store
+            .finish(&failed.id, outcome, now, now + 3600 * SECOND)
+            .await
+            .unwrap()
+    );
+    let retry = owned("alice", now);
+    assert_eq!(
+        create_once(store, &retry, &key, now).await,
+        Created::New,
+        "a failed job is never returned"
+    );
+    assert_eq!(
+        create_once(store, &owned("alice", now), &key, now).await,
+        Created::Existing(retry.id),
+        "the job created after the failure is"
+    );
+    assert_eq!(
+        get(store, &failed.id, now).await.map(|r| r.state),
+        Some(JobState::Failed(lost.clone())),
+        "the failed job's outcome is still readable"
+    );
+
+    // A job failed because its instance died. Times far in the past (and apart from those of
+    // `fail_lapsed_fails_only_lapsed_running_jobs`), so that no other job sharing the store
+    // lapses.
+    let base = SystemTime::UNIX_EPOCH + 500_000 * SECOND;
+    let key = fresh_key();
+    let orphan = owned("alice", base);
+    assert_eq!(create_once(store, &orphan, &key, base).await, Created::New);
+    store
+        .start(&orphan.id, "dead", base + SECOND)
+        .await
+        .unwrap();
+    let lapsed = store
+        .fail_lapsed(
+            base + 2 * SECOND,
+            base,
+            JobOutcome::Failed(lost),
+            base + 3600 * SECOND,
+        )
+        .await
+        .unwrap();
+    assert!(lapsed.contains(&orphan.id));
+    let retry_lapsed = owned("alice", base + 3 * SECOND);
+    assert_eq!(
+        create_once(store, &retry_lapsed, &key, base + 3 * SECOND).await,
+        Created::New,
+        "a job failed by fail_lapsed is never returned"
+    );
+    assert_eq!(
+        create_once(store, &owned("alice", base), &key, base + 4 * SECOND).await,
+        Created::Existing(retry_lapsed.id)
+    );
+    for rec in [&failed, &retry, &orphan] {
+        store.cancel(&rec.id, now).await.unwrap();
+    }
+    store.cancel(&retry_lapsed.id, base).await.unwrap();
+}
+
+/// A completed job counts until it expires; from then on the key starts a new job, which later
+/// repeats find.
+pub async fn create_once_returns_a_completed_job_until_it_expires<S: JobStore>(store: &S) {
+    let now = now_ms();
+    let key = fresh_key();
+    let done = owned("alice", now);
+    assert_eq!(create_once(store, &done, &key, now).await, Created::New);
+    let outcome = JobOutcome::Completed(response(200, "{}"));
+    store
+        .finish(&done.id, outcome, now + SECOND, now + 10 * SECOND)
+        .await
+        .unwrap();
+    assert_eq!(
+        create_once(store, &owned("alice", now), &key, now + 9 * SECOND).await,
+        Created::Existing(done.id),
+        "a completed job is returned while it is readable"
+    );
+    let after = owned("alice", now + 10 * SECOND);
+    assert_eq!(
+        create_once(store, &after, &key, now + 10 * SECOND).await,
+        Created::New,
+        "an expired job is never returned"
+    );
+    assert_eq!(
+        create_once(store, &owned("alice", now), &key, now + 11 * SECOND).await,
+        Created::Existing(after.id)
+    );
+    assert_eq!(
+        get(store, &done.id, now + 10 * SECOND).await,
+        None,
+        "the expired job stays absent"
+    );
+    assert_eq!(
+        get(store, &after.id, now + 10 * SECOND)
+            .await
+            .map(|r| r.state),
+        Some(JobState::Accepted)
+    );
+    store.cancel(&after.id, now + 10 * SECOND).await.unwrap();
+}
+
+/// Of concurrent kick-offs with the same owner and key, exactly one creates a job and the
+/// others all name it.
+pub async fn create_once_has_one_winner_among_concurrent_kick_offs<S: JobStore>(store: &S) {
+    let now = now_ms();
+    let key = fresh_key();
+    let records: Vec<JobRecord> = (0..16).map(|_| owned("alice", now)).collect();
+    let results = futures_util::future::join_all(
+        records
+            .iter()
+            .map(|rec| store.create_once(rec.clone(), &key, now)),
+    )
+    .await;
+    let results: Vec<Created> = results
+        .into_iter()
+        .map(|result| result.expect("create_once should succeed"))
+        .collect();
+    let winners: Vec<JobId> = records
+        .iter()
+        .zip(&results)
+        .filter(|(_, created)| **created == Created::New)
+        .map(|(rec, _)| rec.id)
+        .collect();
+    assert_eq!(winners.len(), 1, "exactly one New: {results:?}");
+    let winner = winners[0];
+    for created in &results {
+        assert!(
+            *created == Created::New || *created == Created::Existing(winner),
+            "every other kick-off names the winner: {results:?}"
+        );
+    }
+    for rec in &records {
+        assert_eq!(
+            get(store, &rec.id, now).await.is_some(),
+            rec.id == winner,
+            "only the winner's record exists"
+        );
+    }
+    store.cancel(&winner, now).await.unwrap();
+}
+
+/// Keys of up to [`MAX_IDEMPOTENCY_KEY_LEN`] bytes, of any printable text, work.
+pub async fn create_once_supports_the_longest_key<S: JobStore>(store: &S) {
+    let now = now_ms();
+    let prefix = fresh_key();
+    let mut key = format!("{prefix}:ü/é*?\"x");
+    while key.len() < MAX_IDEMPOTENCY_KEY_LEN {
+        key.push('k');
+    }
+    assert_eq!(key.len(), MAX_IDEMPOTENCY_KEY_LEN);
+    let owner = "https://idp.example.org/realms/fhir|user:0042";
+    let first = owned(owner, now);
+    assert_eq!(create_once(store, &first, &key, now).await, Created::New);
+    assert_eq!(
+        create_once(store, &owned(owner, now), &key, now).await,
+        Created::Existing(first.id)
+    );
+    let shorter = &key[..key.len() - 1];
+    let other = owned(owner, now);
+    assert_eq!(
+        create_once(store, &other, shorter, now).await,
+        Created::New,
+        "a key that is a prefix of another is another key"
+    );
+    for rec in [&first, &other] {
+        store.cancel(&rec.id, now).await.unwrap();
+    }
+}
+
+/// A taken id is a conflict, as for `create`, and leaves the key free.
+pub async fn create_once_rejects_a_taken_id<S: JobStore>(store: &S) {
+    let now = now_ms();
+    let key = fresh_key();
+    let taken = owned("alice", now);
+    store.create(taken.clone()).await.unwrap();
+    let err = store
+        .create_once(taken.clone(), &key, now)
+        .await
+        .expect_err("a taken id must be rejected");
+    assert!(
+        matches!(err, StoreError::Conflict(id) if id == taken.id),
+        "conflict names the id: {err}"
+    );
+    let next = owned("alice", now);
+    assert_eq!(
+        create_once(store, &next, &key, now).await,
+        Created::New,
+        "the key was not taken by the rejected kick-off"
+    );
+    for rec in [&taken, &next] {
+        store.cancel(&rec.id, now).await.unwrap();
+    }
 }

@@ -5,13 +5,19 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::SystemTime;
 
-use super::{Cancellations, JobStore, StoreError};
+use super::{Cancellations, Created, JobStore, StoreError};
 use crate::job::{JobId, JobOutcome, JobRecord};
 
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 pub(crate) trait DynStore: Send + Sync + 'static {
     fn create(&self, record: JobRecord) -> BoxFuture<'_, Result<(), StoreError>>;
+    fn create_once<'a>(
+        &'a self,
+        record: JobRecord,
+        key: &'a str,
+        now: SystemTime,
+    ) -> BoxFuture<'a, Result<Created, StoreError>>;
     fn get<'a>(
         &'a self,
         id: &'a JobId,
@@ -60,6 +66,15 @@ pub(crate) trait DynStore: Send + Sync + 'static {
 impl<S: JobStore> DynStore for S {
     fn create(&self, record: JobRecord) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(JobStore::create(self, record))
+    }
+
+    fn create_once<'a>(
+        &'a self,
+        record: JobRecord,
+        key: &'a str,
+        now: SystemTime,
+    ) -> BoxFuture<'a, Result<Created, StoreError>> {
+        Box::pin(JobStore::create_once(self, record, key, now))
     }
 
     fn get<'a>(

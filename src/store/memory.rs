@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
-use super::{JobStore, StoreError};
+use super::{Created, JobStore, StoreError, once_owner};
 use crate::job::{JobId, JobKind, JobOutcome, JobRecord, JobState};
 
 /// Jobs in this process's memory, in a concurrent hash map.
@@ -30,7 +30,16 @@ use crate::job::{JobId, JobKind, JobOutcome, JobRecord, JobState};
 #[derive(Debug, Clone, Default)]
 pub struct MemoryStore {
     jobs: Arc<DashMap<JobId, Slot>>,
+    /// The job each `(owner, idempotency key)` was last kicked off as, for
+    /// [`create_once`](JobStore::create_once). An entry whose job was cancelled, failed or
+    /// expired is ignored and overwritten; [`sweep`](JobStore::sweep) drops such entries.
+    ///
+    /// Lock order: an entry here, then `jobs`; never the other way round.
+    once: Arc<DashMap<OnceKey, JobId>>,
 }
+
+/// An owner and an idempotency key.
+type OnceKey = (Box<str>, Box<str>);
 
 /// A record as kept here, for the job's whole retention: the same fields as [`JobRecord`]
 /// without spare capacity (boxed strings, the method inline rather than on the heap).
@@ -91,6 +100,13 @@ impl Slot {
         self.expires_at.is_some_and(|at| at <= now)
     }
 
+    /// Whether a repeated kick-off by `owner` should be answered with this job.
+    fn counts_for(&self, owner: &str, now: SystemTime) -> bool {
+        !matches!(self.state, JobState::Failed(_))
+            && !self.is_expired(now)
+            && self.owner.as_deref() == Some(owner)
+    }
+
     fn end(&mut self, state: JobState, finished_at: SystemTime, expires_at: SystemTime) {
         self.state = compact(state);
         self.progress = None;
@@ -122,16 +138,58 @@ impl MemoryStore {
     pub fn is_empty(&self) -> bool {
         self.jobs.is_empty()
     }
-}
 
-impl JobStore for MemoryStore {
-    fn create(&self, record: JobRecord) -> impl Future<Output = Result<(), StoreError>> + Send {
-        let result = match self.jobs.entry(record.id) {
+    fn insert(&self, record: JobRecord) -> Result<(), StoreError> {
+        match self.jobs.entry(record.id) {
             Entry::Occupied(_) => Err(StoreError::Conflict(record.id)),
             Entry::Vacant(slot) => {
                 slot.insert(Slot::new(record));
                 Ok(())
             }
+        }
+    }
+
+    /// Whether job `id` should answer a repeated kick-off by `owner` at `now`.
+    fn counts(&self, id: &JobId, owner: &str, now: SystemTime) -> bool {
+        self.jobs
+            .get(id)
+            .is_some_and(|slot| slot.counts_for(owner, now))
+    }
+}
+
+impl JobStore for MemoryStore {
+    fn create(&self, record: JobRecord) -> impl Future<Output = Result<(), StoreError>> + Send {
+        ready(self.insert(record))
+    }
+
+    fn create_once(
+        &self,
+        record: JobRecord,
+        key: &str,
+        now: SystemTime,
+    ) -> impl Future<Output = Result<Created, StoreError>> + Send {
+        let Some(owner) = once_owner(&record) else {
+            return ready(self.insert(record).map(|()| Created::New));
+        };
+        let id = record.id;
+        // The entry stays locked until the job is recorded, so concurrent kick-offs with the
+        // same owner and key take turns: the first creates, the others find its job.
+        let result = match self.once.entry((owner.into(), key.into())) {
+            Entry::Occupied(mut mapped) => {
+                let existing = *mapped.get();
+                if self.counts(&existing, owner, now) {
+                    Ok(Created::Existing(existing))
+                } else {
+                    self.insert(record).map(|()| {
+                        *mapped.get_mut() = id;
+                        Created::New
+                    })
+                }
+            }
+            Entry::Vacant(slot) => self.insert(record).map(|()| {
+                slot.insert(id);
+                Created::New
+            }),
         };
         ready(result)
     }
@@ -263,6 +321,111 @@ impl JobStore for MemoryStore {
     fn sweep(&self, now: SystemTime) -> impl Future<Output = Result<usize, StoreError>> + Send {
         let before = self.jobs.len();
         self.jobs.retain(|_, record| !record.is_expired(now));
-        ready(Ok(before.saturating_sub(self.jobs.len())))
+        let swept = before.saturating_sub(self.jobs.len());
+        // Keys of cancelled, failed and expired jobs no longer count; without this, those of
+        // cancelled jobs would stay forever. `jobs` is no longer locked here (see `once`).
+        self.once
+            .retain(|(owner, _), id| self.counts(id, owner, now));
+        ready(Ok(swept))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::job::StoredResponse;
+
+    fn owned(at: SystemTime) -> JobRecord {
+        JobRecord::new(JobId::new(), JobKind::Interaction, "POST", "/fhir/x", at)
+            .with_owner(Some("alice".into()))
+    }
+
+    // KICK-9, issue #7 item 6: idempotency keys of cancelled, failed and expired jobs are dropped
+    // by the sweep, so they do not pile up; keys of jobs that count are kept.
+    #[tokio::test]
+    async fn kick_9_sweep_drops_keys_that_no_longer_count() {
+        let store = MemoryStore::new();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let later = now + Duration::from_secs(60);
+        let [cancelled, failed, expired, running, completed] =
+            [owned(now), owned(now), owned(now), owned(now), owned(now)];
+        for (rec, key) in [
+            (&cancelled, "cancelled"),
+            (&failed, "failed"),
+            (&expired, "expired"),
+            (&running, "running"),
+            (&completed, "completed"),
+        ] {
+            store.create_once(rec.clone(), key, now).await.unwrap();
+        }
+        assert_eq!(store.once.len(), 5);
+        store.cancel(&cancelled.id, now).await.unwrap();
+        let response = StoredResponse {
+            status: http::StatusCode::OK,
+            headers: vec![],
+            body: bytes::Bytes::new(),
+        };
+        let outcome = JobOutcome::Failed(response.clone());
+        store.finish(&failed.id, outcome, now, later).await.unwrap();
+        let outcome = JobOutcome::Completed(response.clone());
+        store.finish(&expired.id, outcome, now, now).await.unwrap();
+        let outcome = JobOutcome::Completed(response);
+        store
+            .finish(&completed.id, outcome, now, later)
+            .await
+            .unwrap();
+        store.start(&running.id, "a", later).await.unwrap();
+
+        assert_eq!(store.sweep(now).await.unwrap(), 1, "the expired job");
+        let mut kept: Vec<String> = store.once.iter().map(|e| e.key().1.to_string()).collect();
+        kept.sort_unstable();
+        assert_eq!(kept, ["completed", "running"]);
+    }
+
+    // KICK-9, issue #7 item 6: kick-offs racing on many threads, with cancels and sweeps
+    // running alongside, create one job per key and never deadlock.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn kick_9_kick_offs_racing_on_threads_have_one_winner() {
+        let store = MemoryStore::new();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        for round in 0..50 {
+            let key = format!("k{round}");
+            let records: Vec<JobRecord> = (0..16).map(|_| owned(now)).collect();
+            let kick_offs = records.iter().map(|rec| {
+                let (store, rec, key) = (store.clone(), rec.clone(), key.clone());
+                tokio::spawn(async move { store.create_once(rec, &key, now).await })
+            });
+            let sweeper = tokio::spawn({
+                let store = store.clone();
+                async move { store.sweep(now).await }
+            });
+            let results: Vec<Created> = futures_util::future::join_all(kick_offs)
+                .await
+                .into_iter()
+                .map(|joined| joined.unwrap().unwrap())
+                .collect();
+            sweeper.await.unwrap().unwrap();
+            let winners: Vec<JobId> = records
+                .iter()
+                .zip(&results)
+                .filter(|(_, created)| **created == Created::New)
+                .map(|(rec, _)| rec.id)
+                .collect();
+            assert_eq!(winners.len(), 1, "{results:?}");
+            assert!(
+                results
+                    .iter()
+                    .all(|c| *c == Created::New || *c == Created::Existing(winners[0]))
+            );
+            let cancel = tokio::spawn({
+                let (store, id) = (store.clone(), winners[0]);
+                async move { store.cancel(&id, now).await }
+            });
+            let repeat = store.create_once(owned(now), &key, now).await.unwrap();
+            cancel.await.unwrap().unwrap();
+            assert!(matches!(repeat, Created::New) || repeat == Created::Existing(winners[0]));
+        }
     }
 }

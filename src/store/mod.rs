@@ -40,7 +40,28 @@ pub use postgres::PostgresStore;
 #[cfg(feature = "redis")]
 pub use redis_store::RedisStore;
 
-use crate::job::{JobId, JobOutcome, JobRecord};
+use crate::job::{JobId, JobOutcome, JobRecord, JobState};
+
+/// The longest idempotency key (in bytes) that every backend supports with
+/// [`create_once`](JobStore::create_once); the layer refuses longer `Idempotency-Key` headers
+/// before asking the store.
+///
+/// Keys are stored as given (they are client-chosen text, not secrets). The PostgreSQL store
+/// indexes `(owner, key)`, and PostgreSQL refuses index entries over about 2.7 kB, so an owner
+/// identity plus a key must stay under that; caller identities are far shorter in practice.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+/// What [`JobStore::create_once`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Created {
+    /// The record was created: the work should run.
+    New,
+    /// The same owner already kicked off this job with the same idempotency key, and it still
+    /// counts (accepted, running or completed, not expired): nothing was created, and the
+    /// kick-off should answer with this job's status URL instead of running the work again.
+    Existing(JobId),
+}
 
 /// A boxed error from a store's client library.
 pub type BoxError = Box<dyn StdError + Send + Sync>;
@@ -89,6 +110,37 @@ impl StdError for StoreError {
 pub trait JobStore: Send + Sync + 'static {
     /// Records a newly accepted job. Fails with [`StoreError::Conflict`] if the id is taken.
     fn create(&self, record: JobRecord) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Records a newly accepted job, unless the same owner already kicked off a job with the
+    /// same idempotency `key` that still counts: then nothing is created and that job's id is
+    /// returned as [`Created::Existing`].
+    ///
+    /// The scope is the pair `(record.owner, key)`: keys never match across owners, and a
+    /// record without an owner (or one already failed, which could never count) is simply
+    /// created, as by [`create`](Self::create). A job counts while it is accepted, running or
+    /// completed and not expired at `now`; a cancelled (removed), failed or expired job does
+    /// not, so a new job is created and the key names it from then on. Fails with
+    /// [`StoreError::Conflict`] if `record.id` is taken, like `create`.
+    ///
+    /// Implementations must make the check and the creation one atomic step, so that of
+    /// concurrent calls with the same owner and key exactly one gets [`Created::New`] and the
+    /// others name its job; and the key's mapping must not outlive its job. Keys up to
+    /// [`MAX_IDEMPOTENCY_KEY_LEN`] bytes must be supported. The conformance suite checks all of
+    /// this.
+    ///
+    /// The default implementation, for stores without support, calls `create` and always
+    /// answers `New`: every kick-off then runs its work, as if no key had been sent.
+    fn create_once(
+        &self,
+        record: JobRecord,
+        key: &str,
+        now: SystemTime,
+    ) -> impl Future<Output = Result<Created, StoreError>> + Send {
+        // Without support, the key and time are not needed: every kick-off is new.
+        let _ = (key, now);
+        let created = self.create(record);
+        async move { created.await.map(|()| Created::New) }
+    }
 
     /// Reads a job. Unknown, cancelled and expired (at `now`) jobs are `None`.
     fn get(
@@ -170,6 +222,15 @@ pub trait JobStore: Send + Sync + 'static {
         &self,
     ) -> impl Future<Output = Result<Option<Cancellations>, StoreError>> + Send {
         std::future::ready(Ok(None))
+    }
+}
+
+/// The owner that `create_once` scopes `record`'s idempotency key to, or `None` when it must
+/// simply create the record: it has no owner, or has already failed and so could never count.
+fn once_owner(record: &JobRecord) -> Option<&str> {
+    match record.state {
+        JobState::Failed(_) => None,
+        _ => record.owner.as_deref(),
     }
 }
 

@@ -10,7 +10,7 @@ use sqlx::postgres::{PgListener, PgPool, PgRow};
 use sqlx::{AssertSqlSafe, Row, SqlSafeStr, SqlStr};
 
 use super::codec::{decode_response, encode_response, from_millis, to_millis};
-use super::{Cancellations, JobStore, StoreError};
+use super::{Cancellations, Created, JobStore, StoreError, once_owner};
 use crate::job::{JobId, JobKind, JobOutcome, JobRecord, JobState, StoredResponse};
 
 /// How many expired rows one `sweep` statement deletes, so that a large backlog never holds
@@ -20,6 +20,9 @@ const SWEEP_BATCH: i64 = 1000;
 /// The longest table name: the index names add up to 10 bytes to it, and PostgreSQL silently
 /// truncates identifiers longer than 63 bytes.
 const MAX_TABLE_LEN: usize = 53;
+
+/// The rows among which an owner's idempotency keys are unique: failed jobs do not count.
+const ONCE_PREDICATE: &str = "idempotency_key IS NOT NULL AND state <> 'failed'";
 
 // Column order of every `SELECT` that builds a record; `decode_row` reads them by position.
 const COLUMNS: &str = "id, kind, state, owner, method, target, progress, instance, lease_until_ms, \
@@ -35,6 +38,10 @@ const COLUMNS: &str = "id, kind, state, owner, method, target, progress, instanc
 /// on two instances resolve to whichever commits first. All times come from the layer's clock and
 /// are stored as Unix milliseconds (`bigint`); the database's own clock is never consulted.
 /// Expired rows are never served; [`sweep`](JobStore::sweep) deletes them in batches.
+///
+/// A kick-off with an idempotency key ([`create_once`](JobStore::create_once)) keeps the key in
+/// the job's row; a partial unique index on `(owner, idempotency_key)` over the rows that are not
+/// failed makes the check and the insert one `INSERT … ON CONFLICT` statement.
 ///
 /// A cancel sends `NOTIFY` on [`cancel_channel`](Self::cancel_channel) with the job's id, in the
 /// same transaction as the delete; [`cancellations`](JobStore::cancellations) listens on it,
@@ -158,9 +165,13 @@ impl PostgresStore {
         &self.pool
     }
 
-    /// Creates the table and its indexes if they do not exist yet. Safe to call on every start,
-    /// from several instances at once: the work is serialised by an advisory lock and every
-    /// statement is `IF NOT EXISTS`.
+    /// Creates the table and its indexes if they do not exist yet, and brings a table created by
+    /// an earlier version of this crate up to date. Safe to call on every start, from several
+    /// instances at once: the work is serialised by an advisory lock and every statement is
+    /// `IF NOT EXISTS`.
+    ///
+    /// Upgrading a table from before idempotent kick-offs adds a column (a catalog change only)
+    /// and builds a unique index, which holds writes to the table while it scans it, once.
     ///
     /// The role needs `CREATE` on the schema the first time; afterwards, `SELECT`, `INSERT`,
     /// `UPDATE` and `DELETE` on the table are all the store uses.
@@ -203,8 +214,21 @@ impl PostgresStore {
                 self.sql.table
             )),
             sqlx::Error::Database(db) if db.code().as_deref() == Some(UNDEFINED_TABLE) => {
-                StoreError::Unavailable(Box::new(MissingTable {
+                StoreError::Unavailable(Box::new(NotMigrated {
                     table: self.sql.table.clone(),
+                    missing: Missing::Table,
+                    source: error,
+                }))
+            }
+            sqlx::Error::Database(db)
+                if matches!(
+                    db.code().as_deref(),
+                    Some(UNDEFINED_COLUMN | NO_ARBITER_INDEX)
+                ) =>
+            {
+                StoreError::Unavailable(Box::new(NotMigrated {
+                    table: self.sql.table.clone(),
+                    missing: Missing::Upgrade,
                     source: error,
                 }))
             }
@@ -216,25 +240,51 @@ impl PostgresStore {
 /// SQLSTATE `undefined_table`.
 const UNDEFINED_TABLE: &str = "42P01";
 
-/// The table does not exist: `migrate` was never run against this database.
+/// SQLSTATE `undefined_column`.
+const UNDEFINED_COLUMN: &str = "42703";
+
+/// SQLSTATE `invalid_column_reference`, raised when no unique index matches `ON CONFLICT`.
+const NO_ARBITER_INDEX: &str = "42P10";
+
+/// SQLSTATE `unique_violation`.
+const UNIQUE_VIOLATION: &str = "23505";
+
+/// `migrate` was not run against this database, or not since this version of the crate.
 #[derive(Debug)]
-struct MissingTable {
+struct NotMigrated {
     table: Arc<str>,
+    missing: Missing,
     source: sqlx::Error,
 }
 
-impl fmt::Display for MissingTable {
+#[derive(Debug)]
+enum Missing {
+    /// The table does not exist.
+    Table,
+    /// The table lacks a column or index that this version added.
+    Upgrade,
+}
+
+impl fmt::Display for NotMigrated {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "the PostgreSQL table {:?} does not exist; call PostgresStore::migrate() once at \
-             start-up to create it",
-            self.table
-        )
+        match self.missing {
+            Missing::Table => write!(
+                f,
+                "the PostgreSQL table {:?} does not exist; call PostgresStore::migrate() once at \
+                 start-up to create it",
+                self.table
+            ),
+            Missing::Upgrade => write!(
+                f,
+                "the PostgreSQL table {:?} was created by an earlier version of \
+                 tower-fhir-async; call PostgresStore::migrate() once at start-up to upgrade it",
+                self.table
+            ),
+        }
     }
 }
 
-impl StdError for MissingTable {
+impl StdError for NotMigrated {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
         Some(&self.source)
     }
@@ -266,6 +316,7 @@ struct Statements {
     table: Arc<str>,
     migrate: Vec<SqlStr>,
     create: SqlStr,
+    create_once: SqlStr,
     get: SqlStr,
     start: SqlStr,
     finish: SqlStr,
@@ -299,8 +350,26 @@ impl Statements {
                         response bytea,
                         created_ms bigint NOT NULL,
                         finished_ms bigint,
-                        expires_ms bigint
+                        expires_ms bigint,
+                        idempotency_key text
                     )"
+                )),
+                // Tables created before idempotent kick-offs. Checked first, because `ALTER TABLE`
+                // locks out every reader and writer even when the column exists already.
+                sql(format!(
+                    "DO $$ BEGIN
+                        IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                            WHERE attrelid = '{t}'::regclass
+                            AND attname = 'idempotency_key' AND NOT attisdropped) THEN
+                            ALTER TABLE {t} ADD COLUMN idempotency_key text;
+                        END IF;
+                    END $$"
+                )),
+                // `create_once`: one job per owner and key among those that are not failed.
+                sql(format!(
+                    "CREATE UNIQUE INDEX IF NOT EXISTS {} ON {t} (owner, idempotency_key) \
+                     WHERE {ONCE_PREDICATE}",
+                    index("once")
                 )),
                 // `fail_lapsed`: running jobs by lease, unstarted jobs by creation time.
                 sql(format!(
@@ -324,6 +393,25 @@ impl Statements {
                 "INSERT INTO {t} ({COLUMNS}) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
                  ON CONFLICT (id) DO NOTHING"
+            )),
+            // The partial unique index makes concurrent kick-offs with the same owner and key
+            // take turns. On a conflict, an expired job (absent to every read) is replaced by the
+            // new one; a job that counts is left as it is (a no-op update, so that its id can be
+            // returned); a cancelled job's row is gone, a failed one is outside the index.
+            create_once: sql(format!(
+                "INSERT INTO {t} AS j ({COLUMNS}, idempotency_key) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+                 ON CONFLICT (owner, idempotency_key) WHERE {ONCE_PREDICATE} \
+                 DO UPDATE SET {} \
+                 RETURNING id",
+                COLUMNS
+                    .split(", ")
+                    .chain(["idempotency_key"])
+                    .map(|c| format!(
+                        "{c} = CASE WHEN j.expires_ms <= $15 THEN EXCLUDED.{c} ELSE j.{c} END"
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )),
             get: sql(format!(
                 "SELECT {COLUMNS} FROM {t} \
@@ -488,6 +576,50 @@ impl JobStore for PostgresStore {
             return Err(StoreError::Conflict(record.id));
         }
         Ok(())
+    }
+
+    async fn create_once(
+        &self,
+        record: JobRecord,
+        key: &str,
+        now: SystemTime,
+    ) -> Result<Created, StoreError> {
+        if once_owner(&record).is_none() {
+            return self.create(record).await.map(|()| Created::New);
+        }
+        let columns = state_columns(&record.state);
+        let id = record.id.to_string();
+        let row = sqlx::query(self.sql.create_once.clone())
+            .bind(&id)
+            .bind(record.kind.as_str())
+            .bind(columns.state)
+            .bind(record.owner.as_deref())
+            .bind(&record.method)
+            .bind(&record.target)
+            .bind(record.progress.as_deref())
+            .bind(columns.instance)
+            .bind(columns.lease_until_ms)
+            .bind(columns.response)
+            .bind(to_millis(record.created_at))
+            .bind(record.finished_at.map(to_millis))
+            .bind(record.expires_at.map(to_millis))
+            .bind(key)
+            .bind(to_millis(now))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|error| match &error {
+                // The id (the primary key) is taken; the index on owner and key is the arbiter.
+                sqlx::Error::Database(db) if db.code().as_deref() == Some(UNIQUE_VIOLATION) => {
+                    StoreError::Conflict(record.id)
+                }
+                _ => self.error(error),
+            })?;
+        let named: &str = row.try_get(0).map_err(|e| self.error(e))?;
+        if named == id {
+            Ok(Created::New)
+        } else {
+            parse_id(named).map(Created::Existing)
+        }
     }
 
     async fn get(&self, id: &JobId, now: SystemTime) -> Result<Option<JobRecord>, StoreError> {

@@ -6,7 +6,8 @@
 //!
 //! | key | type | holds |
 //! | --- | --- | --- |
-//! | `{prefix}job:{id}` | hash | one job: `state`, `instance`, `lease`, `owner`, `method`, `target`, `progress`, `created`, `finished`, `expires`, `kind`, `response` |
+//! | `{prefix}job:{id}` | hash | one job: `state`, `instance`, `lease`, `owner`, `method`, `target`, `progress`, `created`, `finished`, `expires`, `kind`, `response`, and `once` (the name of its idempotency key, when it has one) |
+//! | `{prefix}once:{n}:{owner}:{key}` | string | the id of the job `owner` kicked off with idempotency key `key`; `n` is the owner's length in bytes, so no owner and key pair reads as another |
 //! | `{prefix}accepted` | sorted set | ids of `Accepted` jobs, scored by creation time |
 //! | `{prefix}running` | sorted set | ids of `Running` jobs, scored by lease end |
 //! | `{prefix}expiring` | sorted set | ids of finished jobs, scored by expiry |
@@ -15,6 +16,11 @@
 //! Times are Unix milliseconds in decimal; `response` is the binary encoding of the stored
 //! response. Every state change is one Lua script, so it is atomic and keeps the sorted sets in
 //! step with the hashes.
+//!
+//! An idempotency key lives exactly as long as its job counts for a repeated kick-off: it gets
+//! the job's native expiry when the job completes, and is deleted when the job fails, is
+//! cancelled or is swept, by the same script (only while it still names that job: a key names
+//! the newest job kicked off with it).
 
 use std::future::ready;
 use std::sync::{Arc, LazyLock};
@@ -22,10 +28,10 @@ use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, ErrorKind, RedisError, Script};
+use redis::{Client, ErrorKind, RedisError, Script, Value};
 
 use super::codec::{decode_response, encode_response, from_millis, to_millis};
-use super::{Cancellations, JobStore, StoreError};
+use super::{Cancellations, Created, JobStore, StoreError, once_owner};
 use crate::job::{JobId, JobKind, JobOutcome, JobRecord, JobState, StoredResponse};
 
 /// At most this many index entries are visited by one script run of `fail_lapsed` or `sweep`,
@@ -256,6 +262,11 @@ impl RedisStore {
         format!("{}job:{id}", self.prefix)
     }
 
+    /// The key naming the job `owner` kicked off with idempotency key `key`.
+    fn once_key(&self, owner: &str, key: &str) -> String {
+        format!("{}once:{}:{owner}:{key}", self.prefix, owner.len())
+    }
+
     fn index_key(&self, name: &str) -> String {
         format!("{}{name}", self.prefix)
     }
@@ -292,6 +303,36 @@ return 1
     )
 });
 
+/// `KEYS`: idempotency key, job, index. `ARGV`: id, index score ('' for none), ttl ms ('' for
+/// none), prefix, now, owner, then field, value pairs. 1 when created, 0 when the id is taken,
+/// or the id of the job the idempotency key names, when that job counts: accepted, running or
+/// completed, of the same owner, not expired at `now`.
+static CREATE_ONCE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local existing = redis.call('GET', KEYS[1])
+if existing then
+  local job = redis.call('HMGET', ARGV[4] .. 'job:' .. existing, 'state', 'owner', 'expires')
+  local expires = tonumber(job[3])
+  if (job[1] == 'accepted' or job[1] == 'running' or job[1] == 'completed')
+    and job[2] == ARGV[6] and not (expires and expires <= tonumber(ARGV[5])) then
+    return existing
+  end
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('HSET', KEYS[2], unpack(ARGV, 7))
+if ARGV[2] ~= '' then redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1]) end
+-- SET drops the expiry the key had for the job it named before.
+redis.call('SET', KEYS[1], ARGV[1])
+if ARGV[3] ~= '' then
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+return 1
+",
+    )
+});
+
 /// `KEYS`: job, accepted, running. `ARGV`: id, instance, lease.
 static START: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -308,14 +349,24 @@ return 1
 /// `KEYS`: job, accepted, running, expiring. `ARGV`: id, state, response, finished, expires,
 /// ttl ms.
 ///
+/// The job's idempotency key, if it still names the job, gets the same expiry when the job
+/// completes, and is deleted when it fails (a failed job does not count for a repeat).
+///
 /// The native expiry is relative (`PEXPIRE expires - finished`) rather than `PEXPIREAT expires`,
 /// so it is right even when the caller's clock is not Redis's (paused test clocks, skew); reads
 /// compare `expires` with the caller's `now` in any case.
 static FINISH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'accepted' and state ~= 'running' then return 0 end
+local job = redis.call('HMGET', KEYS[1], 'state', 'once')
+if job[1] ~= 'accepted' and job[1] ~= 'running' then return 0 end
+if job[2] and redis.call('GET', job[2]) == ARGV[1] then
+  if ARGV[2] == 'completed' and tonumber(ARGV[6]) > 0 then
+    redis.call('PEXPIRE', job[2], ARGV[6])
+  else
+    redis.call('DEL', job[2])
+  end
+end
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'response', ARGV[3], 'finished', ARGV[4],
   'expires', ARGV[5])
 redis.call('HDEL', KEYS[1], 'instance', 'lease', 'progress')
@@ -333,13 +384,16 @@ return 1
 });
 
 /// `KEYS`: job, accepted, running, expiring. `ARGV`: id, now, channel. 1 when a job (unexpired
-/// at `now`) was removed, and then its id is published on the channel.
+/// at `now`) was removed, and then its id is published on the channel. Its idempotency key goes
+/// too, if it still names the job.
 static CANCEL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 for i = 2, 4 do redis.call('ZREM', KEYS[i], ARGV[1]) end
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local expires = tonumber(redis.call('HGET', KEYS[1], 'expires'))
+local job = redis.call('HMGET', KEYS[1], 'expires', 'once')
+local expires = tonumber(job[1])
+if job[2] and redis.call('GET', job[2]) == ARGV[1] then redis.call('DEL', job[2]) end
 redis.call('DEL', KEYS[1])
 if expires and expires <= tonumber(ARGV[2]) then return 0 end
 redis.call('PUBLISH', ARGV[3], ARGV[1])
@@ -386,6 +440,8 @@ return gone
 /// expires, ttl ms, batch size. Visits at most a batch of lapsed entries in each index; returns
 /// `{visited running, visited accepted, {failed ids}}`.
 ///
+/// A failed job's idempotency key is deleted, if it still names the job.
+///
 /// Each visited entry is either failed (and leaves its index), dropped (its job is gone or in
 /// another state), or re-scored from its hash (the index lagged behind), so the next run never
 /// visits it again.
@@ -395,6 +451,8 @@ static FAIL_LAPSED: LazyLock<Script> = LazyLock::new(|| {
 local prefix, now, unstarted = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local failed = {}
 local function fail(key, id)
+  local once = redis.call('HGET', key, 'once')
+  if once and redis.call('GET', once) == id then redis.call('DEL', once) end
   redis.call('HSET', key, 'state', ARGV[4], 'response', ARGV[5], 'finished', ARGV[2],
     'expires', ARGV[6])
   redis.call('HDEL', key, 'instance', 'lease', 'progress')
@@ -429,8 +487,8 @@ return {running, accepted, failed}
 });
 
 /// `KEYS`: expiring. `ARGV`: prefix, now, batch size. Deletes jobs expired at `now` that Redis
-/// has not removed yet, and drops index entries of jobs Redis already removed. Returns
-/// `{visited, deleted}`.
+/// has not removed yet (with their idempotency keys, if those still name them), and drops index
+/// entries of jobs Redis already removed. Returns `{visited, deleted}`.
 static SWEEP: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -439,12 +497,14 @@ local deleted = 0
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[2], 'LIMIT', 0, ARGV[3])
 for _, id in ipairs(ids) do
   local key = prefix .. 'job:' .. id
-  local raw = redis.call('HGET', key, 'expires')
+  local job = redis.call('HMGET', key, 'expires', 'once')
+  local raw = job[1]
   local expires = tonumber(raw)
   if expires and expires > now then
     redis.call('ZADD', KEYS[1], raw, id)
   else
     redis.call('ZREM', KEYS[1], id)
+    if job[2] and redis.call('GET', job[2]) == id then redis.call('DEL', job[2]) end
     if raw then deleted = deleted + redis.call('DEL', key) end
   end
 end
@@ -455,28 +515,14 @@ return {#ids, deleted}
 
 impl JobStore for RedisStore {
     async fn create(&self, record: JobRecord) -> Result<(), StoreError> {
-        let id = record.id.to_string();
-        let (index, score, ttl) = match &record.state {
-            JobState::Accepted => (ACCEPTED, to_millis(record.created_at).to_string(), None),
-            JobState::Running { lease_until, .. } => {
-                (RUNNING, to_millis(*lease_until).to_string(), None)
-            }
-            JobState::Completed(_) | JobState::Failed(_) => match record.expires_at {
-                Some(expires) => (
-                    EXPIRING,
-                    to_millis(expires).to_string(),
-                    record.finished_at.map(|at| ttl_millis(at, expires).max(1)),
-                ),
-                None => (EXPIRING, String::new(), None),
-            },
-        };
+        let placement = Placement::of(&record);
         let mut invocation = CREATE.prepare_invoke();
         invocation
             .key(self.job_key(&record.id))
-            .key(self.index_key(index))
-            .arg(&id)
-            .arg(score)
-            .arg(ttl.map(|ms| ms.to_string()).unwrap_or_default());
+            .key(self.index_key(placement.index))
+            .arg(record.id.to_string())
+            .arg(placement.score)
+            .arg(placement.ttl);
         for (field, value) in fields(&record) {
             invocation.arg(field).arg(value);
         }
@@ -488,6 +534,55 @@ impl JobStore for RedisStore {
             Ok(())
         } else {
             Err(StoreError::Conflict(record.id))
+        }
+    }
+
+    async fn create_once(
+        &self,
+        record: JobRecord,
+        key: &str,
+        now: SystemTime,
+    ) -> Result<Created, StoreError> {
+        let Some(owner) = once_owner(&record) else {
+            return self.create(record).await.map(|()| Created::New);
+        };
+        let once = self.once_key(owner, key);
+        let placement = Placement::of(&record);
+        let mut invocation = CREATE_ONCE.prepare_invoke();
+        invocation
+            .key(&once)
+            .key(self.job_key(&record.id))
+            .key(self.index_key(placement.index))
+            .arg(record.id.to_string())
+            .arg(placement.score)
+            .arg(placement.ttl)
+            .arg(&*self.prefix)
+            .arg(to_millis(now))
+            .arg(owner);
+        for (field, value) in fields(&record) {
+            invocation.arg(field).arg(value);
+        }
+        invocation.arg("once").arg(&once);
+        let reply: Value = invocation
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(store_error)?;
+        match reply {
+            Value::Int(1) => Ok(Created::New),
+            Value::Int(0) => Err(StoreError::Conflict(record.id)),
+            Value::BulkString(existing) => std::str::from_utf8(&existing)
+                .ok()
+                .and_then(JobId::parse)
+                .map(Created::Existing)
+                .ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "the idempotency key {once:?} names {:?}, not a job id",
+                        String::from_utf8_lossy(&existing)
+                    ))
+                }),
+            other => Err(StoreError::Corrupt(format!(
+                "unexpected reply from Redis to a kick-off with an idempotency key: {other:?}"
+            ))),
         }
     }
 
@@ -692,6 +787,38 @@ impl JobStore for RedisStore {
             ready(id)
         });
         Ok(Some(Box::pin(ids)))
+    }
+}
+
+/// Where a new record goes: its index, its score there ('' for none), and its native expiry in
+/// milliseconds ('' for none).
+struct Placement {
+    index: &'static str,
+    score: String,
+    ttl: String,
+}
+
+impl Placement {
+    fn of(record: &JobRecord) -> Self {
+        let (index, score, ttl) = match &record.state {
+            JobState::Accepted => (ACCEPTED, to_millis(record.created_at).to_string(), None),
+            JobState::Running { lease_until, .. } => {
+                (RUNNING, to_millis(*lease_until).to_string(), None)
+            }
+            JobState::Completed(_) | JobState::Failed(_) => match record.expires_at {
+                Some(expires) => (
+                    EXPIRING,
+                    to_millis(expires).to_string(),
+                    record.finished_at.map(|at| ttl_millis(at, expires).max(1)),
+                ),
+                None => (EXPIRING, String::new(), None),
+            },
+        };
+        Self {
+            index,
+            score,
+            ttl: ttl.map(|ms| ms.to_string()).unwrap_or_default(),
+        }
     }
 }
 

@@ -1,0 +1,18 @@
+//! Metrics through the [`metrics`](https://docs.rs/metrics) facade: install any recorder
+//! (Prometheus, StatsD, …) in the application and these appear; without one they cost an
+//! atomic load each.
+
+/// Counter: requests the layer answered itself, by `action` (`kick-off`, `status`, `cancel`,
+/// `file`) and `outcome` (`accepted`, `in-progress`, `completed`, `cancelled`, `not-found`,
+/// `throttled`, …, the same words as the audit trail).
+pub(crate) const REQUESTS: &str = "fhir_async_requests_total";
+
+/// Gauge: jobs registered to run in this process (waiting for the inner service or running).
+pub(crate) const RUNNING: &str = "fhir_async_jobs_running";
+
+/// Counter: jobs that ended here, by `outcome` (`completed`, `failed`, `cancelled`, `lost`: the
+/// outcome could not be recorded).
+pub(crate) const FINISHED: &str = "fhir_async_jobs_finished_total";
+
+/// Histogram: seconds from a job's start to its end, by `outcome` as in [`FINISHED`].
+pub(crate) const DURATION: &str = "fhir_async_job_duration_seconds";
