@@ -128,6 +128,11 @@ where
 
 /// Merges `Prefer` into `Vary` unless it is already named (or `*` is).
 pub(crate) fn add_vary_prefer(headers: &mut http::HeaderMap) {
+    // The common case, on every eligible GET: no `Vary` yet.
+    if !headers.contains_key(VARY) {
+        headers.insert(VARY, HeaderValue::from_static("Prefer"));
+        return;
+    }
     let named = headers.get_all(VARY).iter().any(|value| {
         value.to_str().is_ok_and(|v| {
             v.split(',')
