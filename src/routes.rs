@@ -30,8 +30,13 @@ pub(crate) const X_PROGRESS: HeaderName = HeaderName::from_static("x-progress");
 /// The `X-Export-Status` response header (STATUS-17).
 const X_EXPORT_STATUS: HeaderName = HeaderName::from_static("x-export-status");
 
-/// How often a long poll of a job running on another instance reads the store again.
+/// How often a long poll of a job running on another instance reads the store again, when the
+/// store does not push changes.
 const REMOTE_RECHECK: Duration = Duration::from_millis(250);
+
+/// How often a long poll woken by pushed changes reads the store anyway, in case a notice was
+/// lost (a dropped pub/sub connection).
+const PUSH_BACKSTOP: Duration = Duration::from_secs(5);
 
 /// How long a client should wait before retrying when the store is unavailable.
 const STORE_RETRY: Duration = Duration::from_secs(5);
@@ -378,16 +383,32 @@ async fn wait_for_change(
         Some(mut changes) => {
             let _ = tokio::time::timeout_at(deadline, changes.changed()).await;
         }
+        // Running on another instance, and the store pushes changes: wait for its news, and
+        // read the store now and then in case a notice was lost.
+        None if runner.has_change_push() => {
+            let wait = RemoteWait::new(runner, id);
+            let mut changes = wait.changes.clone();
+            // A change may have landed between the first read and the subscription.
+            let mut current = read(shared, id).await?;
+            loop {
+                match &current {
+                    None => return Ok(None),
+                    Some(now) if changed(now, &before) => return Ok(current),
+                    Some(_) if tokio::time::Instant::now() >= deadline => return Ok(current),
+                    Some(_) => {}
+                }
+                let until = (tokio::time::Instant::now() + PUSH_BACKSTOP).min(deadline);
+                let _ = tokio::time::timeout_at(until, changes.changed()).await;
+                current = read(shared, id).await?;
+            }
+        }
+        // No push: read the store every `REMOTE_RECHECK`.
         None => loop {
             let next = (tokio::time::Instant::now() + REMOTE_RECHECK).min(deadline);
             tokio::time::sleep_until(next).await;
             match read(shared, id).await? {
                 Some(now) => {
-                    let progress = now.progress.clone();
-                    if now.state.is_finished()
-                        || etag(&now, progress.as_deref()) != before
-                        || next >= deadline
-                    {
+                    if changed(&now, &before) || next >= deadline {
                         return Ok(Some(now));
                     }
                 }
@@ -396,6 +417,39 @@ async fn wait_for_change(
         },
     }
     read(shared, id).await
+}
+
+/// Whether `record` differs from what a poll saw as `before`.
+fn changed(record: &JobRecord, before: &HeaderValue) -> bool {
+    record.state.is_finished() || etag(record, record.progress.as_deref()) != *before
+}
+
+/// A long poll's interest in a job running on another instance; forgotten when dropped (also
+/// when the client goes away mid-wait).
+struct RemoteWait<'a> {
+    runner: &'a crate::runner::Runner,
+    id: JobId,
+    changes: tokio::sync::watch::Receiver<u64>,
+}
+
+impl<'a> RemoteWait<'a> {
+    fn new(runner: &'a crate::runner::Runner, id: JobId) -> Self {
+        let changes = runner.remote_changes(&id);
+        Self {
+            runner,
+            id,
+            changes,
+        }
+    }
+}
+
+impl Drop for RemoteWait<'_> {
+    fn drop(&mut self) {
+        // The receivers go first, so the entry is seen unused.
+        let (_, placeholder) = tokio::sync::watch::channel(0);
+        drop(std::mem::replace(&mut self.changes, placeholder));
+        self.runner.forget_remote(&self.id);
+    }
 }
 
 /// A weak validator of what a poll would show: the state, the progress, when it ended. The same

@@ -54,6 +54,10 @@ pub(crate) struct Runner {
     pub(crate) instance: Box<str>,
     pub(crate) lease: Duration,
     running: DashMap<JobId, Arc<JobShared>>,
+    /// Long polls of jobs running on other instances, woken by the store's change stream.
+    remote: DashMap<JobId, tokio::sync::watch::Sender<u64>>,
+    /// Whether the watcher holds the store's change stream now.
+    change_push: AtomicBool,
     tracker: TaskTracker,
     shutting_down: AtomicBool,
     watcher: AtomicBool,
@@ -74,6 +78,8 @@ impl Runner {
             instance: instance.into_boxed_str(),
             lease,
             running: DashMap::new(),
+            remote: DashMap::new(),
+            change_push: AtomicBool::new(false),
             tracker: TaskTracker::new(),
             shutting_down: AtomicBool::new(false),
             watcher: AtomicBool::new(false),
@@ -100,6 +106,37 @@ impl Runner {
         if self.running.remove(id).is_some() {
             metrics::gauge!(meters::RUNNING).decrement(1.0);
         }
+    }
+
+    /// Changes of a job running on another instance, as the store announces them; the
+    /// receiver is forgotten with [`RemoteWait`]'s drop.
+    pub(crate) fn remote_changes(&self, id: &JobId) -> tokio::sync::watch::Receiver<u64> {
+        self.remote
+            .entry(*id)
+            .or_insert_with(|| tokio::sync::watch::Sender::new(0))
+            .subscribe()
+    }
+
+    /// Drops the entry of a remote job nobody waits for any more.
+    pub(crate) fn forget_remote(&self, id: &JobId) {
+        self.remote
+            .remove_if(id, |_, sender| sender.receiver_count() == 0);
+    }
+
+    /// Wakes the long polls of a job the store announced as changed.
+    pub(crate) fn notify_remote(&self, id: &JobId) {
+        if let Some(sender) = self.remote.get(id) {
+            sender.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    pub(crate) fn set_change_push(&self, on: bool) {
+        self.change_push.store(on, Ordering::Release);
+    }
+
+    /// Whether changes of jobs on other instances are pushed to this one now.
+    pub(crate) fn has_change_push(&self) -> bool {
+        self.change_push.load(Ordering::Acquire)
     }
 
     /// Changes of a job running in this process (progress, its end), for long polls.

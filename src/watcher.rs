@@ -20,7 +20,7 @@ use crate::job::JobOutcome;
 use crate::layer::Shared;
 use crate::outcome::IssueCode;
 use crate::runner::{later, synthesized};
-use crate::store::Cancellations;
+use crate::store::{Cancellations, Changes};
 
 /// Starts the watcher of `shared` unless it runs already. Needs a tokio runtime.
 pub(crate) fn ensure(shared: &Arc<Shared>) {
@@ -42,7 +42,25 @@ async fn run(shared: Weak<Shared>) {
     let mut pushes: Option<Cancellations> = None;
     // When to ask the store for its cancellation stream again; `None`: it has none.
     let mut subscribe_at = Some(Instant::now());
+    let mut changes: Option<Changes> = None;
+    // The same for the stream of changed jobs, which wakes long polls.
+    let mut changes_at = Some(Instant::now());
     loop {
+        if changes.is_none() && changes_at.is_some_and(|at| at <= Instant::now()) {
+            match store.changes().await {
+                Ok(Some(stream)) => {
+                    changes = Some(stream);
+                    if let Some(shared) = shared.upgrade() {
+                        shared.runner.set_change_push(true);
+                    }
+                }
+                Ok(None) => changes_at = None,
+                Err(error) => {
+                    tracing::warn!(%error, "subscribing to job changes failed; long polls read the store instead");
+                    changes_at = Some(Instant::now() + every);
+                }
+            }
+        }
         if pushes.is_none() && subscribe_at.is_some_and(|at| at <= Instant::now()) {
             match store.cancellations().await {
                 Ok(Some(stream)) => pushes = Some(stream),
@@ -59,7 +77,24 @@ async fn run(shared: Weak<Shared>) {
                 None => std::future::pending().await,
             }
         };
+        let changed = async {
+            match changes.as_mut() {
+                Some(stream) => stream.next().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            id = changed => {
+                let Some(shared) = shared.upgrade() else { return };
+                match id {
+                    Some(id) => shared.runner.notify_remote(&id),
+                    None => {
+                        shared.runner.set_change_push(false);
+                        changes = None;
+                        changes_at = Some(Instant::now() + every);
+                    }
+                }
+            }
             _ = ticks.tick() => {
                 let Some(shared) = shared.upgrade() else { return };
                 check(&shared).await;

@@ -19,6 +19,8 @@
 //! Every wait is bounded, and nothing asserts how fast anything happened: the times measured are
 //! printed (run with `--nocapture` to see them).
 
+#[path = "support/long_poll.rs"]
+mod long_poll;
 mod support;
 
 use std::collections::VecDeque;
@@ -1192,6 +1194,40 @@ async fn item_7_bulk_13_postgres_bulk_files_through_another_instance() {
     run(
         PostgresBackend::open("bulk").await,
         bulk_files_through_another_instance,
+    )
+    .await;
+}
+
+// Issue #7 item 3, STATUS-4: a long poll held by B wakes when A's job ends, through Redis
+// pub/sub, not by reading the store every 250 ms.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_4_redis_long_poll_wakes_across_instances() {
+    run(RedisBackend::open("longpoll").await, |backend| async move {
+        let first = backend.connect().await;
+        let second = backend.connect().await;
+        let stores = std::sync::Mutex::new(vec![second, first]);
+        long_poll::long_poll_wakes_across_instances(|| {
+            stores.lock().unwrap().pop().expect("two stores")
+        })
+        .await;
+    })
+    .await;
+}
+
+// Issue #7 item 3, STATUS-4 on PostgreSQL (`NOTIFY`).
+#[tokio::test(flavor = "multi_thread")]
+async fn status_4_postgres_long_poll_wakes_across_instances() {
+    run(
+        PostgresBackend::open("longpoll").await,
+        |backend| async move {
+            let first = backend.connect().await;
+            let second = backend.connect().await;
+            let stores = std::sync::Mutex::new(vec![second, first]);
+            long_poll::long_poll_wakes_across_instances(|| {
+                stores.lock().unwrap().pop().expect("two stores")
+            })
+            .await;
+        },
     )
     .await;
 }

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::SystemTime;
 
-use super::{Cancellations, Created, JobStore, StoreError};
+use super::{Cancellations, Changes, Created, JobStore, StoreError};
 use crate::job::{JobId, JobOutcome, JobRecord};
 
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -61,6 +61,7 @@ pub(crate) trait DynStore: Send + Sync + 'static {
         expires_at: SystemTime,
     ) -> BoxFuture<'_, Result<Vec<JobId>, StoreError>>;
     fn cancellations(&self) -> BoxFuture<'_, Result<Option<Cancellations>, StoreError>>;
+    fn changes(&self) -> BoxFuture<'_, Result<Option<Changes>, StoreError>>;
 }
 
 impl<S: JobStore> DynStore for S {
@@ -151,5 +152,9 @@ impl<S: JobStore> DynStore for S {
 
     fn cancellations(&self) -> BoxFuture<'_, Result<Option<Cancellations>, StoreError>> {
         Box::pin(JobStore::cancellations(self))
+    }
+
+    fn changes(&self) -> BoxFuture<'_, Result<Option<Changes>, StoreError>> {
+        Box::pin(JobStore::changes(self))
     }
 }

@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
-use super::{Created, JobStore, StoreError, once_owner};
+use super::{Changes, Created, JobStore, StoreError, once_owner};
 use crate::job::{JobId, JobKind, JobOutcome, JobRecord, JobState};
 
 /// Jobs in this process's memory, in a concurrent hash map.
@@ -36,6 +36,28 @@ pub struct MemoryStore {
     ///
     /// Lock order: an entry here, then `jobs`; never the other way round.
     once: Arc<DashMap<OnceKey, JobId>>,
+    /// Announces changed jobs to [`changes`](JobStore::changes) streams (layers sharing this
+    /// store in one process).
+    changed: Announcer,
+}
+
+/// The sending side of [`JobStore::changes`]: a broadcast channel; nobody listening costs
+/// nothing but a check.
+#[derive(Debug, Clone)]
+struct Announcer(tokio::sync::broadcast::Sender<JobId>);
+
+impl Default for Announcer {
+    fn default() -> Self {
+        Self(tokio::sync::broadcast::Sender::new(1024))
+    }
+}
+
+impl Announcer {
+    fn announce(&self, id: JobId) {
+        if self.0.receiver_count() > 0 {
+            let _ = self.0.send(id);
+        }
+    }
 }
 
 /// An owner and an idempotency key.
@@ -240,6 +262,9 @@ impl JobStore for MemoryStore {
             record.end(outcome.into(), finished_at, expires_at);
             true
         });
+        if finished {
+            self.changed.announce(*id);
+        }
         ready(Ok(finished))
     }
 
@@ -252,6 +277,9 @@ impl JobStore for MemoryStore {
             .jobs
             .remove(id)
             .is_some_and(|(_, record)| !record.is_expired(now));
+        if removed {
+            self.changed.announce(*id);
+        }
         ready(Ok(removed))
     }
 
@@ -260,10 +288,16 @@ impl JobStore for MemoryStore {
         id: &JobId,
         progress: &str,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        if let Some(mut record) = self.jobs.get_mut(id) {
-            if !record.state.is_finished() && record.progress.as_deref() != Some(progress) {
+        let changed = self.jobs.get_mut(id).is_some_and(|mut record| {
+            let changed =
+                !record.state.is_finished() && record.progress.as_deref() != Some(progress);
+            if changed {
                 record.progress = Some(progress.into());
             }
+            changed
+        });
+        if changed {
+            self.changed.announce(*id);
         }
         ready(Ok(()))
     }
@@ -315,6 +349,9 @@ impl JobStore for MemoryStore {
                 failed.push(*entry.key());
             }
         }
+        for id in &failed {
+            self.changed.announce(*id);
+        }
         ready(Ok(failed))
     }
 
@@ -327,6 +364,21 @@ impl JobStore for MemoryStore {
         self.once
             .retain(|(owner, _), id| self.counts(id, owner, now));
         ready(Ok(swept))
+    }
+
+    fn changes(&self) -> impl Future<Output = Result<Option<Changes>, StoreError>> + Send {
+        let receiver = self.changed.0.subscribe();
+        let ids = futures_util::stream::unfold(receiver, |mut receiver| async move {
+            loop {
+                match receiver.recv().await {
+                    Ok(id) => return Some((id, receiver)),
+                    // Missed announcements only delay long polls to their next store read.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        });
+        ready(Ok(Some(Box::pin(ids) as Changes)))
     }
 }
 

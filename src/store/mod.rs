@@ -223,6 +223,15 @@ pub trait JobStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<Cancellations>, StoreError>> + Send {
         std::future::ready(Ok(None))
     }
+
+    /// The ids of jobs whose state or progress changed through any instance (finished, failed,
+    /// cancelled, progress written), announced after the change is committed, so that a long
+    /// poll held by one instance wakes when the job runs on another. `None` (the default) when
+    /// the store has no such channel; long polls then read the store again periodically. The
+    /// stream may end when the connection drops, and is asked for again.
+    fn changes(&self) -> impl Future<Output = Result<Option<Changes>, StoreError>> + Send {
+        std::future::ready(Ok(None))
+    }
 }
 
 /// The owner that `create_once` scopes `record`'s idempotency key to, or `None` when it must
@@ -236,3 +245,6 @@ fn once_owner(record: &JobRecord) -> Option<&str> {
 
 /// A stream of cancelled jobs' ids, from [`JobStore::cancellations`].
 pub type Cancellations = std::pin::Pin<Box<dyn futures_core::Stream<Item = JobId> + Send>>;
+
+/// A stream of changed jobs' ids, from [`JobStore::changes`].
+pub type Changes = std::pin::Pin<Box<dyn futures_core::Stream<Item = JobId> + Send>>;

@@ -10,7 +10,7 @@ use sqlx::postgres::{PgListener, PgPool, PgRow};
 use sqlx::{AssertSqlSafe, Row, SqlSafeStr, SqlStr};
 
 use super::codec::{decode_response, encode_response, from_millis, to_millis};
-use super::{Cancellations, Created, JobStore, StoreError, once_owner};
+use super::{Cancellations, Changes, Created, JobStore, StoreError, once_owner};
 use crate::job::{JobId, JobKind, JobOutcome, JobRecord, JobState, StoredResponse};
 
 /// How many expired rows one `sweep` statement deletes, so that a large backlog never holds
@@ -667,7 +667,11 @@ impl JobStore for PostgresStore {
             .execute(&self.pool)
             .await
             .map_err(|e| self.error(e))?;
-        Ok(done.rows_affected() == 1)
+        let finished = done.rows_affected() == 1;
+        if finished {
+            self.announce(&[*id]).await?;
+        }
+        Ok(finished)
     }
 
     async fn cancel(&self, id: &JobId, now: SystemTime) -> Result<bool, StoreError> {
@@ -685,12 +689,15 @@ impl JobStore for PostgresStore {
     }
 
     async fn set_progress(&self, id: &JobId, progress: &str) -> Result<(), StoreError> {
-        sqlx::query(self.sql.set_progress.clone())
+        let done = sqlx::query(self.sql.set_progress.clone())
             .bind(id.to_string())
             .bind(progress)
             .execute(&self.pool)
             .await
             .map_err(|e| self.error(e))?;
+        if done.rows_affected() > 0 {
+            self.announce(&[*id]).await?;
+        }
         Ok(())
     }
 
@@ -741,9 +748,12 @@ impl JobStore for PostgresStore {
             .fetch_all(&self.pool)
             .await
             .map_err(|e| self.error(e))?;
-        rows.iter()
+        let failed = rows
+            .iter()
             .map(|row| parse_id(row.try_get(0).map_err(|e| self.error(e))?))
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        self.announce(&failed).await?;
+        Ok(failed)
     }
 
     async fn sweep(&self, now: SystemTime) -> Result<usize, StoreError> {
@@ -766,16 +776,51 @@ impl JobStore for PostgresStore {
     }
 
     async fn cancellations(&self) -> Result<Option<Cancellations>, StoreError> {
+        self.listen(self.cancel_channel()).await
+    }
+
+    async fn changes(&self) -> Result<Option<Changes>, StoreError> {
+        self.listen(&self.changes_channel()).await
+    }
+}
+
+impl PostgresStore {
+    /// The `LISTEN`/`NOTIFY` channel on which changed jobs (finished, failed, progress written)
+    /// are announced, with their ids: `{table}_changed`. Long polls held by other instances wake
+    /// on it (see [`JobStore::changes`]).
+    pub fn changes_channel(&self) -> String {
+        format!("{}_changed", self.sql.table)
+    }
+
+    /// Announces changed jobs, after the change is committed.
+    async fn announce(&self, ids: &[JobId]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        sqlx::query("SELECT pg_notify($1, id) FROM unnest($2::text[]) AS id")
+            .bind(self.changes_channel())
+            .bind(ids)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(())
+    }
+
+    /// A stream of the job ids notified on `channel`, on a connection of its own.
+    async fn listen(
+        &self,
+        channel: &str,
+    ) -> Result<Option<std::pin::Pin<Box<dyn futures_core::Stream<Item = JobId> + Send>>>, StoreError>
+    {
         let mut listener = PgListener::connect_with(&self.pool)
             .await
             .map_err(|e| self.error(e))?;
         // End the stream when the connection drops instead of reconnecting in the
-        // background: the layer asks again, and catches up through lease renewal.
+        // background: the layer asks again, and catches up through lease renewal (cancels) or
+        // store reads (long polls).
         listener.eager_reconnect(false);
-        listener
-            .listen(self.cancel_channel())
-            .await
-            .map_err(|e| self.error(e))?;
+        listener.listen(channel).await.map_err(|e| self.error(e))?;
         let ids = futures_util::stream::unfold(listener, |mut listener| async move {
             loop {
                 match listener.try_recv().await {
@@ -785,7 +830,7 @@ impl JobStore for PostgresStore {
                         }
                         tracing::debug!(
                             payload = notification.payload(),
-                            "ignoring a cancel notification that is not a job id"
+                            "ignoring a notification that is not a job id"
                         );
                     }
                     Ok(None) => {
@@ -799,7 +844,7 @@ impl JobStore for PostgresStore {
                 }
             }
         });
-        Ok(Some(Box::pin(ids) as Cancellations))
+        Ok(Some(Box::pin(ids)))
     }
 }
 

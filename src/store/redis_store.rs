@@ -31,7 +31,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, ErrorKind, RedisError, Script, Value};
 
 use super::codec::{decode_response, encode_response, from_millis, to_millis};
-use super::{Cancellations, Created, JobStore, StoreError, once_owner};
+use super::{Cancellations, Changes, Created, JobStore, StoreError, once_owner};
 use crate::job::{JobId, JobKind, JobOutcome, JobRecord, JobState, StoredResponse};
 
 /// At most this many index entries are visited by one script run of `fail_lapsed` or `sweep`,
@@ -243,6 +243,13 @@ impl RedisStore {
     /// ```
     pub fn cancel_channel(&self) -> String {
         format!("{}cancel", self.prefix)
+    }
+
+    /// The pub/sub channel on which changed jobs (finished, failed, progress written) are
+    /// announced, with their ids: `{prefix}changed`. Long polls held by other instances wake on
+    /// it (see [`JobStore::changes`]).
+    pub fn changes_channel(&self) -> String {
+        format!("{}changed", self.prefix)
     }
 
     /// The key of the hash holding job `id`: `{prefix}job:{id}`.
@@ -637,6 +644,9 @@ impl JobStore for RedisStore {
             .invoke_async(&mut self.connection())
             .await
             .map_err(store_error)?;
+        if finished == 1 {
+            self.announce(&[*id]).await?;
+        }
         Ok(finished == 1)
     }
 
@@ -662,7 +672,7 @@ impl JobStore for RedisStore {
             .invoke_async(&mut self.connection())
             .await
             .map_err(store_error)?;
-        Ok(())
+        self.announce(&[*id]).await
     }
 
     async fn renew_leases(
@@ -723,9 +733,11 @@ impl JobStore for RedisStore {
                 .invoke_async(&mut connection)
                 .await
                 .map_err(store_error)?;
+            let first = failed.len();
             for id in ids {
                 failed.push(parse_id(&id)?);
             }
+            self.announce(&failed[first..]).await?;
             // Every visited entry left the range, so a short batch means none are left.
             if running < BATCH && accepted < BATCH {
                 return Ok(failed);
@@ -753,10 +765,25 @@ impl JobStore for RedisStore {
     }
 
     async fn cancellations(&self) -> Result<Option<Cancellations>, StoreError> {
+        self.subscribe(self.cancel_channel()).await
+    }
+
+    async fn changes(&self) -> Result<Option<Changes>, StoreError> {
+        self.subscribe(self.changes_channel()).await
+    }
+}
+
+impl RedisStore {
+    /// A stream of the job ids published on `channel`, on a pub/sub connection of its own;
+    /// `None` without a pub/sub client.
+    async fn subscribe(
+        &self,
+        channel: String,
+    ) -> Result<Option<std::pin::Pin<Box<dyn futures_core::Stream<Item = JobId> + Send>>>, StoreError>
+    {
         let Some(client) = &self.pubsub else {
             return Ok(None);
         };
-        let channel = self.cancel_channel();
         let subscribe = async {
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;
@@ -774,19 +801,38 @@ impl JobStore for RedisStore {
             })?
             .map_err(store_error)?;
         // The stream ends when the connection drops; the layer then asks again, and catches up
-        // on cancels it missed at its next lease renewal.
+        // at its next lease renewal (cancels) or store read (long polls).
         let ids = pubsub.into_on_message().filter_map(|message| {
             let payload = message.get_payload_bytes();
             let id = std::str::from_utf8(payload).ok().and_then(JobId::parse);
             if id.is_none() {
                 tracing::debug!(
                     payload = %String::from_utf8_lossy(payload),
-                    "ignoring a cancel message that is not a job id"
+                    "ignoring a pub/sub message that is not a job id"
                 );
             }
             ready(id)
         });
         Ok(Some(Box::pin(ids)))
+    }
+
+    /// Announces changed jobs on [`changes_channel`](Self::changes_channel), after the change
+    /// is committed. Only with a pub/sub client: without one, nobody here listens.
+    async fn announce(&self, ids: &[JobId]) -> Result<(), StoreError> {
+        if self.pubsub.is_none() || ids.is_empty() {
+            return Ok(());
+        }
+        let channel = self.changes_channel();
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("PUBLISH")
+                .arg(&channel)
+                .arg(id.to_string())
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut self.connection())
+            .await
+            .map_err(store_error)
     }
 }
 
