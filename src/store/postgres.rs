@@ -421,10 +421,13 @@ impl Statements {
                 "UPDATE {t} SET state = 'running', instance = $2, lease_until_ms = $3 \
                  WHERE id = $1 AND state = 'accepted'"
             )),
+            // Each change is announced on the changes channel in its own statement, so the
+            // notice goes out only if the change commits.
             finish: sql(format!(
-                "UPDATE {t} SET state = $2, response = $3, progress = NULL, instance = NULL, \
-                 lease_until_ms = NULL, finished_ms = $4, expires_ms = $5 \
-                 WHERE id = $1 AND state IN ('accepted', 'running')"
+                "WITH done AS (UPDATE {t} SET state = $2, response = $3, progress = NULL, \
+                 instance = NULL, lease_until_ms = NULL, finished_ms = $4, expires_ms = $5 \
+                 WHERE id = $1 AND state IN ('accepted', 'running') RETURNING id) \
+                 SELECT id, pg_notify($6, id) FROM done"
             )),
             // One statement, so one transaction: the notification goes out only if the delete
             // commits. An expired row is deleted too, but reported as absent and not announced.
@@ -436,20 +439,22 @@ impl Statements {
                  FROM gone"
             )),
             set_progress: sql(format!(
-                "UPDATE {t} SET progress = $2 \
+                "WITH done AS (UPDATE {t} SET progress = $2 \
                  WHERE id = $1 AND state IN ('accepted', 'running') \
-                 AND progress IS DISTINCT FROM $2"
+                 AND progress IS DISTINCT FROM $2 RETURNING id) \
+                 SELECT id, pg_notify($3, id) FROM done"
             )),
             renew_leases: sql(format!(
                 "UPDATE {t} SET lease_until_ms = $3 \
                  WHERE id = ANY($1) AND state = 'running' AND instance = $2 RETURNING id"
             )),
             fail_lapsed: sql(format!(
-                "UPDATE {t} SET state = $3, response = $4, progress = NULL, instance = NULL, \
-                 lease_until_ms = NULL, finished_ms = $1, expires_ms = $5 \
+                "WITH done AS (UPDATE {t} SET state = $3, response = $4, progress = NULL, \
+                 instance = NULL, lease_until_ms = NULL, finished_ms = $1, expires_ms = $5 \
                  WHERE (state = 'running' AND lease_until_ms <= $1) \
                  OR (state = 'accepted' AND created_ms <= $2) \
-                 RETURNING id"
+                 RETURNING id) \
+                 SELECT id, pg_notify($6, id) FROM done"
             )),
             // `ctid = ANY(ARRAY(..))` is a TID scan (`ctid IN (..)` would scan the whole table);
             // `SKIP LOCKED` lets instances sweep at the same time without waiting on each other;
@@ -664,14 +669,11 @@ impl JobStore for PostgresStore {
             .bind(response)
             .bind(to_millis(finished_at))
             .bind(to_millis(expires_at))
-            .execute(&self.pool)
+            .bind(self.changes_channel())
+            .fetch_optional(&self.pool)
             .await
             .map_err(|e| self.error(e))?;
-        let finished = done.rows_affected() == 1;
-        if finished {
-            self.announce(&[*id]).await?;
-        }
-        Ok(finished)
+        Ok(done.is_some())
     }
 
     async fn cancel(&self, id: &JobId, now: SystemTime) -> Result<bool, StoreError> {
@@ -689,15 +691,13 @@ impl JobStore for PostgresStore {
     }
 
     async fn set_progress(&self, id: &JobId, progress: &str) -> Result<(), StoreError> {
-        let done = sqlx::query(self.sql.set_progress.clone())
+        sqlx::query(self.sql.set_progress.clone())
             .bind(id.to_string())
             .bind(progress)
-            .execute(&self.pool)
+            .bind(self.changes_channel())
+            .fetch_optional(&self.pool)
             .await
             .map_err(|e| self.error(e))?;
-        if done.rows_affected() > 0 {
-            self.announce(&[*id]).await?;
-        }
         Ok(())
     }
 
@@ -745,15 +745,13 @@ impl JobStore for PostgresStore {
             .bind(state)
             .bind(response)
             .bind(to_millis(expires_at))
+            .bind(self.changes_channel())
             .fetch_all(&self.pool)
             .await
             .map_err(|e| self.error(e))?;
-        let failed = rows
-            .iter()
+        rows.iter()
             .map(|row| parse_id(row.try_get(0).map_err(|e| self.error(e))?))
-            .collect::<Result<Vec<_>, _>>()?;
-        self.announce(&failed).await?;
-        Ok(failed)
+            .collect()
     }
 
     async fn sweep(&self, now: SystemTime) -> Result<usize, StoreError> {
@@ -790,21 +788,6 @@ impl PostgresStore {
     /// on it (see [`JobStore::changes`]).
     pub fn changes_channel(&self) -> String {
         format!("{}_changed", self.sql.table)
-    }
-
-    /// Announces changed jobs, after the change is committed.
-    async fn announce(&self, ids: &[JobId]) -> Result<(), StoreError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
-        sqlx::query("SELECT pg_notify($1, id) FROM unnest($2::text[]) AS id")
-            .bind(self.changes_channel())
-            .bind(ids)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(())
     }
 
     /// A stream of the job ids notified on `channel`, on a connection of its own.
