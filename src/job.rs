@@ -218,6 +218,17 @@ impl StoredResponse {
     pub fn header(&self, name: &HeaderName) -> Option<&HeaderValue> {
         self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v)
     }
+
+    /// The response itself, as the synchronous call answered it (status, kept headers, body).
+    pub(crate) fn into_response(self) -> http::Response<Bytes> {
+        let mut response = http::Response::new(self.body);
+        *response.status_mut() = self.status;
+        let headers = response.headers_mut();
+        for (name, value) in self.headers {
+            headers.append(name, value);
+        }
+        response
+    }
 }
 
 /// Everything a store keeps about one job.

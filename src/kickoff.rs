@@ -22,7 +22,7 @@ use crate::job::{JobId, JobKind, JobRecord, JobState};
 use crate::layer::{RequestHead, Shared};
 use crate::media;
 use crate::outcome::{self, IssueCode, NO_STORE, error_response};
-use crate::prefer::{self, PREFERENCE_APPLIED};
+use crate::prefer::{self, AsyncPreferences, PREFERENCE_APPLIED};
 use crate::runner::{self, Work};
 use crate::store::{BoxError, Created, MAX_IDEMPOTENCY_KEY_LEN};
 use crate::watcher;
@@ -36,6 +36,7 @@ pub(crate) async fn kick_off<S, ReqB, ResB>(
     shared: Arc<Shared>,
     inner: S,
     request: Request<ReqB>,
+    preferences: AsyncPreferences,
 ) -> Response<Bytes>
 where
     S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Send + 'static,
@@ -49,10 +50,11 @@ where
     watcher::ensure(&shared);
     let (parts, body) = request.into_parts();
     let caller = shared.config.caller_of(&RequestHead::of(&parts));
-    let (response, id, outcome) = match start(&shared, inner, parts, body, caller.clone()).await {
-        Ok((response, id)) => (response, Some(id), "accepted"),
-        Err(Refused { response, why }) => (response, None, why),
-    };
+    let (response, id, outcome) =
+        match start(&shared, inner, parts, body, caller.clone(), preferences).await {
+            Ok((response, id)) => (response, Some(id), "accepted"),
+            Err(Refused { response, why }) => (response, None, why),
+        };
     audit::event(Action::KickOff, id, caller.as_deref(), outcome);
     response
 }
@@ -73,6 +75,7 @@ async fn start<S, ReqB, ResB>(
     mut parts: Parts,
     body: ReqB,
     caller: Option<String>,
+    preferences: AsyncPreferences,
 ) -> Result<(Response<Bytes>, JobId), Refused>
 where
     S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Send + 'static,
@@ -132,7 +135,6 @@ where
         }
     };
     // SEL-3…6: `_outputFormat` (query, form or Parameters body) or a bulk operation.
-    let preferences = prefer::AsyncPreferences::from_headers(&parts.headers);
     let export = bulk::select(&config.bulk, &parts, &body)
         .map_err(|refusal| refuse(refusal.response(), "bulk-refused"))?;
 
@@ -256,12 +258,7 @@ async fn answer_in_time(
     };
     // Taken back: nobody has this job's status URL.
     let _ = runner.store.cancel(&id, now).await;
-    let mut reply = Response::new(response.body);
-    *reply.status_mut() = response.status;
-    for (name, value) in response.headers {
-        reply.headers_mut().append(name, value);
-    }
-    Some(reply)
+    Some(response.into_response())
 }
 
 /// The `Idempotency-Key` request header.
@@ -400,7 +397,7 @@ fn check_format(uri: &Uri, headers: &HeaderMap, bulk: bool) -> Option<Response<B
         .filter(|range| !range.trim().is_empty())
         .peekable();
     ranges.peek()?;
-    if ranges.any(|range| accepts_json(range) || (bulk && accepts_ndjson(range))) {
+    if ranges.any(|range| accepts(range, bulk)) {
         return None;
     }
     Some(not_acceptable(
@@ -409,30 +406,15 @@ fn check_format(uri: &Uri, headers: &HeaderMap, bulk: bool) -> Option<Response<B
     ))
 }
 
-/// Whether one media range of `Accept` admits `application/fhir+json` with a non-zero quality.
-fn accepts_json(range: &str) -> bool {
-    let mut pieces = range.split(';');
-    let media = media::essence(pieces.next().unwrap_or_default());
-    let zero_quality = pieces.any(|param| {
-        let (name, value) = param.split_once('=').unwrap_or((param, ""));
-        name.trim().eq_ignore_ascii_case("q") && value.trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
-    });
-    !zero_quality && (media::is_json(&media) || media == "application/*" || media == "*/*")
-}
-
-/// Whether one media range of `Accept` is an NDJSON type with a non-zero quality.
-fn accepts_ndjson(range: &str) -> bool {
-    let mut pieces = range.split(';');
-    let media = media::essence(pieces.next().unwrap_or_default());
-    let zero_quality = pieces.any(|param| {
-        let (name, value) = param.split_once('=').unwrap_or((param, ""));
-        name.trim().eq_ignore_ascii_case("q") && value.trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
-    });
-    !zero_quality
-        && matches!(
-            media.as_str(),
-            "application/fhir+ndjson" | "application/ndjson"
-        )
+/// Whether one media range of `Accept` admits JSON (or, for a bulk kick-off, NDJSON) with a
+/// quality that is not zero.
+fn accepts(range: &str, bulk: bool) -> bool {
+    let (media, quality) = media::weighted(range);
+    let admitted = media::is_json(&media)
+        || media == "application/*"
+        || media == "*/*"
+        || (bulk && media::is_ndjson(&media));
+    admitted && !quality.is_some_and(|q| q <= 0.0)
 }
 
 fn not_acceptable(diagnostics: &str) -> Response<Bytes> {

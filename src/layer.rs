@@ -122,13 +122,7 @@ async fn sweep_files(shared: &Shared) {
     let runner = &shared.runner;
     for id in ids {
         match runner.store.get(&id, runner.clock.now()).await {
-            Ok(Some(record))
-                if matches!(
-                    record.state,
-                    crate::JobState::Completed(_)
-                        | crate::JobState::Running { .. }
-                        | crate::JobState::Accepted
-                ) => {}
+            Ok(Some(record)) if !matches!(record.state, crate::JobState::Failed(_)) => {}
             Ok(_) => files::remove_job(bulk, &id).await,
             Err(error) => {
                 tracing::warn!(%error, "reading a job while sweeping its files failed");

@@ -99,35 +99,17 @@ async fn serve_file(
 ) -> (Response<OwnBody>, &'static str) {
     let bytes = |response: Response<Bytes>| response.map(OwnBody::from);
     if !matches!(parts.method, Method::GET | Method::HEAD) {
-        let mut response = error_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            IssueCode::NotSupported,
-            &format!(
-                "{} is not supported on a bulk data file; use GET or HEAD.",
-                parts.method
-            ),
-        );
-        response
-            .headers_mut()
-            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        let response = not_allowed(&parts.method, "a bulk data file", "GET, HEAD");
         return (bytes(response), "method-not-allowed");
     }
     // Only names this layer writes reach the store: no `..`, no slashes, no encodings.
     let Some(id) = id.filter(|_| files::is_file_name(name)) else {
         return (bytes(file_not_found()), "not-found");
     };
-    let runner = &shared.runner;
-    let record = match runner.store.get(&id, runner.clock.now()).await {
+    let record = match read(shared, id, "request the file").await {
         Ok(Some(record)) => record,
         Ok(None) => return (bytes(file_not_found()), "not-found"),
-        Err(error) => {
-            tracing::warn!(%error, "reading a job for a file request failed");
-            let reply = outcome::unavailable(
-                "The job store is temporarily unavailable; request the file again later.",
-                STORE_RETRY,
-            );
-            return (bytes(reply), "store-unavailable");
-        }
+        Err(reply) => return (bytes(reply), "store-unavailable"),
     };
     let bulk = &shared.config.bulk;
     if bulk.requires_access_token && !shared.config.may_access(record.owner.as_deref(), caller) {
@@ -149,6 +131,19 @@ async fn serve_file(
             (bytes(reply), "file-store-unavailable")
         }
     }
+}
+
+/// STATUS-15, AMB-31: `405` + `Allow` for a method `route` does not take.
+fn not_allowed(method: &Method, route: &str, allow: &'static str) -> Response<Bytes> {
+    let mut response = error_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        IssueCode::NotSupported,
+        &format!("{method} is not supported on {route}; use one of {allow}."),
+    );
+    response
+        .headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    response
 }
 
 /// CANCEL-7, EXPIRE-3: no such file, or no longer.
@@ -177,18 +172,7 @@ async fn route(shared: &Shared, parts: &Parts) -> Response<Bytes> {
         return result(shared, parts, id).await;
     }
     if !matches!(parts.method, Method::GET | Method::HEAD | Method::DELETE) {
-        let mut response = error_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            IssueCode::NotSupported,
-            &format!(
-                "{} is not supported on a job status URL; use GET, HEAD or DELETE.",
-                parts.method
-            ),
-        );
-        response
-            .headers_mut()
-            .insert(ALLOW, HeaderValue::from_static("GET, HEAD, DELETE"));
-        return response;
+        return not_allowed(&parts.method, "a job status URL", "GET, HEAD, DELETE");
     }
     let action = if parts.method == Method::DELETE {
         Action::Cancel
@@ -219,7 +203,7 @@ async fn status(
     parts: &Parts,
     caller: Option<&str>,
 ) -> (Response<Bytes>, &'static str) {
-    let mut record = match read(shared, id).await {
+    let mut record = match read(shared, id, "poll").await {
         Ok(Some(record)) => record,
         Ok(None) => return (job_not_found(), "not-found"),
         Err(reply) => return (reply, "store-unavailable"),
@@ -257,20 +241,30 @@ async fn status(
     (reply, outcome)
 }
 
-/// Reads a job; `Err` is the answer when the store is unavailable.
-async fn read(shared: &Shared, id: JobId) -> Result<Option<JobRecord>, Response<Bytes>> {
+/// Reads a job; `Err` is the answer when the store is unavailable, telling the client to
+/// `retry` (e.g. "poll") later.
+async fn read(
+    shared: &Shared,
+    id: JobId,
+    retry: &str,
+) -> Result<Option<JobRecord>, Response<Bytes>> {
     let runner = &shared.runner;
     runner
         .store
         .get(&id, runner.clock.now())
         .await
         .map_err(|error| {
-            tracing::warn!(%error, "reading a job's status failed");
-            outcome::unavailable(
-                "The job store is temporarily unavailable; poll again later.",
-                STORE_RETRY,
-            )
+            tracing::warn!(%error, "reading a job failed");
+            store_unavailable(retry)
         })
+}
+
+/// `503` + `transient` + `Retry-After`: the job store cannot be reached; `retry` later.
+fn store_unavailable(retry: &str) -> Response<Bytes> {
+    outcome::unavailable(
+        &format!("The job store is temporarily unavailable; {retry} again later."),
+        STORE_RETRY,
+    )
 }
 
 /// A status response for the job as it is now.
@@ -389,7 +383,7 @@ async fn wait_for_change(
             let wait = RemoteWait::new(runner, id);
             let mut changes = wait.changes.clone();
             // A change may have landed between the first read and the subscription.
-            let mut current = read(shared, id).await?;
+            let mut current = read(shared, id, "poll").await?;
             loop {
                 match &current {
                     None => return Ok(None),
@@ -399,14 +393,14 @@ async fn wait_for_change(
                 }
                 let until = (tokio::time::Instant::now() + PUSH_BACKSTOP).min(deadline);
                 let _ = tokio::time::timeout_at(until, changes.changed()).await;
-                current = read(shared, id).await?;
+                current = read(shared, id, "poll").await?;
             }
         }
         // No push: read the store every `REMOTE_RECHECK`.
         None => loop {
             let next = (tokio::time::Instant::now() + REMOTE_RECHECK).min(deadline);
             tokio::time::sleep_until(next).await;
-            match read(shared, id).await? {
+            match read(shared, id, "poll").await? {
                 Some(now) => {
                     if changed(&now, &before) || next >= deadline {
                         return Ok(Some(now));
@@ -416,7 +410,7 @@ async fn wait_for_change(
             }
         },
     }
-    read(shared, id).await
+    read(shared, id, "poll").await
 }
 
 /// Whether `record` differs from what a poll saw as `before`.
@@ -467,8 +461,13 @@ fn etag(record: &JobRecord, progress: Option<&str>) -> HeaderValue {
         .finished_at
         .and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_millis());
-    let text = format!("{state}|{}|{finished}", progress.unwrap_or_default());
-    let hash = text.bytes().fold(FNV_OFFSET, |h, b| {
+    let bytes = state
+        .bytes()
+        .chain(*b"|")
+        .chain(progress.unwrap_or_default().bytes())
+        .chain(*b"|")
+        .chain(finished.to_le_bytes());
+    let hash = bytes.fold(FNV_OFFSET, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(FNV_PRIME)
     });
     HeaderValue::from_str(&format!("W/\"{hash:016x}\""))
@@ -478,7 +477,9 @@ fn etag(record: &JobRecord, progress: Option<&str>) -> HeaderValue {
 /// Whether `If-None-Match` names `tag` (weak comparison) or is `*`.
 fn not_modified(headers: &http::HeaderMap, tag: &HeaderValue) -> bool {
     let tag = tag.to_str().unwrap_or_default();
-    let opaque = |t: &str| t.trim().trim_start_matches("W/").to_owned();
+    fn opaque(tag: &str) -> &str {
+        tag.trim().trim_start_matches("W/")
+    }
     headers
         .get_all(IF_NONE_MATCH)
         .iter()
@@ -500,12 +501,7 @@ fn unchanged(
     headers.insert(ETAG, tag);
     headers.insert(CACHE_CONTROL, NO_STORE);
     if !record.state.is_finished() {
-        let full = in_progress(shared, record, progress, shared.runner.clock.now());
-        for name in [RETRY_AFTER, X_PROGRESS] {
-            if let Some(value) = full.headers().get(&name) {
-                headers.insert(name, value.clone());
-            }
-        }
+        insert_poll_hints(shared, headers, record, progress, shared.runner.clock.now());
     } else {
         insert_expires(headers, record.expires_at);
     }
@@ -521,20 +517,10 @@ async fn result(shared: &Shared, parts: &Parts, id: &str) -> Response<Bytes> {
         _ if shared.config.completion != CompletionMode::Redirect => (job_not_found(), "not-found"),
         None => (job_not_found(), "malformed-id"),
         Some(_) if !matches!(parts.method, Method::GET | Method::HEAD) => {
-            let mut reply = error_response(
-                StatusCode::METHOD_NOT_ALLOWED,
-                IssueCode::NotSupported,
-                &format!(
-                    "{} is not supported on a job's result URL; use GET or HEAD.",
-                    parts.method
-                ),
-            );
-            reply
-                .headers_mut()
-                .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+            let reply = not_allowed(&parts.method, "a job's result URL", "GET, HEAD");
             (reply, "method-not-allowed")
         }
-        Some(id) => match read(shared, id).await {
+        Some(id) => match read(shared, id, "request the result").await {
             Err(reply) => (reply, "store-unavailable"),
             Ok(None) => (job_not_found(), "not-found"),
             Ok(Some(record))
@@ -548,12 +534,7 @@ async fn result(shared: &Shared, parts: &Parts, id: &str) -> Response<Bytes> {
                 JobState::Completed(response) | JobState::Failed(response)
                     if !record.kind.is_bulk() =>
                 {
-                    let mut reply = Response::new(response.body);
-                    *reply.status_mut() = response.status;
-                    for (name, value) in response.headers {
-                        reply.headers_mut().append(name, value);
-                    }
-                    (reply, "result")
+                    (response.into_response(), "result")
                 }
                 _ => (job_not_found(), "not-found"),
             },
@@ -607,18 +588,29 @@ fn in_progress(
     progress: Option<&str>,
     now: std::time::SystemTime,
 ) -> Response<Bytes> {
-    let age = now.duration_since(record.created_at).unwrap_or_default();
-    let retry = Duration::from_secs(age.as_secs() / 10)
-        .clamp(Duration::from_secs(1), shared.config.max_retry_after);
     let mut reply = Response::new(Bytes::new());
     *reply.status_mut() = StatusCode::ACCEPTED;
     let headers = reply.headers_mut();
-    headers.insert(RETRY_AFTER, delta_seconds(retry));
     headers.insert(CACHE_CONTROL, NO_STORE);
+    insert_poll_hints(shared, headers, record, progress, now);
+    reply
+}
+
+/// `Retry-After`, growing with the job's age, and `X-Progress` when known (STATUS-4, STATUS-5).
+fn insert_poll_hints(
+    shared: &Shared,
+    headers: &mut http::HeaderMap,
+    record: &JobRecord,
+    progress: Option<&str>,
+    now: std::time::SystemTime,
+) {
+    let age = now.duration_since(record.created_at).unwrap_or_default();
+    let retry = Duration::from_secs(age.as_secs() / 10)
+        .clamp(Duration::from_secs(1), shared.config.max_retry_after);
+    headers.insert(RETRY_AFTER, delta_seconds(retry));
     if let Some(value) = progress.and_then(|p| HeaderValue::from_str(p).ok()) {
         headers.insert(X_PROGRESS, value);
     }
-    reply
 }
 
 /// `DELETE` on a status URL: 202, and the job is gone (CANCEL-1…7); with the outcome for the
@@ -628,28 +620,18 @@ async fn cancel(
     id: JobId,
     caller: Option<&str>,
 ) -> (Response<Bytes>, &'static str) {
+    const RETRY: &str = "send the DELETE";
     let runner = &shared.runner;
-    let now = runner.clock.now();
-    let unavailable = || {
-        let reply = outcome::unavailable(
-            "The job store is temporarily unavailable; send the DELETE again later.",
-            STORE_RETRY,
-        );
-        (reply, "store-unavailable")
-    };
     if shared.config.caller.is_some() {
         // The owner never changes, so reading it first leaves no window to exploit.
-        match runner.store.get(&id, now).await {
+        match read(shared, id, RETRY).await {
             Ok(Some(record)) if shared.config.may_access(record.owner.as_deref(), caller) => {}
             Ok(Some(_)) => return (foreign(shared), "denied"),
             Ok(None) => return (job_not_found(), "not-found"),
-            Err(error) => {
-                tracing::warn!(%error, "reading a job to cancel failed");
-                return unavailable();
-            }
+            Err(reply) => return (reply, "store-unavailable"),
         }
     }
-    match runner.store.cancel(&id, now).await {
+    match runner.store.cancel(&id, runner.clock.now()).await {
         Ok(true) => {
             let stopped = runner.cancel_local(&id);
             // CANCEL-5: a bulk job's files go with it.
@@ -666,7 +648,7 @@ async fn cancel(
         Ok(false) => (job_not_found(), "not-found"),
         Err(error) => {
             tracing::warn!(%error, "cancelling a job failed");
-            unavailable()
+            (store_unavailable(RETRY), "store-unavailable")
         }
     }
 }

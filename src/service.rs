@@ -120,7 +120,9 @@ where
                 let inner = self.inner.clone();
                 let shared = self.shared.clone();
                 return ResponseFuture::own(Box::pin(async move {
-                    kick_off(shared, inner, request).await.map(OwnBody::from)
+                    kick_off(shared, inner, request, preferences)
+                        .await
+                        .map(OwnBody::from)
                 }));
             }
             vary = is_get_or_head && eligible;

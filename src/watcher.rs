@@ -16,11 +16,12 @@ use futures_util::StreamExt;
 use http::StatusCode;
 use tokio::time::{Instant, MissedTickBehavior};
 
+use crate::job::JobId;
 use crate::job::JobOutcome;
 use crate::layer::Shared;
 use crate::outcome::IssueCode;
 use crate::runner::{later, synthesized};
-use crate::store::{Cancellations, Changes};
+use crate::store::{Changes, StoreError};
 
 /// Starts the watcher of `shared` unless it runs already. Needs a tokio runtime.
 pub(crate) fn ensure(shared: &Arc<Shared>) {
@@ -39,59 +40,36 @@ async fn run(shared: Weak<Shared>) {
     };
     let mut ticks = tokio::time::interval(every.max(Duration::from_millis(100)));
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut pushes: Option<Cancellations> = None;
-    // When to ask the store for its cancellation stream again; `None`: it has none.
-    let mut subscribe_at = Some(Instant::now());
-    let mut changes: Option<Changes> = None;
-    // The same for the stream of changed jobs, which wakes long polls.
-    let mut changes_at = Some(Instant::now());
+    let mut cancels = Feed::new();
+    // Changed jobs wake long polls held here for jobs running elsewhere.
+    let mut changes = Feed::new();
     loop {
-        if changes.is_none() && changes_at.is_some_and(|at| at <= Instant::now()) {
-            match store.changes().await {
-                Ok(Some(stream)) => {
-                    changes = Some(stream);
+        if changes.due() {
+            match changes.subscribe(store.changes().await, every) {
+                Some(Ok(())) => {
                     if let Some(shared) = shared.upgrade() {
                         shared.runner.set_change_push(true);
                     }
                 }
-                Ok(None) => changes_at = None,
-                Err(error) => {
-                    tracing::warn!(%error, "subscribing to job changes failed; long polls read the store instead");
-                    changes_at = Some(Instant::now() + every);
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "subscribing to job changes failed; long polls read the store instead")
                 }
+                None => {}
             }
         }
-        if pushes.is_none() && subscribe_at.is_some_and(|at| at <= Instant::now()) {
-            match store.cancellations().await {
-                Ok(Some(stream)) => pushes = Some(stream),
-                Ok(None) => subscribe_at = None,
-                Err(error) => {
-                    tracing::warn!(%error, "subscribing to cancellations failed; relying on lease checks");
-                    subscribe_at = Some(Instant::now() + every);
-                }
+        if cancels.due() {
+            if let Some(Err(error)) = cancels.subscribe(store.cancellations().await, every) {
+                tracing::warn!(%error, "subscribing to cancellations failed; relying on lease checks");
             }
         }
-        let pushed = async {
-            match pushes.as_mut() {
-                Some(stream) => stream.next().await,
-                None => std::future::pending().await,
-            }
-        };
-        let changed = async {
-            match changes.as_mut() {
-                Some(stream) => stream.next().await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
-            id = changed => {
+            id = changes.next() => {
                 let Some(shared) = shared.upgrade() else { return };
                 match id {
                     Some(id) => shared.runner.notify_remote(&id),
                     None => {
                         shared.runner.set_change_push(false);
-                        changes = None;
-                        changes_at = Some(Instant::now() + every);
+                        changes.lost(every);
                     }
                 }
             }
@@ -99,19 +77,74 @@ async fn run(shared: Weak<Shared>) {
                 let Some(shared) = shared.upgrade() else { return };
                 check(&shared).await;
             }
-            id = pushed => match id {
+            id = cancels.next() => match id {
                 Some(id) => {
                     let Some(shared) = shared.upgrade() else { return };
                     if shared.runner.cancel_local(&id) {
                         tracing::info!(job.id = %id, "asynchronous job cancelled through another instance; its work was stopped");
                     }
                 }
-                None => {
-                    pushes = None;
-                    subscribe_at = Some(Instant::now() + every);
-                }
+                None => cancels.lost(every),
             },
         }
+    }
+}
+
+/// A stream of job ids the store pushes (cancels, changes), asked for again when it ends.
+struct Feed {
+    stream: Option<Changes>,
+    /// When to ask the store again; `None`: it has no such stream.
+    retry_at: Option<Instant>,
+}
+
+impl Feed {
+    fn new() -> Self {
+        Self {
+            stream: None,
+            retry_at: Some(Instant::now()),
+        }
+    }
+
+    /// Whether the store should be asked for the stream now.
+    fn due(&self) -> bool {
+        self.stream.is_none() && self.retry_at.is_some_and(|at| at <= Instant::now())
+    }
+
+    /// Takes the store's answer: `Some(Ok)` for a new stream, `Some(Err)` for a failure (asked
+    /// again after `every`), `None` when the store has no such stream.
+    fn subscribe(
+        &mut self,
+        answer: Result<Option<Changes>, StoreError>,
+        every: Duration,
+    ) -> Option<Result<(), StoreError>> {
+        match answer {
+            Ok(Some(stream)) => {
+                self.stream = Some(stream);
+                Some(Ok(()))
+            }
+            Ok(None) => {
+                self.retry_at = None;
+                None
+            }
+            Err(error) => {
+                self.retry_at = Some(Instant::now() + every);
+                Some(Err(error))
+            }
+        }
+    }
+
+    /// The next id; never, without a stream; `None` when the stream ended.
+    async fn next(&mut self) -> Option<JobId> {
+        match self.stream.as_mut() {
+            Some(stream) => stream.next().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The stream ended (its connection dropped): ask again after `every`.
+    fn lost(&mut self, every: Duration) {
+        self.stream = None;
+        self.retry_at = Some(Instant::now() + every);
     }
 }
 

@@ -278,6 +278,24 @@ impl Server {
         self.client.send(Method::GET, status_url, headers, "").await
     }
 
+    /// Starts a poll in the background (a long poll to be woken); its reply and how long it
+    /// took.
+    fn spawn_poll(
+        self: &Arc<Self>,
+        status_url: &str,
+        headers: Vec<(&'static str, String)>,
+    ) -> tokio::task::JoinHandle<(Reply, Duration)> {
+        let server = self.clone();
+        let status_url = status_url.to_owned();
+        tokio::spawn(async move {
+            let headers: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(name, value)| (*name, value.as_str()))
+                .collect();
+            timed(server.poll(&status_url, &headers)).await
+        })
+    }
+
     /// Polls (bounded) until `done` holds for a reply; returns that reply.
     async fn poll_until(
         &self,
@@ -916,11 +934,7 @@ async fn status_3_long_poll_returns_when_the_job_finishes() {
     let status_url = server
         .kick_off(Method::POST, "/$slow", "respond-async")
         .await;
-    let poll = tokio::spawn({
-        let server = server.clone();
-        let status_url = status_url.clone();
-        async move { timed(server.poll(&status_url, &[("prefer", "wait=10")])).await }
-    });
+    let poll = server.spawn_poll(&status_url, vec![("prefer", "wait=10".to_owned())]);
     tokio::time::sleep(Duration::from_millis(200)).await;
     server.gate.notify_one();
     let (reply, took) = within("the long poll", poll).await.expect("the poll task");
@@ -944,17 +958,10 @@ async fn status_4_long_poll_returns_on_progress() {
     assert_eq!(running.status, StatusCode::ACCEPTED, "{running:?}");
     assert!(running.headers.get("x-progress").is_none(), "{running:?}");
     let before = etag(&running);
-    let poll = tokio::spawn({
-        let server = server.clone();
-        let status_url = status_url.clone();
-        async move {
-            timed(server.poll(
-                &status_url,
-                &[("prefer", "wait=10"), ("if-none-match", before.as_str())],
-            ))
-            .await
-        }
-    });
+    let poll = server.spawn_poll(
+        &status_url,
+        vec![("prefer", "wait=10".to_owned()), ("if-none-match", before)],
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     server.gate.notify_one();
     let (reply, took) = within("the long poll", poll).await.expect("the poll task");
@@ -1021,17 +1028,10 @@ async fn status_3_long_poll_of_a_job_deleted_meanwhile_answers_404() {
     let running = server.poll(&status_url, &[]).await;
     assert_eq!(running.status, StatusCode::ACCEPTED, "{running:?}");
     let tag = etag(&running);
-    let poll = tokio::spawn({
-        let server = server.clone();
-        let status_url = status_url.clone();
-        async move {
-            timed(server.poll(
-                &status_url,
-                &[("prefer", "wait=10"), ("if-none-match", tag.as_str())],
-            ))
-            .await
-        }
-    });
+    let poll = server.spawn_poll(
+        &status_url,
+        vec![("prefer", "wait=10".to_owned()), ("if-none-match", tag)],
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     let deleted = server.client.delete(&status_url).await;
     assert_eq!(deleted.status, StatusCode::ACCEPTED, "{deleted:?}");

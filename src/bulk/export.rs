@@ -181,9 +181,7 @@ impl Export<'_> {
             {
                 None => Format::Json,
                 Some(value) => match media::essence(value).as_str() {
-                    "application/fhir+ndjson" | "application/ndjson" | "application/x-ndjson" => {
-                        Format::Ndjson
-                    }
+                    ndjson if media::is_ndjson(ndjson) => Format::Ndjson,
                     json if media::is_json(json) => Format::Json,
                     other => {
                         let why = format!(

@@ -22,6 +22,7 @@ use tokio_util::io::{ReaderStream, StreamReader};
 use super::{BulkConfig, ExportParams, FileEntry, NDJSON};
 use crate::body::OwnBody;
 use crate::job::JobId;
+use crate::media;
 use crate::outcome::NO_STORE;
 use crate::store::BoxError;
 
@@ -353,16 +354,7 @@ pub(crate) fn accepts_gzip(headers: &HeaderMap) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
     {
-        let mut pieces = coding.split(';');
-        let name = pieces
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_ascii_lowercase();
-        let quality = pieces
-            .filter_map(|p| p.split_once('='))
-            .find(|(key, _)| key.trim().eq_ignore_ascii_case("q"))
-            .map_or(Some(1.0), |(_, q)| q.trim().parse::<f32>().ok());
+        let (name, quality) = media::weighted(coding);
         let Some(quality) = quality else { continue };
         match name.as_str() {
             "gzip" | "x-gzip" => gzip = Some(quality > 0.0),
