@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -55,6 +55,8 @@ pub(crate) struct JobShared {
     started: AtomicBool,
     /// Set when progress changed since it was last written to the store.
     progress_changed: AtomicBool,
+    /// The status of the inner service's first response, once its head arrived (0 before).
+    head: AtomicU16,
     /// Counts changes a poller can see (progress, the end of the job), for long polls.
     changes: watch::Sender<u64>,
 }
@@ -68,6 +70,7 @@ impl JobShared {
             admission: Mutex::new(None),
             started: AtomicBool::new(false),
             progress_changed: AtomicBool::new(false),
+            head: AtomicU16::new(0),
             changes: watch::Sender::new(0),
         })
     }
@@ -95,6 +98,19 @@ impl JobShared {
         self.changes.subscribe()
     }
 
+    /// Records the status of the inner service's first response head, and wakes whoever waits
+    /// for it (a kick-off deciding between its own answer and `202`).
+    pub(crate) fn set_head(&self, status: http::StatusCode) {
+        if self.head.swap(status.as_u16(), Ordering::AcqRel) == 0 {
+            self.mark_changed();
+        }
+    }
+
+    /// The status of the inner service's first response head, once it arrived.
+    pub(crate) fn head(&self) -> Option<http::StatusCode> {
+        http::StatusCode::from_u16(self.head.load(Ordering::Acquire)).ok()
+    }
+
     pub(crate) fn mark_started(&self) {
         self.started.store(true, Ordering::Release);
     }
@@ -113,6 +129,11 @@ impl JobShared {
     }
 
     /// Sets the progress text, kept to printable ASCII under 100 characters (STATUS-4).
+    /// Marks the progress as not yet written to the store, after a failed write.
+    pub(crate) fn progress_unshared(&self) {
+        self.progress_changed.store(true, Ordering::Release);
+    }
+
     pub(crate) fn set_progress(&self, text: &str) {
         let clean: Box<str> = text
             .chars()

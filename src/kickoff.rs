@@ -16,7 +16,7 @@ use crate::admission::Refusal;
 use crate::audit::{self, Action};
 use crate::body::RequestBody;
 use crate::bulk::{self, export::ExportSpec};
-use crate::context::JobContext;
+use crate::context::{JobContext, JobShared};
 use crate::future::add_vary_prefer;
 use crate::job::{JobId, JobKind, JobRecord, JobState};
 use crate::layer::{RequestHead, Shared};
@@ -186,7 +186,17 @@ where
         .wait
         .map(|seconds| Duration::from_secs(seconds).min(config.max_wait))
         .filter(|wait| !wait.is_zero() && !kind.is_bulk());
-    let changes = wait.map(|_| job.changes());
+    // BULK-1, KICK-5: errors the inner service reports at once are the kick-off's answer.
+    // Only for the bulk pattern: the interaction pattern reports every inner answer, errors
+    // included, in its completion Bundle (BUNDLE-4).
+    let kickoff_wait = if kind.is_bulk() {
+        config.kickoff_wait
+    } else {
+        Duration::ZERO
+    };
+    let answer_within = wait.unwrap_or_default().max(kickoff_wait);
+    let changes = (!answer_within.is_zero()).then(|| job.changes());
+    let waiting = job.clone();
     let applied = if kind == JobKind::BulkSeparateStatus {
         HeaderValue::from_static("respond-async, separate-export-status")
     } else {
@@ -207,7 +217,16 @@ where
     match was_recorded.await {
         Ok(Ok(Created::New)) => {}
         Ok(Ok(Created::Existing(existing))) => {
-            // A repeat (same caller, same `Idempotency-Key`) of a live job: its status URL.
+            // A repeat (same caller, same `Idempotency-Key`) of a live job: its status URL —
+            // unless that job may never run (see `will_run`).
+            if !will_run(shared, &existing).await {
+                let unavailable = outcome::unavailable(
+                    "The earlier request with this Idempotency-Key has not started, and may never start; send the \
+                     request again shortly.",
+                    KICK_OFF_RETRY,
+                );
+                return Err(refuse(unavailable, "idempotent-unstarted"));
+            }
             let url = config.status_url(&base, &existing);
             return Ok((accepted(&url, is_get_or_head, applied), existing));
         }
@@ -219,8 +238,15 @@ where
             return Err(refuse(unavailable, "store-unavailable"));
         }
     }
-    if let (Some(wait), Some(changes)) = (wait, changes) {
-        if let Some(mut answer) = answer_in_time(shared, id, wait, changes).await {
+    if let Some(changes) = changes {
+        let awaited = if wait.is_some() {
+            Awaited::End
+        } else {
+            Awaited::ClientError
+        };
+        if let Some(mut answer) =
+            answer_in_time(shared, &waiting, answer_within, changes, awaited).await
+        {
             if is_get_or_head {
                 add_vary_prefer(answer.headers_mut());
             }
@@ -230,32 +256,86 @@ where
     Ok((accepted(&status_url, is_get_or_head, applied), id))
 }
 
-/// PREFER-8: waits up to `wait` for the job to end; if it did, its inner response is the
-/// answer, as a synchronous call's would have been, and the job is forgotten (no status URL
-/// was given out).
+/// Whether a job named by a repeated idempotent kick-off is sure to run: it started, or it was
+/// accepted moments ago (a concurrent repeat). One accepted for longer than a store operation
+/// takes is likely the record of a kick-off that was answered `503` and will be taken back.
+async fn will_run(shared: &Shared, id: &JobId) -> bool {
+    let runner = &shared.runner;
+    let now = runner.clock.now();
+    match runner.store.get(id, now).await {
+        Ok(Some(record)) => match record.state {
+            JobState::Accepted => now
+                .duration_since(record.created_at)
+                .is_ok_and(|age| age < shared.config.store_timeout),
+            _ => true,
+        },
+        _ => false,
+    }
+}
+
+/// What a kick-off waits for before its `202`.
+#[derive(Clone, Copy)]
+enum Awaited {
+    /// PREFER-8 (`Prefer: wait`): the job's end, whatever its answer.
+    End,
+    /// BULK-1, KICK-5 (`kickoff_wait`): the inner service's response head, and then the end
+    /// only when the head is a client error.
+    ClientError,
+}
+
+/// Waits up to `wait` for what `awaited` names. When the job ended with an answer that is the
+/// kick-off's (any, or a client error), that answer is returned, as a synchronous call's would
+/// have been, and the job is forgotten (no status URL was given out).
 async fn answer_in_time(
     shared: &Shared,
-    id: JobId,
+    job: &JobShared,
     wait: Duration,
     mut changes: tokio::sync::watch::Receiver<u64>,
+    awaited: Awaited,
 ) -> Option<Response<Bytes>> {
     let runner = &shared.runner;
+    let id = job.id;
+    let deadline = tokio::time::Instant::now() + wait;
     let ended = async {
         loop {
+            if runner.changes(&id).is_none() {
+                return true;
+            }
+            if let (Awaited::ClientError, Some(head)) = (awaited, job.head()) {
+                if !head.is_client_error() {
+                    return false;
+                }
+            }
             // The job's end is its last change; a progress report is not the end.
-            if changes.changed().await.is_err() || runner.changes(&id).is_none() {
-                return;
+            if changes.changed().await.is_err() {
+                return true;
             }
         }
     };
-    if tokio::time::timeout(wait, ended).await.is_err() {
-        return None;
+    match tokio::time::timeout_at(deadline, ended).await {
+        Ok(true) => {}
+        Ok(false) => return None,
+        // A client error's body is still arriving: it is short, and worth the wait.
+        Err(_) if matches!(awaited, Awaited::ClientError)
+            && job.head().is_some_and(|head| head.is_client_error()) =>
+        {
+            let rest = async {
+                while runner.changes(&id).is_some() && changes.changed().await.is_ok() {}
+            };
+            tokio::time::timeout(shared.config.store_timeout, rest)
+                .await
+                .ok()?;
+        }
+        Err(_) => return None,
     }
     let now = runner.clock.now();
     let record = runner.store.get(&id, now).await.ok().flatten()?;
     let (JobState::Completed(response) | JobState::Failed(response)) = record.state else {
         return None;
     };
+    if matches!(awaited, Awaited::ClientError) && !response.status.is_client_error() {
+        return None;
+    }
     // Taken back: nobody has this job's status URL.
     let _ = runner.store.cancel(&id, now).await;
     Some(response.into_response())

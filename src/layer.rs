@@ -16,7 +16,7 @@ use crate::job::JobId;
 use crate::runner::Runner;
 use crate::service::AsyncService;
 use crate::shutdown::ShutdownHandle;
-use crate::store::{DynStore, JobStore};
+use crate::store::{Bounded, DynStore, JobStore};
 use crate::throttle::PollThrottle;
 
 /// Adds the FHIR asynchronous request patterns to the service it wraps.
@@ -57,7 +57,7 @@ pub(crate) struct Shared {
 impl AsyncLayer {
     /// Starts configuring a layer that keeps its jobs in `store`.
     pub fn builder<S: JobStore>(store: S) -> AsyncLayerBuilder {
-        AsyncLayerBuilder::new(Arc::new(store))
+        AsyncLayerBuilder::new(Box::new(move |limit| Arc::new(Bounded { store, limit })))
     }
 
     /// A layer with the default configuration, keeping its jobs in `store`.
@@ -166,8 +166,19 @@ pub struct RequestHead<'a> {
 /// `Expires` must stay a valid HTTP date.
 const MAX_RETENTION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
-/// How long a running job's lease lasts by default.
-const LEASE: Duration = Duration::from_secs(30);
+/// How long a running job's lease lasts by default: renewed every third of it, so the jobs of a
+/// killed instance are failed within about 1⅓ leases (≈ 13 s).
+const LEASE: Duration = Duration::from_secs(10);
+
+/// How long one store operation may take by default before it counts as unavailable. A healthy
+/// Redis or PostgreSQL answers in milliseconds even under load (see BENCHMARKS.md); a second is
+/// a stall, not load.
+const STORE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long a kick-off waits by default for the inner service's answer before its `202`, so
+/// that an error the service reports at once (an unknown `_type`, a bad `_since`) is the
+/// kick-off's answer (BULK-1, KICK-5). Chosen from the wire bench (BENCHMARKS.md).
+const KICKOFF_WAIT: Duration = Duration::from_millis(50);
 
 impl<'a> RequestHead<'a> {
     pub(crate) fn of(parts: &'a http::request::Parts) -> Self {
@@ -182,6 +193,8 @@ impl<'a> RequestHead<'a> {
 
 type Predicate = dyn Fn(&RequestHead<'_>) -> bool + Send + Sync;
 type Identify = dyn Fn(&RequestHead<'_>) -> Option<String> + Send + Sync;
+/// Erases the store once its operation deadline is known.
+type MakeStore = Box<dyn FnOnce(Duration) -> Arc<dyn DynStore> + Send>;
 
 /// The layer's configuration, fixed at build time.
 pub(crate) struct Config {
@@ -214,6 +227,12 @@ pub(crate) struct Config {
     /// The longest a kick-off (`Prefer: wait`) or a status poll (long poll) is held.
     pub(crate) max_wait: Duration,
     pub(crate) completion: CompletionMode,
+    /// How long a kick-off waits for the inner service's response head before answering `202`.
+    pub(crate) kickoff_wait: Duration,
+    /// What a bulk operation (`$export`) without `Prefer: respond-async` gets.
+    pub(crate) bulk_without_prefer: BulkWithoutPrefer,
+    /// The deadline of one store operation.
+    pub(crate) store_timeout: Duration,
 }
 
 impl Config {
@@ -302,6 +321,18 @@ pub enum CompletionMode {
     Redirect,
 }
 
+/// What a bulk operation sent without `Prefer: respond-async` gets (see
+/// [`AsyncLayerBuilder::bulk_without_prefer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum BulkWithoutPrefer {
+    /// Processed as if `Prefer: respond-async` had been sent: `202` and a status URL.
+    #[default]
+    RunAsync,
+    /// `400` with an OperationOutcome saying to send `Prefer: respond-async`.
+    Refuse,
+}
+
 /// Configures an [`AsyncLayer`]. Setters consume and return the builder.
 ///
 /// | setting | default |
@@ -322,7 +353,10 @@ pub enum CompletionMode {
 /// | [`max_jobs_per_caller`](Self::max_jobs_per_caller) | no limit |
 /// | [`min_poll_interval`](Self::min_poll_interval) | no limit |
 /// | [`body_timeout`](Self::body_timeout) | 60 s |
-/// | [`lease`](Self::lease) | 30 s |
+/// | [`lease`](Self::lease) | 10 s |
+/// | [`store_timeout`](Self::store_timeout) | 1 s |
+/// | [`kickoff_wait`](Self::kickoff_wait) | 50 ms (bulk kick-offs only) |
+/// | [`bulk_without_prefer`](Self::bulk_without_prefer) | [`BulkWithoutPrefer::RunAsync`] |
 /// | [`instance_id`](Self::instance_id) | random |
 /// | [`max_wait`](Self::max_wait) | zero: `Prefer: wait` is not honoured |
 /// | [`completion`](Self::completion) | [`CompletionMode::Bundle`] |
@@ -341,7 +375,7 @@ pub enum CompletionMode {
 /// with the same message.
 #[must_use]
 pub struct AsyncLayerBuilder {
-    store: Arc<dyn DynStore>,
+    store: MakeStore,
     base_url: Option<String>,
     scheme: String,
     base_path: Option<String>,
@@ -373,10 +407,13 @@ pub struct AsyncLayerBuilder {
     max_open_files: usize,
     manifest_format: ManifestFormat,
     requires_access_token: bool,
+    store_timeout: Duration,
+    kickoff_wait: Duration,
+    bulk_without_prefer: BulkWithoutPrefer,
 }
 
 impl AsyncLayerBuilder {
-    fn new(store: Arc<dyn DynStore>) -> Self {
+    fn new(store: MakeStore) -> Self {
         Self {
             store,
             base_url: None,
@@ -410,6 +447,9 @@ impl AsyncLayerBuilder {
             max_open_files: 4,
             manifest_format: ManifestFormat::Stu2,
             requires_access_token: true,
+            store_timeout: STORE_TIMEOUT,
+            kickoff_wait: KICKOFF_WAIT,
+            bulk_without_prefer: BulkWithoutPrefer::RunAsync,
         }
     }
 
@@ -479,9 +519,51 @@ impl AsyncLayerBuilder {
     /// How long a running job's lease lasts. The instance running a job renews its lease every
     /// third of this; when an instance dies, its jobs are recorded as failed once their leases
     /// lapse, and a cancel through another instance reaches the job within a third of this even
-    /// if its push notification is lost. From 1 second to 1 hour; default 30 s.
+    /// if its push notification is lost. From 1 second to 1 hour; default 10 s, so the jobs of
+    /// a killed instance are reported failed within about 13 s.
+    ///
+    /// The trade-off: a store that stalls for longer than the lease makes the jobs running
+    /// through the stall look lost to other instances, which then fail them; their results are
+    /// refused by the store (logged at error level, counted as `refused`). A longer lease
+    /// rides out longer stalls and reports dead instances later.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.lease = lease;
+        self
+    }
+
+    /// How long one store operation (a read, a transition, a lease renewal) may take before it
+    /// counts as failed: a kick-off then answers `503` with `Retry-After`, a poll `503`, and a
+    /// job retries its start or its result. Applies to every backend. From 10 ms to 1 minute;
+    /// default 1 s — healthy stores answer within milliseconds (see BENCHMARKS.md), and a
+    /// client should not wait through a stall to learn it should come back later.
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.store_timeout = timeout;
+        self
+    }
+
+    /// How long a bulk kick-off waits for the wrapped service's first response head before it
+    /// answers `202`. When the service has answered `4xx` by then (an unknown `_type`, a bad
+    /// `_since`, a parameter it refuses under `handling=strict`), that answer is the kick-off's,
+    /// and no job is kept: a client learns of the mistake at once rather than at its first poll
+    /// (KICK-5). Every other answer, and one that comes later, is the job's as usual.
+    ///
+    /// Interaction-pattern kick-offs never wait: their completion Bundle carries the inner
+    /// answer, errors included (BUNDLE-4).
+    ///
+    /// Default 50 ms: a kick-off whose first page takes longer is answered that much later,
+    /// and errors a service reports before doing any work are caught (see BENCHMARKS.md).
+    /// [`Duration::ZERO`] turns it off. At most 10 s.
+    pub fn kickoff_wait(mut self, wait: Duration) -> Self {
+        self.kickoff_wait = wait;
+        self
+    }
+
+    /// What a bulk operation (one of [`bulk_operations`](Self::bulk_operations), e.g.
+    /// `$export`) sent without `Prefer: respond-async` gets. The Bulk Data IG allows two
+    /// answers: process it as if `respond-async` had been sent (the default,
+    /// [`BulkWithoutPrefer::RunAsync`]), or refuse it with `400` ([`BulkWithoutPrefer::Refuse`]).
+    pub fn bulk_without_prefer(mut self, answer: BulkWithoutPrefer) -> Self {
+        self.bulk_without_prefer = answer;
         self
     }
 
@@ -856,6 +938,20 @@ impl AsyncLayerBuilder {
                 "max_run_time must be longer than zero".to_owned(),
             ));
         }
+        if self.store_timeout < Duration::from_millis(10)
+            || self.store_timeout > Duration::from_secs(60)
+        {
+            return Err(BuildError(format!(
+                "store_timeout must be between 10 ms and 1 minute, not {}",
+                humantime::format_duration(self.store_timeout)
+            )));
+        }
+        if self.kickoff_wait > Duration::from_secs(10) {
+            return Err(BuildError(format!(
+                "kickoff_wait must be at most 10 s, not {}",
+                humantime::format_duration(self.kickoff_wait)
+            )));
+        }
         if self.lease < Duration::from_secs(1) || self.lease > Duration::from_secs(3600) {
             return Err(BuildError(format!(
                 "lease must be between 1 second and 1 hour, not {}",
@@ -922,8 +1018,12 @@ impl AsyncLayerBuilder {
             bulk,
             max_wait: self.max_wait,
             completion: self.completion,
+            kickoff_wait: self.kickoff_wait,
+            bulk_without_prefer: self.bulk_without_prefer,
+            store_timeout: self.store_timeout,
         };
-        let runner = Runner::new(self.store, Clock::new(), instance, self.lease);
+        let store = (self.store)(self.store_timeout);
+        let runner = Runner::new(store, Clock::new(), instance, self.lease);
         let quotas = Quotas::new(self.max_running_jobs, self.max_jobs_per_caller);
         let polls = self.min_poll_interval.map(PollThrottle::new);
         Ok(AsyncLayer {

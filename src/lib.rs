@@ -78,7 +78,9 @@ pub use bulk::ManifestFormat;
 pub use context::JobContext;
 pub use future::ResponseFuture;
 pub use job::{InvalidJobId, JobId, JobKind, JobOutcome, JobRecord, JobState, StoredResponse};
-pub use layer::{AsyncLayer, AsyncLayerBuilder, BuildError, CompletionMode, RequestHead};
+pub use layer::{
+    AsyncLayer, AsyncLayerBuilder, BuildError, BulkWithoutPrefer, CompletionMode, RequestHead,
+};
 /// The `object_store` crate bulk data files are kept with, so that a store you build yourself
 /// (`LocalFileSystem`, S3, …) is of the matching version.
 pub use object_store;

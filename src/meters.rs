@@ -11,8 +11,14 @@ pub(crate) const REQUESTS: &str = "fhir_async_requests_total";
 pub(crate) const RUNNING: &str = "fhir_async_jobs_running";
 
 /// Counter: jobs that ended here, by `outcome` (`completed`, `failed`, `cancelled`, `lost`: the
-/// outcome could not be recorded).
+/// outcome could not be recorded; `not-started`: the store did not record its start in time, so
+/// it was not run; `orphaned`: a refused kick-off's record could not be taken back).
 pub(crate) const FINISHED: &str = "fhir_async_jobs_finished_total";
+
+/// Counter: results the store refused because another instance had already failed the job as
+/// lost (its lease lapsed while it ran here). Each is also logged at error level; more than
+/// zero means leases are too short for the store's stalls.
+pub(crate) const REFUSED: &str = "fhir_async_results_refused_total";
 
 /// Histogram: seconds from a job's start to its end, by `outcome` as in [`FINISHED`].
 pub(crate) const DURATION: &str = "fhir_async_job_duration_seconds";

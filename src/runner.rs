@@ -25,7 +25,7 @@ use crate::body::RequestBody;
 use crate::bulk::{self, export::ExportSpec};
 use crate::clock::Clock;
 use crate::context::JobShared;
-use crate::job::{JobId, JobOutcome, JobRecord, StoredResponse};
+use crate::job::{JobId, JobOutcome, JobRecord, JobState, StoredResponse};
 use crate::layer::Shared;
 use crate::meters;
 use crate::outcome::{FHIR_JSON, IssueCode, operation_outcome_bytes};
@@ -260,8 +260,11 @@ pub(crate) fn spawn<S, ReqB, ResB>(
         let created = match created {
             Ok(created) => created,
             Err(error) => {
-                tracing::warn!(%error, "recording a new job failed");
+                tracing::warn!(%error, "recording a new job failed; the kick-off is refused and the job taken back");
                 let _ = recorded.send(Err(error));
+                // The write may still land (a stalled store answers later): take it back, so
+                // that a kick-off answered with an error leaves no job behind.
+                abandon(&shared, &job.id).await;
                 return;
             }
         };
@@ -273,11 +276,7 @@ pub(crate) fn spawn<S, ReqB, ResB>(
         if recorded.send(Ok(Created::New)).is_err() {
             // The kick-off was dropped before it could answer (the client went away, or a
             // timeout fired): nobody has the status URL, and a retry must not run the work twice.
-            let _ = shared
-                .runner
-                .store
-                .cancel(&job.id, shared.runner.clock.now())
-                .await;
+            abandon(&shared, &job.id).await;
             tracing::info!("kick-off abandoned before its answer; the job was dropped");
             return;
         }
@@ -316,21 +315,34 @@ async fn run<S, ReqB, ResB>(
 {
     let runner = &shared.runner;
     let id = job.id;
-    let lease_until = later(runner.clock.now(), runner.lease);
-    match runner.store.start(&id, &runner.instance, lease_until).await {
-        Ok(true) => job.mark_started(),
-        Ok(false) => {
+    match Box::pin(start(&shared, &job)).await {
+        Start::Started => job.mark_started(),
+        Start::Gone => {
             tracing::info!("asynchronous job cancelled before it started");
             return;
         }
-        // The record exists (it was written at kick-off); the outcome is still worth recording.
-        Err(error) => tracing::warn!(%error, "could not mark the job running; running it anyway"),
+        Start::Unrecorded => {
+            // Running it unrecorded would let the watcher of any instance declare it lost while
+            // it runs, and a client obeying "start it again" would run the work twice.
+            tracing::error!(
+                "the job store did not record the job's start in time; the request was not run"
+            );
+            let outcome = JobOutcome::Failed(synthesized(
+                StatusCode::SERVICE_UNAVAILABLE,
+                IssueCode::Transient,
+                "The job store was unavailable when this job was to start, so the request was not run. Send it \
+                 again.",
+            ));
+            Box::pin(record(&shared, id, outcome)).await;
+            metrics::counter!(meters::FINISHED, "outcome" => "not-started").increment(1);
+            return;
+        }
     }
 
     let started = tokio::time::Instant::now();
     let is_bulk = matches!(work, Work::Bulk(_));
     let execution = match work {
-        Work::Interaction => Either::Left(execute(inner, request, shared.config.result_limit)),
+        Work::Interaction => Either::Left(execute(&job, inner, request, shared.config.result_limit)),
         // Boxed: an export's state is large, and an interaction job should not carry its size.
         Work::Bulk(spec) => Either::Right(Box::pin(bulk::export::execute(
             &shared, &job, spec, inner, request,
@@ -373,6 +385,82 @@ async fn run<S, ReqB, ResB>(
     }
 }
 
+/// How recording a job's start ended.
+enum Start {
+    /// The store has it running here, under a lease: run it.
+    Started,
+    /// Cancelled (or taken by another instance) before it started: do not run it.
+    Gone,
+    /// The store did not answer in time: do not run it.
+    Unrecorded,
+}
+
+/// Records `Accepted → Running` here, trying again while the store is unavailable, for at most
+/// half a lease from now: past the lease, other instances would take an unstarted job for one
+/// whose instance died, and fail it.
+async fn start(shared: &Shared, job: &JobShared) -> Start {
+    let runner = &shared.runner;
+    let give_up = tokio::time::Instant::now() + runner.lease / 2;
+    let mut delay = Duration::from_millis(50);
+    let mut failed_before = false;
+    loop {
+        let lease_until = later(runner.clock.now(), runner.lease);
+        match runner.store.start(&job.id, &runner.instance, lease_until).await {
+            Ok(true) => return Start::Started,
+            // An earlier attempt may have landed after all: then the job runs here already.
+            Ok(false) if failed_before => {
+                return match runner.store.get(&job.id, runner.clock.now()).await {
+                    Ok(Some(JobRecord {
+                        state: JobState::Running { instance, .. },
+                        ..
+                    })) if *instance == *runner.instance => Start::Started,
+                    Ok(_) => Start::Gone,
+                    Err(_) => Start::Unrecorded,
+                };
+            }
+            Ok(false) => return Start::Gone,
+            Err(error) => {
+                failed_before = true;
+                if tokio::time::Instant::now() + delay >= give_up {
+                    tracing::warn!(%error, "recording the job's start failed; giving up");
+                    return Start::Unrecorded;
+                }
+                tracing::warn!(%error, "recording the job's start failed; trying again");
+                tokio::select! {
+                    () = job.cancel.cancelled() => return Start::Gone,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Takes back a job whose kick-off was not answered `202`, trying again while the store is
+/// unavailable (see [`JobStore::abandon`](crate::store::JobStore::abandon)).
+async fn abandon(shared: &Shared, id: &JobId) {
+    let runner = &shared.runner;
+    // The marker must outlive any write still in flight; a day (or the retention) is ample.
+    let keep = shared.config.retention.max(Duration::from_secs(3600));
+    let mut delay = Duration::from_millis(50);
+    for attempt in 1..=RECORD_ATTEMPTS {
+        let now = runner.clock.now();
+        match runner.store.abandon(id, now, later(now, keep)).await {
+            Ok(()) => return,
+            Err(error) if attempt < RECORD_ATTEMPTS => {
+                tracing::warn!(%error, attempt, "taking back a refused kick-off's job failed; trying again");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(error) => {
+                // Left to the watchers: an unstarted job is failed once a lease has passed.
+                tracing::error!(%error, "taking back a refused kick-off's job failed; it is left to lapse");
+                metrics::counter!(meters::FINISHED, "outcome" => "orphaned").increment(1);
+            }
+        }
+    }
+}
+
 /// Counts a job's end and its duration.
 fn finished(outcome: &'static str, started: tokio::time::Instant) {
     metrics::counter!(meters::FINISHED, "outcome" => outcome).increment(1);
@@ -381,6 +469,7 @@ fn finished(outcome: &'static str, started: tokio::time::Instant) {
 
 /// Calls the inner service and keeps its response; every failure becomes a [`JobOutcome`].
 async fn execute<S, ReqB, ResB>(
+    job: &JobShared,
     mut inner: S,
     request: Request<RequestBody<ReqB>>,
     result_limit: usize,
@@ -401,6 +490,7 @@ where
             .call(request)
             .await
             .map_err(|e| Failure::Service(e.into()))?;
+        job.set_head(response.status());
         keep(response, result_limit).await
     }
     .await;
@@ -502,6 +592,22 @@ where
     })
 }
 
+/// Says why the store refused a job's result: cancelled (expected), or fenced, because another
+/// instance took the job for lost and failed it (a defect to look into: logged at error level
+/// and counted).
+async fn refused(runner: &Runner, id: &JobId) {
+    match runner.store.get(id, runner.clock.now()).await {
+        Ok(Some(record)) if record.state.is_finished() => {
+            tracing::error!(
+                "the job store refused this job's result: the job had already been recorded as failed (its lease \
+                 lapsed, and an instance took it for lost); the result was discarded"
+            );
+            metrics::counter!(meters::REFUSED).increment(1);
+        }
+        _ => tracing::info!("asynchronous job finished after it was cancelled; its result was dropped"),
+    }
+}
+
 /// A response the layer writes itself: `status` + OperationOutcome.
 pub(crate) fn synthesized(
     status: StatusCode,
@@ -545,9 +651,7 @@ async fn record(shared: &Shared, id: JobId, outcome: JobOutcome) -> bool {
                 return true;
             }
             Ok(false) => {
-                tracing::info!(
-                    "asynchronous job finished after it was cancelled; its result was dropped"
-                );
+                refused(runner, &id).await;
                 return false;
             }
             Err(StoreError::Unavailable(error)) if attempt < RECORD_ATTEMPTS => {

@@ -13,7 +13,8 @@ use crate::body::{OwnBody, RequestBody, ResponseBody};
 use crate::capability;
 use crate::future::ResponseFuture;
 use crate::kickoff::kick_off;
-use crate::layer::{RequestHead, Shared};
+use crate::bulk;
+use crate::layer::{BulkWithoutPrefer, RequestHead, Shared};
 use crate::prefer::{self, AsyncPreferences};
 use crate::routes;
 use crate::store::BoxError;
@@ -98,13 +99,26 @@ where
             return ResponseFuture::own(Box::pin(routes::handle(self.shared.clone(), parts)));
         }
 
-        let preferences = if prefer::has_prefer(request.headers())
+        let mut preferences = if prefer::has_prefer(request.headers())
             && prefer::mentions_respond_async(request.headers())
         {
             AsyncPreferences::from_headers(request.headers())
         } else {
             AsyncPreferences::default()
         };
+        // BULK-1: a bulk operation is asynchronous only; without `respond-async` it is either
+        // run as if it had been sent, or refused (`bulk_without_prefer`). Never streamed.
+        if !preferences.respond_async && bulk::is_operation_request(&config.bulk, request.uri()) {
+            match config.bulk_without_prefer {
+                BulkWithoutPrefer::RunAsync => preferences.respond_async = true,
+                BulkWithoutPrefer::Refuse => {
+                    let response = bulk::prefer_required(request.uri());
+                    return ResponseFuture::own(Box::pin(async move {
+                        response.map(OwnBody::from)
+                    }));
+                }
+            }
+        }
         let is_get_or_head = matches!(*request.method(), Method::GET | Method::HEAD);
         let mut vary = false;
         if preferences.respond_async || is_get_or_head {

@@ -40,6 +40,8 @@ async fn run(shared: Weak<Shared>) {
     };
     let mut ticks = tokio::time::interval(every.max(Duration::from_millis(100)));
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut progress_ticks = tokio::time::interval(PROGRESS_EVERY);
+    progress_ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut cancels = Feed::new();
     // Changed jobs wake long polls held here for jobs running elsewhere.
     let mut changes = Feed::new();
@@ -76,6 +78,10 @@ async fn run(shared: Weak<Shared>) {
             _ = ticks.tick() => {
                 let Some(shared) = shared.upgrade() else { return };
                 check(&shared).await;
+            }
+            _ = progress_ticks.tick() => {
+                let Some(shared) = shared.upgrade() else { return };
+                share_progress(&shared).await;
             }
             id = cancels.next() => match id {
                 Some(id) => {
@@ -148,7 +154,30 @@ impl Feed {
     }
 }
 
-/// One round of lease renewal, progress sharing and lost-job detection.
+/// How often the progress of jobs running here is written to the store: each write is
+/// announced on the store's change feed, so a poll through another instance is at most about
+/// this far behind. Only changed progress is written, the latest text of each job.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
+/// Writes the changed progress of the jobs running here to the store, all at once.
+async fn share_progress(shared: &Shared) {
+    let runner = &shared.runner;
+    let changed: Vec<_> = runner
+        .started_jobs()
+        .into_iter()
+        .filter_map(|job| job.take_changed_progress().map(|text| (job, text)))
+        .collect();
+    let writes = changed.iter().map(|(job, text)| async move {
+        if let Err(error) = runner.store.set_progress(&job.id, text).await {
+            // Written again at the next round, unless newer progress replaces it.
+            job.progress_unshared();
+            tracing::debug!(%error, "sharing a job's progress failed");
+        }
+    });
+    futures_util::future::join_all(writes).await;
+}
+
+/// One round of lease renewal and lost-job detection.
 async fn check(shared: &Shared) {
     let runner = &shared.runner;
     let now = runner.clock.now();
@@ -168,13 +197,6 @@ async fn check(shared: &Shared) {
                 }
             }
             Err(error) => tracing::warn!(%error, "renewing job leases failed"),
-        }
-        for job in &started {
-            if let Some(progress) = job.take_changed_progress() {
-                if let Err(error) = runner.store.set_progress(&job.id, &progress).await {
-                    tracing::debug!(%error, "sharing a job's progress failed");
-                }
-            }
         }
     }
     let unstarted_before = now.checked_sub(runner.lease).unwrap_or(now);

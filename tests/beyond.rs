@@ -1155,7 +1155,8 @@ async fn prefer_13_status_17_running_and_complete_with_and_without_the_token() {
 // OperationOutcome; without it, 404 + the OperationOutcome and no `X-Export-Status`.
 #[tokio::test]
 async fn prefer_13_status_17_failed_export_with_and_without_the_token() {
-    let server = start(|b| b).await;
+    // Without the kick-off's wait, so that the 404 reaches the status URL.
+    let server = start(|b| b.kickoff_wait(Duration::ZERO)).await;
     for prefer in [SEPARATE, "respond-async"] {
         let status_url = bulk_kick_off(&server, "/Group/g-404/$export", prefer).await;
         let failed = server

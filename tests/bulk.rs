@@ -1465,9 +1465,11 @@ async fn failure(axum::extract::Path(case): axum::extract::Path<String>) -> Resp
 // (clients would poll forever); no files are left; the job can still be deleted.
 #[tokio::test]
 async fn bulk_6_failed_first_request_fails_the_job_with_its_status() {
+    // Without the kick-off's wait, so that client errors too reach the status URL (with it,
+    // they are the kick-off's answer: `kick_5_client_errors_reported_at_once_answer_the_kick_off`).
     let server = start(
         Router::new().route("/fhir/Group/{case}/$export", get(failure)),
-        |b| b,
+        |b| b.kickoff_wait(Duration::ZERO),
     )
     .await;
     let cases = [

@@ -160,6 +160,24 @@ mod memory {
     async fn kick_9_create_once_rejects_a_taken_id() {
         conformance::create_once_rejects_a_taken_id(&MemoryStore::default()).await;
     }
+
+    // KICK-9, issue #11 item 2: a kick-off answered 503 leaves no job, even when its create lands late.
+    #[tokio::test]
+    async fn kick_9_abandon_removes_the_job_and_blocks_a_late_create() {
+        conformance::abandon_removes_the_job_and_blocks_a_late_create(&MemoryStore::default()).await;
+    }
+
+    // KICK-9, issue #11 item 2: an abandon that overtakes its create still leaves no job.
+    #[tokio::test]
+    async fn kick_9_abandon_before_create_blocks_the_create() {
+        conformance::abandon_before_create_blocks_the_create(&MemoryStore::default()).await;
+    }
+
+    // KICK-9, issue #11 item 2: an idempotent retry never names an abandoned job.
+    #[tokio::test]
+    async fn kick_9_abandon_frees_the_idempotency_key() {
+        conformance::abandon_frees_the_idempotency_key(&MemoryStore::default()).await;
+    }
 }
 
 // Redis (feature `redis`) and PostgreSQL (feature `postgres`) backends go here, one module each,

@@ -168,6 +168,12 @@ mod conformance_cases {
         kick_9_create_once_supports_the_longest_key => create_once_supports_the_longest_key;
         // KICK-9, issue #7 item 6: a taken id is a conflict and leaves the key free.
         kick_9_create_once_rejects_a_taken_id => create_once_rejects_a_taken_id;
+        // KICK-9, issue #11 item 2: a kick-off answered 503 leaves no job, even when its create lands late.
+        kick_9_abandon_removes_the_job_and_blocks_a_late_create => abandon_removes_the_job_and_blocks_a_late_create;
+        // KICK-9, issue #11 item 2: an abandon that overtakes its create still leaves no job.
+        kick_9_abandon_before_create_blocks_the_create => abandon_before_create_blocks_the_create;
+        // KICK-9, issue #11 item 2: an idempotent retry never names an abandoned job.
+        kick_9_abandon_frees_the_idempotency_key => abandon_frees_the_idempotency_key;
     }
 }
 

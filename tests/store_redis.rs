@@ -404,6 +404,33 @@ mod conformance_cases {
         })
         .await;
     }
+
+    // KICK-9, issue #11 item 2: a kick-off answered 503 leaves no job, even when its create lands late.
+    #[tokio::test]
+    async fn kick_9_abandon_removes_the_job_and_blocks_a_late_create() {
+        with_store("abandon_removes_the_", |store| async move {
+            conformance::abandon_removes_the_job_and_blocks_a_late_create(&store).await;
+        })
+        .await;
+    }
+
+    // KICK-9, issue #11 item 2: an abandon that overtakes its create still leaves no job.
+    #[tokio::test]
+    async fn kick_9_abandon_before_create_blocks_the_create() {
+        with_store("abandon_before_creat", |store| async move {
+            conformance::abandon_before_create_blocks_the_create(&store).await;
+        })
+        .await;
+    }
+
+    // KICK-9, issue #11 item 2: an idempotent retry never names an abandoned job.
+    #[tokio::test]
+    async fn kick_9_abandon_frees_the_idempotency_key() {
+        with_store("abandon_frees_the_id", |store| async move {
+            conformance::abandon_frees_the_idempotency_key(&store).await;
+        })
+        .await;
+    }
 }
 
 // EXPIRE-1: Redis reclaims finished jobs itself: finishing sets a native expiry on the job's

@@ -163,6 +163,9 @@ impl Export<'_> {
                 }
             };
             let status = response.status();
+            if page == 1 {
+                self.job.set_head(status);
+            }
             if !status.is_success() {
                 if page == 1 {
                     return Err(upstream_failure(response, self.line_limit).await);

@@ -86,6 +86,26 @@ impl fmt::Debug for BulkConfig {
     }
 }
 
+/// Whether `uri` names one of the bulk operations (e.g. `$export`) while the bulk pattern is on.
+/// Cheap for other requests: one byte search unless the path has a `$`.
+pub(crate) fn is_operation_request(config: &BulkConfig, uri: &Uri) -> bool {
+    config.enabled && memchr::memchr(b'$', uri.path().as_bytes()).is_some() && config.is_operation(uri)
+}
+
+/// `400` for a bulk operation sent without `Prefer: respond-async`, where the layer is set to
+/// refuse those (BULK-1).
+pub(crate) fn prefer_required(uri: &Uri) -> Response<Bytes> {
+    let operation = uri.path().rsplit('/').next().unwrap_or_default();
+    error_response(
+        StatusCode::BAD_REQUEST,
+        IssueCode::Invalid,
+        &format!(
+            "{operation} is an asynchronous operation on this server: send it with the header \
+             Prefer: respond-async."
+        ),
+    )
+}
+
 /// Whether a kick-off might take the bulk pattern, judged from its URI alone (before its body
 /// is read): it names `_outputFormat` or a bulk operation.
 pub(crate) fn may_be_bulk(config: &BulkConfig, uri: &Uri) -> bool {

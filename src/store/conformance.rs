@@ -50,6 +50,9 @@ pub async fn run_all<S: JobStore>(store: &S) {
     create_once_has_one_winner_among_concurrent_kick_offs(store).await;
     create_once_supports_the_longest_key(store).await;
     create_once_rejects_a_taken_id(store).await;
+    abandon_removes_the_job_and_blocks_a_late_create(store).await;
+    abandon_before_create_blocks_the_create(store).await;
+    abandon_frees_the_idempotency_key(store).await;
 }
 
 /// The current time, truncated to whole milliseconds: stores must keep times to the millisecond.
@@ -926,4 +929,86 @@ pub async fn create_once_rejects_a_taken_id<S: JobStore>(store: &S) {
     for rec in [&taken, &next] {
         store.cancel(&rec.id, now).await.unwrap();
     }
+}
+
+/// `abandon` after `create`: the job is gone, and the same create arriving again later (a
+/// write delayed in a stalled connection) leaves no job behind (issue: a kick-off answered
+/// `503` still left a job).
+pub async fn abandon_removes_the_job_and_blocks_a_late_create<S: JobStore>(store: &S) {
+    let now = now_ms();
+    let rec = record(now);
+    store.create(rec.clone()).await.unwrap();
+    store
+        .abandon(&rec.id, now, now + 60 * SECOND)
+        .await
+        .expect("abandon should succeed");
+    assert_eq!(get(store, &rec.id, now).await, None, "an abandoned job is absent");
+    let late = store.create(rec.clone()).await;
+    assert!(
+        matches!(late, Err(StoreError::Conflict(id)) if id == rec.id),
+        "a create arriving after abandon must conflict, got {late:?}"
+    );
+    assert_eq!(
+        get(store, &rec.id, now).await,
+        None,
+        "a late create leaves no job"
+    );
+    assert!(
+        !store.start(&rec.id, "i-1", now + SECOND).await.unwrap(),
+        "an abandoned job never starts"
+    );
+    assert!(
+        !store
+            .finish(&rec.id, JobOutcome::Completed(response(200, "{}")), now, now + SECOND)
+            .await
+            .unwrap(),
+        "an abandoned job never finishes"
+    );
+}
+
+/// `abandon` that reaches the store before the `create` it takes back (the two took different
+/// connections): the create finds the id taken.
+pub async fn abandon_before_create_blocks_the_create<S: JobStore>(store: &S) {
+    let now = now_ms();
+    let rec = owned("alice", now);
+    store
+        .abandon(&rec.id, now, now + 60 * SECOND)
+        .await
+        .expect("abandon of an unknown id should succeed");
+    let late = store.create(rec.clone()).await;
+    assert!(
+        matches!(late, Err(StoreError::Conflict(_))),
+        "create after abandon must conflict, got {late:?}"
+    );
+    let key = fresh_key();
+    let late = store.create_once(rec.clone(), &key, now).await;
+    assert!(
+        matches!(late, Err(StoreError::Conflict(_))),
+        "create_once after abandon must conflict, got {late:?}"
+    );
+    assert_eq!(get(store, &rec.id, now).await, None);
+    // The key did not stick to the abandoned id: a new kick-off with it is new.
+    let next = owned("alice", now);
+    assert_eq!(create_once(store, &next, &key, now).await, Created::New);
+    store.cancel(&next.id, now).await.unwrap();
+}
+
+/// An idempotent kick-off that was abandoned frees its key: a retry with the same key creates
+/// a new job rather than naming one that will never run.
+pub async fn abandon_frees_the_idempotency_key<S: JobStore>(store: &S) {
+    let now = now_ms();
+    let key = fresh_key();
+    let orphan = owned("alice", now);
+    assert_eq!(create_once(store, &orphan, &key, now).await, Created::New);
+    store
+        .abandon(&orphan.id, now, now + 60 * SECOND)
+        .await
+        .unwrap();
+    let retry = owned("alice", now);
+    assert_eq!(
+        create_once(store, &retry, &key, now).await,
+        Created::New,
+        "the retry must not name the abandoned job"
+    );
+    store.cancel(&retry.id, now).await.unwrap();
 }

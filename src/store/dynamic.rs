@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use super::{Cancellations, Changes, Created, JobStore, StoreError};
 use crate::job::{JobId, JobOutcome, JobRecord};
@@ -41,6 +41,12 @@ pub(crate) trait DynStore: Send + Sync + 'static {
         id: &'a JobId,
         now: SystemTime,
     ) -> BoxFuture<'a, Result<bool, StoreError>>;
+    fn abandon<'a>(
+        &'a self,
+        id: &'a JobId,
+        now: SystemTime,
+        until: SystemTime,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
     fn sweep(&self, now: SystemTime) -> BoxFuture<'_, Result<usize, StoreError>>;
     fn set_progress<'a>(
         &'a self,
@@ -64,9 +70,37 @@ pub(crate) trait DynStore: Send + Sync + 'static {
     fn changes(&self) -> BoxFuture<'_, Result<Option<Changes>, StoreError>>;
 }
 
-impl<S: JobStore> DynStore for S {
+/// A store whose every operation ends within `limit`: a stalled store answers
+/// [`StoreError::Unavailable`] after the deadline instead of holding the request (the layer's
+/// `store_timeout`). The operation's future is dropped then; a write it sent may still land,
+/// which is why a failed kick-off is taken back with [`JobStore::abandon`].
+pub(crate) struct Bounded<S> {
+    pub(crate) store: S,
+    pub(crate) limit: Duration,
+}
+
+/// `operation`, or `Unavailable` once `limit` has passed.
+fn within<'a, T: 'a>(
+    limit: Duration,
+    operation: impl Future<Output = Result<T, StoreError>> + Send + 'a,
+) -> BoxFuture<'a, Result<T, StoreError>> {
+    Box::pin(async move {
+        match tokio::time::timeout(limit, operation).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Unavailable(
+                format!(
+                    "the job store did not answer within {} (store_timeout)",
+                    humantime::format_duration(limit)
+                )
+                .into(),
+            )),
+        }
+    })
+}
+
+impl<S: JobStore> DynStore for Bounded<S> {
     fn create(&self, record: JobRecord) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(JobStore::create(self, record))
+        within(self.limit, JobStore::create(&self.store, record))
     }
 
     fn create_once<'a>(
@@ -75,7 +109,7 @@ impl<S: JobStore> DynStore for S {
         key: &'a str,
         now: SystemTime,
     ) -> BoxFuture<'a, Result<Created, StoreError>> {
-        Box::pin(JobStore::create_once(self, record, key, now))
+        within(self.limit, JobStore::create_once(&self.store, record, key, now))
     }
 
     fn get<'a>(
@@ -83,7 +117,7 @@ impl<S: JobStore> DynStore for S {
         id: &'a JobId,
         now: SystemTime,
     ) -> BoxFuture<'a, Result<Option<JobRecord>, StoreError>> {
-        Box::pin(JobStore::get(self, id, now))
+        within(self.limit, JobStore::get(&self.store, id, now))
     }
 
     fn start<'a>(
@@ -92,7 +126,7 @@ impl<S: JobStore> DynStore for S {
         instance: &'a str,
         lease_until: SystemTime,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(JobStore::start(self, id, instance, lease_until))
+        within(self.limit, JobStore::start(&self.store, id, instance, lease_until))
     }
 
     fn finish<'a>(
@@ -102,7 +136,7 @@ impl<S: JobStore> DynStore for S {
         finished_at: SystemTime,
         expires_at: SystemTime,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(JobStore::finish(self, id, outcome, finished_at, expires_at))
+        within(self.limit, JobStore::finish(&self.store, id, outcome, finished_at, expires_at))
     }
 
     fn cancel<'a>(
@@ -110,11 +144,20 @@ impl<S: JobStore> DynStore for S {
         id: &'a JobId,
         now: SystemTime,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(JobStore::cancel(self, id, now))
+        within(self.limit, JobStore::cancel(&self.store, id, now))
+    }
+
+    fn abandon<'a>(
+        &'a self,
+        id: &'a JobId,
+        now: SystemTime,
+        until: SystemTime,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        within(self.limit, JobStore::abandon(&self.store, id, now, until))
     }
 
     fn sweep(&self, now: SystemTime) -> BoxFuture<'_, Result<usize, StoreError>> {
-        Box::pin(JobStore::sweep(self, now))
+        within(self.limit, JobStore::sweep(&self.store, now))
     }
 
     fn set_progress<'a>(
@@ -122,7 +165,7 @@ impl<S: JobStore> DynStore for S {
         id: &'a JobId,
         progress: &'a str,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(JobStore::set_progress(self, id, progress))
+        within(self.limit, JobStore::set_progress(&self.store, id, progress))
     }
 
     fn renew_leases<'a>(
@@ -131,7 +174,7 @@ impl<S: JobStore> DynStore for S {
         ids: &'a [JobId],
         lease_until: SystemTime,
     ) -> BoxFuture<'a, Result<Vec<JobId>, StoreError>> {
-        Box::pin(JobStore::renew_leases(self, instance, ids, lease_until))
+        within(self.limit, JobStore::renew_leases(&self.store, instance, ids, lease_until))
     }
 
     fn fail_lapsed(
@@ -141,8 +184,7 @@ impl<S: JobStore> DynStore for S {
         outcome: JobOutcome,
         expires_at: SystemTime,
     ) -> BoxFuture<'_, Result<Vec<JobId>, StoreError>> {
-        Box::pin(JobStore::fail_lapsed(
-            self,
+        within(self.limit, JobStore::fail_lapsed(&self.store,
             now,
             unstarted_before,
             outcome,
@@ -151,10 +193,10 @@ impl<S: JobStore> DynStore for S {
     }
 
     fn cancellations(&self) -> BoxFuture<'_, Result<Option<Cancellations>, StoreError>> {
-        Box::pin(JobStore::cancellations(self))
+        within(self.limit, JobStore::cancellations(&self.store))
     }
 
     fn changes(&self) -> BoxFuture<'_, Result<Option<Changes>, StoreError>> {
-        Box::pin(JobStore::changes(self))
+        within(self.limit, JobStore::changes(&self.store))
     }
 }

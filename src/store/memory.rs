@@ -39,6 +39,8 @@ pub struct MemoryStore {
     /// Announces changed jobs to [`changes`](JobStore::changes) streams (layers sharing this
     /// store in one process).
     changed: Announcer,
+    /// Ids taken back by [`abandon`](JobStore::abandon), until when no record may take them.
+    abandoned: Arc<DashMap<JobId, SystemTime>>,
 }
 
 /// The sending side of [`JobStore::changes`]: a broadcast channel; nobody listening costs
@@ -162,6 +164,9 @@ impl MemoryStore {
     }
 
     fn insert(&self, record: JobRecord) -> Result<(), StoreError> {
+        if self.abandoned.contains_key(&record.id) {
+            return Err(StoreError::Conflict(record.id));
+        }
         match self.jobs.entry(record.id) {
             Entry::Occupied(_) => Err(StoreError::Conflict(record.id)),
             Entry::Vacant(slot) => {
@@ -283,6 +288,24 @@ impl JobStore for MemoryStore {
         ready(Ok(removed))
     }
 
+    fn abandon(
+        &self,
+        id: &JobId,
+        now: SystemTime,
+        until: SystemTime,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        // Writes here cannot arrive late, but the marker keeps every backend's contract alike.
+        self.abandoned.insert(*id, until);
+        let removed = self
+            .jobs
+            .remove(id)
+            .is_some_and(|(_, record)| !record.is_expired(now));
+        if removed {
+            self.changed.announce(*id);
+        }
+        ready(Ok(()))
+    }
+
     fn set_progress(
         &self,
         id: &JobId,
@@ -363,6 +386,7 @@ impl JobStore for MemoryStore {
         // cancelled jobs would stay forever. `jobs` is no longer locked here (see `once`).
         self.once
             .retain(|(owner, _), id| self.counts(id, owner, now));
+        self.abandoned.retain(|_, until| *until > now);
         ready(Ok(swept))
     }
 

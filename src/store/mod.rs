@@ -33,7 +33,7 @@ pub use ::redis;
 /// matching version.
 #[cfg(feature = "postgres")]
 pub use ::sqlx;
-pub(crate) use dynamic::DynStore;
+pub(crate) use dynamic::{Bounded, DynStore};
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresStore;
@@ -179,6 +179,26 @@ pub trait JobStore: Send + Sync + 'static {
         id: &JobId,
         now: SystemTime,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Takes back job `id` after its kick-off was answered with an error (the store did not
+    /// answer in time): the record goes if it was created, its idempotency key with it, and a
+    /// `create` or `create_once` of the same id that reaches the store later (a write delayed in
+    /// a stalled connection or a pooled one) fails with [`StoreError::Conflict`] until `until`,
+    /// so no job nobody knows of is left behind. Reads treat the id as absent meanwhile.
+    ///
+    /// The default calls [`cancel`](Self::cancel), which is enough for a store whose writes
+    /// cannot arrive late; a store reached over a network must leave a marker (a tombstone)
+    /// until `until`. The conformance suite checks both orders.
+    fn abandon(
+        &self,
+        id: &JobId,
+        now: SystemTime,
+        until: SystemTime,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = until;
+        let cancelled = self.cancel(id, now);
+        async move { cancelled.await.map(|_| ()) }
+    }
 
     /// Records the progress text of an unfinished job. Unknown or finished jobs are left alone.
     fn set_progress(

@@ -323,6 +323,7 @@ struct Statements {
     cancel: SqlStr,
     set_progress: SqlStr,
     renew_leases: SqlStr,
+    abandon: SqlStr,
     fail_lapsed: SqlStr,
     sweep: SqlStr,
 }
@@ -415,7 +416,8 @@ impl Statements {
             )),
             get: sql(format!(
                 "SELECT {COLUMNS} FROM {t} \
-                 WHERE id = $1 AND (expires_ms IS NULL OR expires_ms > $2)"
+                 WHERE id = $1 AND (expires_ms IS NULL OR expires_ms > $2) \
+                 AND state <> 'abandoned'"
             )),
             start: sql(format!(
                 "UPDATE {t} SET state = 'running', instance = $2, lease_until_ms = $3 \
@@ -447,6 +449,16 @@ impl Statements {
             renew_leases: sql(format!(
                 "UPDATE {t} SET lease_until_ms = $3 \
                  WHERE id = ANY($1) AND state = 'running' AND instance = $2 RETURNING id"
+            )),
+            // The row becomes a tombstone until `$3` (then swept): a late insert of the same id
+            // conflicts on the primary key; reads skip it; without an owner and key it is
+            // outside the idempotency index.
+            abandon: sql(format!(
+                "INSERT INTO {t} (id, kind, state, method, target, created_ms, expires_ms) \
+                 VALUES ($1, $4, 'abandoned', '', '', $2, $3) \
+                 ON CONFLICT (id) DO UPDATE SET state = 'abandoned', owner = NULL, target = '', \
+                 progress = NULL, instance = NULL, lease_until_ms = NULL, response = NULL, \
+                 finished_ms = NULL, expires_ms = $3, idempotency_key = NULL"
             )),
             fail_lapsed: sql(format!(
                 "WITH done AS (UPDATE {t} SET state = $3, response = $4, progress = NULL, \
@@ -688,6 +700,23 @@ impl JobStore for PostgresStore {
             Some(row) => row.try_get::<bool, _>(0).map_err(|e| self.error(e)),
             None => Ok(false),
         }
+    }
+
+    async fn abandon(
+        &self,
+        id: &JobId,
+        now: SystemTime,
+        until: SystemTime,
+    ) -> Result<(), StoreError> {
+        sqlx::query(self.sql.abandon.clone())
+            .bind(id.to_string())
+            .bind(to_millis(now))
+            .bind(to_millis(until))
+            .bind(JobKind::Interaction.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(())
     }
 
     async fn set_progress(&self, id: &JobId, progress: &str) -> Result<(), StoreError> {

@@ -409,6 +409,24 @@ return 1
     )
 });
 
+/// `KEYS`: job, accepted, running, expiring. `ARGV`: id, ttl ms. Removes the job as `CANCEL`
+/// does (without announcing: nobody was given its status URL) and leaves a tombstone hash in
+/// its place for `ttl`, so a `CREATE` or `CREATE_ONCE` of the id that arrives later (sent on a
+/// connection that stalled) finds the key taken and creates nothing.
+static ABANDON: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+for i = 2, 4 do redis.call('ZREM', KEYS[i], ARGV[1]) end
+local once = redis.call('HGET', KEYS[1], 'once')
+if once and redis.call('GET', once) == ARGV[1] then redis.call('DEL', once) end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'state', 'abandoned')
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+",
+    )
+});
+
 /// `KEYS`: job. `ARGV`: progress.
 static SET_PROGRESS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -663,6 +681,25 @@ impl JobStore for RedisStore {
             .await
             .map_err(store_error)?;
         Ok(cancelled == 1)
+    }
+
+    async fn abandon(
+        &self,
+        id: &JobId,
+        now: SystemTime,
+        until: SystemTime,
+    ) -> Result<(), StoreError> {
+        let _: i64 = ABANDON
+            .key(self.job_key(id))
+            .key(self.index_key(ACCEPTED))
+            .key(self.index_key(RUNNING))
+            .key(self.index_key(EXPIRING))
+            .arg(id.to_string())
+            .arg(ttl_millis(now, until).max(1))
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(store_error)?;
+        Ok(())
     }
 
     async fn set_progress(&self, id: &JobId, progress: &str) -> Result<(), StoreError> {
@@ -989,6 +1026,8 @@ fn decode_record(
         decode_response(&value.ok_or_else(|| corrupt("no response field".into()))?)
     };
     let state = match state.as_slice() {
+        // A tombstone left by `abandon`: no job.
+        b"abandoned" => return Ok(None),
         b"accepted" => JobState::Accepted,
         b"running" => JobState::Running {
             instance: required("instance", instance)?,
