@@ -31,7 +31,9 @@ use tower_fhir_async::object_store::ObjectStore;
 use tower_fhir_async::object_store::local::LocalFileSystem;
 use tower_fhir_async::object_store::memory::InMemory;
 use tower_fhir_async::object_store::path::Path as StorePath;
-use tower_fhir_async::{AsyncLayer, AsyncLayerBuilder, ManifestFormat, MemoryStore};
+use tower_fhir_async::{
+    AsyncLayer, AsyncLayerBuilder, BulkWithoutPrefer, ManifestFormat, MemoryStore,
+};
 
 /// The bound on waiting for something a test expects to happen; never a timing assertion.
 const BOUND: Duration = Duration::from_secs(10);
@@ -2623,4 +2625,124 @@ async fn bulk_9_stu4_ballot_manifest() {
         severities,
         [("error".to_owned(), 1), ("warning".to_owned(), 1)]
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue #11 item 10: bulk-data conformance at kick-off.
+
+// BULK-1 (issue #11 item 10a): `$export` without `Prefer: respond-async` is never streamed back
+// synchronously: by default it is processed as if `respond-async` had been sent.
+#[tokio::test]
+async fn bulk_1_export_without_prefer_runs_asynchronously_by_default() {
+    let server = start(fhir_routes(), |b| b).await;
+    for target in ["/$export", "/Patient/$export", "/Group/g1/$export"] {
+        let reply = server
+            .client
+            .send(Method::GET, &format!("{}{target}", server.base), &[], "")
+            .await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED, "{target}: {reply:?}");
+        let status_url = reply.header("content-location").to_owned();
+        assert!(
+            status_url.starts_with(&format!("{}/_async/", server.base)),
+            "{target}: {reply:?}"
+        );
+        let manifest = server.manifest(&status_url).await;
+        assert!(
+            manifest["output"].as_array().is_some_and(|o| !o.is_empty()),
+            "{target}: {manifest}"
+        );
+    }
+    // The wrapped service saw each export once, without `respond-async`.
+    let seen = server.seen.take();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(seen.iter().all(|s| s.header("prefer").is_none()), "{seen:?}");
+}
+
+// BULK-1 (issue #11 item 10a): set to refuse, `$export` without `Prefer: respond-async` gets
+// `400` + OperationOutcome, and the wrapped service sees nothing.
+#[tokio::test]
+async fn bulk_1_export_without_prefer_can_be_refused() {
+    let server = start(fhir_routes(), |b| {
+        b.bulk_without_prefer(BulkWithoutPrefer::Refuse)
+    })
+    .await;
+    for method in [Method::GET, Method::POST] {
+        let reply = server
+            .client
+            .send(method.clone(), &format!("{}/Patient/$export", server.base), &[], "")
+            .await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{method}: {reply:?}");
+        reply.assert_outcome("invalid");
+        assert!(
+            String::from_utf8_lossy(&reply.body).contains("Prefer: respond-async"),
+            "the outcome says what to send: {reply:?}"
+        );
+    }
+    assert!(server.seen.take().is_empty());
+    assert_eq!(server.jobs.len(), 0, "a refused kick-off keeps no job");
+    // With the preference, the same export is accepted.
+    let status_url = server.export("/Patient/$export").await;
+    server.manifest(&status_url).await;
+}
+
+// KICK-5, BULK-6 (issue #11 item 10b): a client error the wrapped service reports at once (an
+// unknown Group, a forbidden one) is the kick-off's own answer — its status and
+// OperationOutcome — and no job is kept; other answers still give `202`.
+#[tokio::test]
+async fn kick_5_client_errors_reported_at_once_answer_the_kick_off() {
+    // A long wait, so that "at once" holds on a loaded machine; the default is 50 ms.
+    let server = start(
+        Router::new().route("/fhir/Group/{case}/$export", get(failure)),
+        |b| b.kickoff_wait(BOUND),
+    )
+    .await;
+    for (case, status) in [
+        ("forbidden", StatusCode::FORBIDDEN),
+        ("missing", StatusCode::NOT_FOUND),
+    ] {
+        let reply = server.send(Method::GET, &format!("/Group/{case}/$export"), &[], "").await;
+        assert_eq!(reply.status, status, "{case}: {reply:?}");
+        assert!(reply.headers.get("content-location").is_none(), "{reply:?}");
+        let outcome = reply.json();
+        assert_eq!(outcome["resourceType"], "OperationOutcome", "{case}: {outcome}");
+        assert_eq!(server.jobs.len(), 0, "{case}: no job is kept");
+    }
+    assert_eq!(
+        server.seen.take().len(),
+        2,
+        "each kick-off reached the service once"
+    );
+    // A server error, or a success, is the job's: 202, and the status URL reports it.
+    for (case, status) in [
+        ("crash", StatusCode::INTERNAL_SERVER_ERROR),
+        ("csv", StatusCode::BAD_GATEWAY),
+    ] {
+        let status_url = server.export(&format!("/Group/{case}/$export")).await;
+        let reply = server.finished(&status_url).await;
+        assert_eq!(reply.status, status, "{case}: {reply:?}");
+    }
+}
+
+// KICK-5 (issue #11 item 10b): a client error that comes after the kick-off's wait is the
+// job's, reported at the status URL as before.
+#[tokio::test]
+async fn kick_5_a_late_client_error_is_the_jobs() {
+    let release = Arc::new(Notify::new());
+    let held = release.clone();
+    let routes = Router::new().route(
+        "/fhir/$export",
+        get(move || {
+            let held = held.clone();
+            async move {
+                held.notified().await;
+                failure(axum::extract::Path("missing".to_owned())).await
+            }
+        }),
+    );
+    let server = start(routes, |b| b.kickoff_wait(Duration::from_millis(20))).await;
+    // Released only after the 202: the answer cannot have come within the wait.
+    let status_url = server.export("/$export").await;
+    release.notify_one();
+    let reply = server.finished(&status_url).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND, "{reply:?}");
 }

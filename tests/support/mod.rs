@@ -16,6 +16,8 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 use tokio::net::TcpListener;
 
+pub mod private_redis;
+
 /// Serves `app` (an axum Router, already layered) on 127.0.0.1:0 until the test ends.
 pub async fn serve(app: Router) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0")
