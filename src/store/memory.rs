@@ -863,6 +863,15 @@ mod tests {
         assert_eq!(full(error), (FullScope::Caller, Duration::from_secs(5)));
         let error = store.create(owned_by("bob", soon)).await.unwrap_err();
         assert_eq!(full(error), (FullScope::Store, Duration::from_secs(5)));
+        let error = store
+            .create(owned_by("bob", soon + Duration::from_millis(500)))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            full(error).1,
+            Duration::from_secs(5),
+            "4.5 s are rounded up, so a client waiting that long finds the results expired"
+        );
         assert_eq!(store.len(), 2);
 
         let after = now + Duration::from_secs(10);

@@ -81,9 +81,11 @@ impl Refusal {
     }
 
     /// The error for the kick-off: the time until the earliest results in scope have expired,
+    /// in whole seconds rounded up (a client that waits exactly that long finds them expired),
     /// at least one second, at most [`MAX_RETRY_AFTER`].
     pub(super) fn into_error(self, now: SystemTime) -> StoreError {
         let wait = self.free_at().duration_since(now).unwrap_or_default();
+        let wait = Duration::from_secs(wait.as_secs() + u64::from(wait.subsec_nanos() > 0));
         StoreError::Full {
             scope: self.scope,
             retry_after: wait.clamp(Duration::from_secs(1), MAX_RETRY_AFTER),
