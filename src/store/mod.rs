@@ -152,7 +152,10 @@ impl StdError for StoreError {
 /// `expires_at` is at or before `now` as absent everywhere. The conformance suite
 /// (feature `test-util`) checks all of this.
 pub trait JobStore: Send + Sync + 'static {
-    /// Records a newly accepted job. Fails with [`StoreError::Conflict`] if the id is taken.
+    /// Records a newly accepted job. Fails with [`StoreError::Conflict`] if the id is taken, and
+    /// with [`StoreError::Full`] if the store refuses new jobs because it keeps as many finished
+    /// results as it may ([`MemoryStore`]'s caps); it must never evict an unexpired result to
+    /// make room.
     fn create(&self, record: JobRecord) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Records a newly accepted job, unless the same owner already kicked off a job with the
@@ -164,7 +167,8 @@ pub trait JobStore: Send + Sync + 'static {
     /// created, as by [`create`](Self::create). A job counts while it is accepted, running or
     /// completed and not expired at `now`; a cancelled (removed), failed or expired job does
     /// not, so a new job is created and the key names it from then on. Fails with
-    /// [`StoreError::Conflict`] if `record.id` is taken, like `create`.
+    /// [`StoreError::Conflict`] if `record.id` is taken and [`StoreError::Full`] at a cap, like
+    /// `create`; a repeat that names an existing job creates nothing, so no cap applies to it.
     ///
     /// Implementations must make the check and the creation one atomic step, so that of
     /// concurrent calls with the same owner and key exactly one gets [`Created::New`] and the
