@@ -24,7 +24,7 @@ use crate::media;
 use crate::outcome::{self, IssueCode, NO_STORE, error_response};
 use crate::prefer::{self, AsyncPreferences, PREFERENCE_APPLIED};
 use crate::runner::{self, Work};
-use crate::store::{BoxError, Created, MAX_IDEMPOTENCY_KEY_LEN};
+use crate::store::{BoxError, Created, FullScope, MAX_IDEMPOTENCY_KEY_LEN, StoreError};
 use crate::watcher;
 
 /// How long a client should wait before retrying a refused kick-off.
@@ -230,6 +230,9 @@ where
             let url = config.status_url(&base, &existing);
             return Ok((accepted(&url, is_get_or_head, applied), existing));
         }
+        Ok(Err(StoreError::Full { scope, retry_after })) => {
+            return Err(results_full(scope, retry_after));
+        }
         _ => {
             let unavailable = outcome::unavailable(
                 "The job store is temporarily unavailable; send the request again later.",
@@ -396,6 +399,35 @@ fn throttled(diagnostics: &str) -> Response<Bytes> {
         .headers_mut()
         .insert(header::RETRY_AFTER, outcome::delta_seconds(KICK_OFF_RETRY));
     response
+}
+
+/// The store keeps as many finished results as it may (SEC-13, KICK-8): `429` `throttled` for
+/// the caller's own cap, `503` `transient` for the whole store's; `Retry-After` as the store
+/// says. No kept result is evicted to make room, so the client must wait or cancel.
+fn results_full(scope: FullScope, retry_after: Duration) -> Refused {
+    let (mut response, why) = match scope {
+        FullScope::Caller => (
+            error_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                IssueCode::Throttled,
+                "You have as many finished asynchronous results kept on this server as it allows; cancel (DELETE) \
+                 the ones you have read, or try again when one expires.",
+            ),
+            "quota-results-caller",
+        ),
+        FullScope::Store => (
+            error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                IssueCode::Transient,
+                "This server keeps as many asynchronous results as it can hold; try again later.",
+            ),
+            "results-full",
+        ),
+    };
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, outcome::delta_seconds(retry_after));
+    refuse(response, why)
 }
 
 /// A kick-off without a caller identity, where jobs are bound to callers (SEC-10).

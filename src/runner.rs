@@ -259,12 +259,18 @@ pub(crate) fn spawn<S, ReqB, ResB>(
         };
         let created = match created {
             Ok(created) => created,
-            Err(error) => {
+            Err(error @ StoreError::Unavailable(_)) => {
                 tracing::warn!(%error, "recording a new job failed; the kick-off is refused and the job taken back");
                 let _ = recorded.send(Err(error));
                 // The write may still land (a stalled store answers later): take it back, so
                 // that a kick-off answered with an error leaves no job behind.
                 abandon(&shared, &job.id).await;
+                return;
+            }
+            // Refused by the store itself (a cap, a taken id): nothing was written.
+            Err(error) => {
+                tracing::debug!(%error, "the store refused a new job");
+                let _ = recorded.send(Err(error));
                 return;
             }
         };

@@ -979,3 +979,56 @@ async fn sec_13_quotas_and_poll_throttling() {
     let failures = server.run(&cases).await;
     report("quotas", cases.len(), &failures);
 }
+
+// ---------------------------------------------------------------------------------------------
+// SEC-13, KICK-8 (issue #11 item 4): finished results kept per caller are capped; past the cap a
+// kick-off is 429 `throttled` with delta-seconds `Retry-After`, the kept result is not evicted,
+// and a cancel frees the place. Rows run in order.
+
+#[tokio::test]
+async fn sec_13_kept_results_per_caller() {
+    let store = MemoryStore::new().with_max_results_per_caller(1);
+    let server = start(
+        AsyncLayer::builder(store)
+            .base_path("/fhir")
+            .caller_from_header(CALLER),
+    )
+    .await;
+    let kept = server.start_job("/fhir/Patient", Some("alice")).await;
+    server.finish(&kept, Some("alice")).await;
+    let status = || format!("/fhir/_async/{kept}");
+    let cases = [
+        case(
+            "SEC-13 a kick-off past the caller's kept results",
+            kick_off("/fhir/Patient").caller(b"alice"),
+            429,
+            Some("throttled"),
+        ),
+        case(
+            "SEC-13 the kept result is not evicted",
+            get(status()).caller(b"alice"),
+            200,
+            NO_OUTCOME,
+        ),
+        case(
+            "KICK-8 another caller is still admitted",
+            kick_off("/fhir/Patient").caller(b"bob"),
+            202,
+            NO_OUTCOME,
+        ),
+        case(
+            "CANCEL-1 the owner cancels the kept result",
+            delete(status()).caller(b"alice"),
+            202,
+            NO_OUTCOME,
+        ),
+        case(
+            "SEC-13 the cancel freed the caller's place",
+            kick_off("/fhir/Patient").caller(b"alice"),
+            202,
+            NO_OUTCOME,
+        ),
+    ];
+    let failures = server.run(&cases).await;
+    report("kept results", cases.len(), &failures);
+}

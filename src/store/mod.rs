@@ -16,6 +16,7 @@ mod memory;
 mod postgres;
 #[cfg(feature = "redis")]
 mod redis_store;
+mod retained;
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod conformance;
@@ -23,7 +24,7 @@ pub mod conformance;
 use std::error::Error as StdError;
 use std::fmt;
 use std::future::Future;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// The redis-rs client crate that [`RedisStore`] is built on, re-exported so that a
 /// [`ConnectionManager`](redis::aio::ConnectionManager) you build yourself is of the matching version.
@@ -77,6 +78,32 @@ pub enum StoreError {
     Conflict(JobId),
     /// A stored record could not be decoded.
     Corrupt(String),
+    /// The store keeps as many finished results as it may, for the new job's owner or in all,
+    /// and refuses to record another job until some expire or are cancelled. Nothing was
+    /// recorded, and no kept result was evicted to make room.
+    ///
+    /// The layer answers the kick-off `429` with a `throttled` OperationOutcome
+    /// ([`FullScope::Caller`]) or `503` with a `transient` one ([`FullScope::Store`]), and
+    /// `Retry-After: retry_after` in delta seconds. Only [`create`](JobStore::create) and
+    /// [`create_once`](JobStore::create_once) return it; recording a result never does.
+    Full {
+        /// Whose cap was reached.
+        scope: FullScope,
+        /// When a place is expected to free up: when the earliest kept result in `scope`
+        /// expires (a cancel may free one sooner).
+        retry_after: Duration,
+    },
+}
+
+/// Which cap [`StoreError::Full`] met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FullScope {
+    /// The new job's owner (the caller the layer bound it to) already has as many finished,
+    /// unexpired results kept as the store allows per caller.
+    Caller,
+    /// The results kept for everyone together take as many bytes as the store allows.
+    Store,
 }
 
 impl fmt::Display for StoreError {
@@ -85,6 +112,23 @@ impl fmt::Display for StoreError {
             Self::Unavailable(source) => write!(f, "the job store is unavailable: {source}"),
             Self::Conflict(id) => write!(f, "a job with id {id} already exists"),
             Self::Corrupt(why) => write!(f, "a stored job record could not be read: {why}"),
+            Self::Full {
+                scope: FullScope::Caller,
+                retry_after,
+            } => write!(
+                f,
+                "the job's owner already has as many finished results kept as the store allows; cancel \
+                 one of them or try again in {} s",
+                retry_after.as_secs().max(1)
+            ),
+            Self::Full {
+                scope: FullScope::Store,
+                retry_after,
+            } => write!(
+                f,
+                "the job store keeps as many result bytes as it may; try again in {} s, or raise its cap",
+                retry_after.as_secs().max(1)
+            ),
         }
     }
 }
@@ -108,7 +152,10 @@ impl StdError for StoreError {
 /// `expires_at` is at or before `now` as absent everywhere. The conformance suite
 /// (feature `test-util`) checks all of this.
 pub trait JobStore: Send + Sync + 'static {
-    /// Records a newly accepted job. Fails with [`StoreError::Conflict`] if the id is taken.
+    /// Records a newly accepted job. Fails with [`StoreError::Conflict`] if the id is taken, and
+    /// with [`StoreError::Full`] if the store refuses new jobs because it keeps as many finished
+    /// results as it may ([`MemoryStore`]'s caps); it must never evict an unexpired result to
+    /// make room.
     fn create(&self, record: JobRecord) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Records a newly accepted job, unless the same owner already kicked off a job with the
@@ -120,7 +167,8 @@ pub trait JobStore: Send + Sync + 'static {
     /// created, as by [`create`](Self::create). A job counts while it is accepted, running or
     /// completed and not expired at `now`; a cancelled (removed), failed or expired job does
     /// not, so a new job is created and the key names it from then on. Fails with
-    /// [`StoreError::Conflict`] if `record.id` is taken, like `create`.
+    /// [`StoreError::Conflict`] if `record.id` is taken and [`StoreError::Full`] at a cap, like
+    /// `create`; a repeat that names an existing job creates nothing, so no cap applies to it.
     ///
     /// Implementations must make the check and the creation one atomic step, so that of
     /// concurrent calls with the same owner and key exactly one gets [`Created::New`] and the
