@@ -228,15 +228,21 @@ enum Scenario {
     KickOff,
     PollRunning,
     PollCompleted,
+    /// A bulk kick-off (`$export`), with the default `kickoff_wait`.
+    BulkKickOff,
+    /// The same with `kickoff_wait(ZERO)`: what the wait for the inner answer's head costs.
+    BulkKickOffNoWait,
 }
 
 impl Scenario {
-    const ALL: [Self; 5] = [
+    const ALL: [Self; 7] = [
         Self::Bare,
         Self::PassThrough,
         Self::KickOff,
         Self::PollRunning,
         Self::PollCompleted,
+        Self::BulkKickOff,
+        Self::BulkKickOffNoWait,
     ];
 
     fn name(self) -> &'static str {
@@ -246,6 +252,8 @@ impl Scenario {
             Self::KickOff => "kick-off (instant inner)",
             Self::PollRunning => "poll, running job (202)",
             Self::PollCompleted => "poll, completed job (200)",
+            Self::BulkKickOff => "bulk kick-off (kickoff_wait default)",
+            Self::BulkKickOffNoWait => "bulk kick-off (kickoff_wait 0)",
         }
     }
 
@@ -256,6 +264,8 @@ impl Scenario {
             Self::PassThrough => Some(0.99),
             Self::KickOff => Some(0.50),
             Self::PollRunning | Self::PollCompleted => Some(0.80),
+            // Informational: the two side by side show what the kick-off's wait costs.
+            Self::BulkKickOff | Self::BulkKickOffNoWait => None,
         }
     }
 }
@@ -329,11 +339,23 @@ fn fhir_routes() -> Router {
             post(|| async { (FHIR_JSON, r#"{"resourceType":"Parameters"}"#) }),
         )
         .route("/fhir/$never", post(std::future::pending::<StatusCode>))
+        .route(
+            "/fhir/$export",
+            get(|| async {
+                (
+                    [(CONTENT_TYPE, "application/fhir+ndjson")],
+                    "{\"resourceType\":\"Patient\",\"id\":\"1\"}\n",
+                )
+            }),
+        )
 }
 
-fn layered(store: impl JobStore) -> Router {
-    let layer = AsyncLayer::builder(store).base_path("/fhir").build();
-    fhir_routes().layer(layer)
+fn layered(store: impl JobStore, scenario: Scenario) -> Router {
+    let mut builder = AsyncLayer::builder(store).base_path("/fhir");
+    if scenario == Scenario::BulkKickOffNoWait {
+        builder = builder.kickoff_wait(Duration::ZERO);
+    }
+    fhir_routes().layer(builder.build())
 }
 
 /// The application of `scenario`, built on the server's runtime (store clients spawn tasks).
@@ -342,7 +364,7 @@ async fn app(scenario: Scenario, backend: &Backend) -> Result<(Router, Cleanup),
         return Ok((fhir_routes(), Cleanup::Nothing));
     }
     match backend {
-        Backend::Memory => Ok((layered(MemoryStore::default()), Cleanup::Nothing)),
+        Backend::Memory => Ok((layered(MemoryStore::default(), scenario), Cleanup::Nothing)),
         #[cfg(feature = "redis")]
         Backend::Redis(url) => {
             // A prefix of its own, so the keys can be found and deleted afterwards.
@@ -358,7 +380,7 @@ async fn app(scenario: Scenario, backend: &Backend) -> Result<(Router, Cleanup),
                 url: url.clone(),
                 prefix,
             };
-            Ok((layered(store), cleanup))
+            Ok((layered(store, scenario), cleanup))
         }
         #[cfg(feature = "postgres")]
         Backend::Postgres(url) => {
@@ -378,7 +400,7 @@ async fn app(scenario: Scenario, backend: &Backend) -> Result<(Router, Cleanup),
                 let _ = cleanup.run().await;
                 return Err(format!("creating the jobs table failed: {error}"));
             }
-            Ok((layered(store), cleanup))
+            Ok((layered(store, scenario), cleanup))
         }
     }
 }
@@ -804,6 +826,13 @@ async fn setup(
         Scenario::KickOff => probe(
             Method::POST,
             "/fhir/$instant",
+            true,
+            StatusCode::ACCEPTED,
+            Check::ContentLocation,
+        ),
+        Scenario::BulkKickOff | Scenario::BulkKickOffNoWait => probe(
+            Method::GET,
+            "/fhir/$export",
             true,
             StatusCode::ACCEPTED,
             Check::ContentLocation,

@@ -44,6 +44,10 @@ const KEPT_HEADERS: [HeaderName; 8] = [
     header::WARNING,
 ];
 
+/// How often taking back a refused kick-off's record is tried: with the delay doubling from
+/// 50 ms to at most 500 ms, for about two minutes, so a store that comes back is cleaned at once.
+const ABANDON_ATTEMPTS: u32 = 240;
+
 /// How often recording a finished job is tried before its outcome is given up: with the delay
 /// doubling from 100 ms (capped at 10 s), about a minute, enough to ride out a store restart.
 const RECORD_ATTEMPTS: u32 = 12;
@@ -448,15 +452,20 @@ async fn abandon(shared: &Shared, id: &JobId) {
     let runner = &shared.runner;
     // The marker must outlive any write still in flight; a day (or the retention) is ample.
     let keep = shared.config.retention.max(Duration::from_secs(3600));
+    // Short delays: the record may be visible (and its idempotency key taken) until this lands,
+    // so it should land as soon as the store answers again.
     let mut delay = Duration::from_millis(50);
-    for attempt in 1..=RECORD_ATTEMPTS {
+    for attempt in 1..=ABANDON_ATTEMPTS {
         let now = runner.clock.now();
         match runner.store.abandon(id, now, later(now, keep)).await {
-            Ok(()) => return,
-            Err(error) if attempt < RECORD_ATTEMPTS => {
+            Ok(()) => {
+                tracing::info!(attempt, "the refused kick-off's job was taken back");
+                return;
+            }
+            Err(error) if attempt < ABANDON_ATTEMPTS => {
                 tracing::warn!(%error, attempt, "taking back a refused kick-off's job failed; trying again");
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
+                delay = (delay * 2).min(Duration::from_millis(500));
             }
             Err(error) => {
                 // Left to the watchers: an unstarted job is failed once a lease has passed.

@@ -200,3 +200,96 @@ impl<S: JobStore> DynStore for Bounded<S> {
         within(self.limit, JobStore::changes(&self.store))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemoryStore;
+
+    /// A store whose reads never answer: a stalled server.
+    struct Stalled(MemoryStore);
+
+    impl JobStore for Stalled {
+        fn create(&self, record: JobRecord) -> impl Future<Output = Result<(), StoreError>> + Send {
+            self.0.create(record)
+        }
+        async fn get(&self, _: &JobId, _: SystemTime) -> Result<Option<JobRecord>, StoreError> {
+            std::future::pending().await
+        }
+        fn start(
+            &self,
+            id: &JobId,
+            instance: &str,
+            lease_until: SystemTime,
+        ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+            self.0.start(id, instance, lease_until)
+        }
+        fn finish(
+            &self,
+            id: &JobId,
+            outcome: JobOutcome,
+            finished_at: SystemTime,
+            expires_at: SystemTime,
+        ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+            self.0.finish(id, outcome, finished_at, expires_at)
+        }
+        fn cancel(
+            &self,
+            id: &JobId,
+            now: SystemTime,
+        ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+            self.0.cancel(id, now)
+        }
+        fn set_progress(
+            &self,
+            id: &JobId,
+            progress: &str,
+        ) -> impl Future<Output = Result<(), StoreError>> + Send {
+            self.0.set_progress(id, progress)
+        }
+        fn renew_leases(
+            &self,
+            instance: &str,
+            ids: &[JobId],
+            lease_until: SystemTime,
+        ) -> impl Future<Output = Result<Vec<JobId>, StoreError>> + Send {
+            self.0.renew_leases(instance, ids, lease_until)
+        }
+        fn fail_lapsed(
+            &self,
+            now: SystemTime,
+            unstarted_before: SystemTime,
+            outcome: JobOutcome,
+            expires_at: SystemTime,
+        ) -> impl Future<Output = Result<Vec<JobId>, StoreError>> + Send {
+            self.0.fail_lapsed(now, unstarted_before, outcome, expires_at)
+        }
+        fn sweep(&self, now: SystemTime) -> impl Future<Output = Result<usize, StoreError>> + Send {
+            self.0.sweep(now)
+        }
+    }
+
+    // Issue #11 item 3: a stalled store answers `Unavailable` at the configured deadline — not
+    // before, not later — naming the setting; a store that answers is not affected.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_operation_ends_at_the_store_timeout() {
+        let limit = Duration::from_millis(300);
+        let store = Bounded {
+            store: Stalled(MemoryStore::default()),
+            limit,
+        };
+        let started = tokio::time::Instant::now();
+        let error = DynStore::get(&store, &JobId::new(), SystemTime::now())
+            .await
+            .expect_err("a stalled read must fail");
+        assert_eq!(started.elapsed(), limit, "paused time: exactly the deadline");
+        assert!(matches!(error, StoreError::Unavailable(_)), "{error}");
+        assert!(error.to_string().contains("store_timeout"), "{error}");
+        assert!(error.to_string().contains("300ms"), "{error}");
+
+        let started = tokio::time::Instant::now();
+        let answered = DynStore::cancel(&store, &JobId::new(), SystemTime::now()).await;
+        assert!(matches!(answered, Ok(false)), "{answered:?}");
+        assert!(started.elapsed().is_zero(), "an answering store is not delayed");
+    }
+}
