@@ -1,6 +1,7 @@
-//! No credential reaches a shared store (SEC-11, issue #5): a job whose kick-off carries a
-//! bearer token, a session cookie and an `access_token` query parameter runs through
-//! `RedisStore` and `PostgresStore`, then every stored key and row is scanned for the secret.
+//! No credential reaches a shared store (SEC-11, issue #5, issue 11 item 5): a job whose kick-off
+//! carries a bearer token, a session cookie and an `access_token` query parameter, and a bulk
+//! export whose `access_token` name is percent-encoded (`access%5Ftoken`), run through
+//! `RedisStore` and `PostgresStore`; then every stored key and row is scanned for the secret.
 
 #![cfg(all(feature = "redis", feature = "postgres"))]
 
@@ -28,8 +29,13 @@ fn database_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
 
-/// Runs one job carrying the secret through a layer on `store` and waits for its result.
-async fn run_job_with_credentials<S: JobStore>(store: S) {
+/// How many jobs [`run_jobs_with_credentials`] leaves in the store.
+const JOBS: usize = 2;
+
+/// Runs two jobs carrying the secret through a layer on `store` and waits for their results: a
+/// create, and a bulk export (a search with `_outputFormat`) whose `access_token` name is
+/// percent-encoded, so that its manifest echoes the kick-off's URL.
+async fn run_jobs_with_credentials<S: JobStore>(store: S) {
     let app = Router::new()
         .route(
             "/fhir/Patient",
@@ -38,6 +44,12 @@ async fn run_job_with_credentials<S: JobStore>(store: S) {
                     StatusCode::CREATED,
                     [(CONTENT_TYPE, "application/fhir+json")],
                     r#"{"resourceType":"Patient","id":"p1"}"#,
+                )
+            })
+            .get(|| async {
+                (
+                    [(CONTENT_TYPE, "application/fhir+json")],
+                    r#"{"resourceType":"Bundle","type":"searchset","total":1,"entry":[{"resource":{"resourceType":"Patient","id":"p1"}}]}"#,
                 )
             }),
         )
@@ -63,6 +75,27 @@ async fn run_job_with_credentials<S: JobStore>(store: S) {
         .poll_until_done(kick.header("content-location"), 150)
         .await;
     assert_eq!(done.status, StatusCode::OK);
+
+    let export = client
+        .send(
+            Method::GET,
+            &format!(
+                "http://{addr}/fhir/Patient?_outputFormat=application%2Ffhir%2Bndjson&access%5Ftoken={SECRET}&name=x"
+            ),
+            &[("prefer", "respond-async"), ("authorization", &bearer)],
+            "",
+        )
+        .await;
+    assert_eq!(export.status, StatusCode::ACCEPTED, "{export:?}");
+    let manifest = client
+        .poll_until_done(export.header("content-location"), 150)
+        .await;
+    assert_eq!(manifest.status, StatusCode::OK, "{manifest:?}");
+    assert!(
+        !contains_secret(&manifest.body),
+        "the manifest echoes the token: {}",
+        String::from_utf8_lossy(&manifest.body)
+    );
 }
 
 fn contains_secret(bytes: &[u8]) -> bool {
@@ -82,7 +115,7 @@ async fn sec_11_no_credential_in_any_redis_key() {
             )
         })
         .with_prefix(prefix.clone());
-    run_job_with_credentials(store).await;
+    run_jobs_with_credentials(store).await;
 
     let client = tower_fhir_async::redis::Client::open(redis_url()).unwrap();
     let mut redis = client.get_multiplexed_async_connection().await.unwrap();
@@ -141,7 +174,7 @@ async fn sec_11_no_credential_in_any_postgres_row() {
     let table = format!("secrets_test_{}", JobId::new());
     let store = PostgresStore::new(pool.clone()).with_table(&table);
     store.migrate().await.unwrap();
-    run_job_with_credentials(store).await;
+    run_jobs_with_credentials(store).await;
 
     // Every column, whatever its type, as text (bytea in its escape form, so plain bytes show).
     let columns: Vec<String> = sqlx::query(
@@ -169,15 +202,17 @@ async fn sec_11_no_credential_in_any_postgres_row() {
     .fetch_all(&pool)
     .await
     .unwrap();
-    assert_eq!(rows.len(), 1, "one job row");
-    for (i, column) in columns.iter().enumerate() {
-        let value: Option<String> = rows[0].get(i);
-        assert!(
-            !value
-                .as_deref()
-                .is_some_and(|v| contains_secret(v.as_bytes())),
-            "{column} holds the credential: {value:?}"
-        );
+    assert_eq!(rows.len(), JOBS, "one row per job");
+    for row in &rows {
+        for (i, column) in columns.iter().enumerate() {
+            let value: Option<String> = row.get(i);
+            assert!(
+                !value
+                    .as_deref()
+                    .is_some_and(|v| contains_secret(v.as_bytes())),
+                "{column} holds the credential: {value:?}"
+            );
+        }
     }
     sqlx::query(AssertSqlSafe(format!("DROP TABLE \"{table}\"")))
         .execute(&pool)

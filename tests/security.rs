@@ -786,6 +786,53 @@ async fn sec_11_no_credential_reaches_the_job_record() {
     );
 }
 
+// SEC-11, issue 11 item 5: an `access_token` whose name is percent-encoded (`access%5Ftoken`,
+// `%5f`, any other spelling) is dropped like a plain one: a bulk kick-off carrying it leaves it
+// neither in the stored target nor in the manifest's `request`, while the other parameters stay
+// as sent.
+#[tokio::test]
+async fn sec_11_percent_encoded_access_token_reaches_neither_the_store_nor_the_manifest() {
+    let server = Server::start(|b| b).await;
+    for name in ["access%5Ftoken", "access%5ftoken", "%61ccess_token"] {
+        let url = format!(
+            "{}/Patient?_outputFormat=application%2Ffhir%2Bndjson&{name}={SECRET}&name=x",
+            server.base
+        );
+        let kick = server
+            .send(Method::GET, &url, None, &[("prefer", "respond-async")])
+            .await;
+        assert_status(&kick, StatusCode::ACCEPTED, name);
+        let status_url = kick.header("content-location").to_owned();
+        let record = server
+            .store
+            .get(&job_id(&status_url), SystemTime::now())
+            .await
+            .unwrap()
+            .expect("recorded");
+        assert_eq!(
+            record.target, "/fhir/Patient?_outputFormat=application%2Ffhir%2Bndjson&name=x",
+            "{name}: the stored target"
+        );
+        let done = server.poll_until_done(&status_url, None).await;
+        assert_status(&done, StatusCode::OK, name);
+        let manifest = done.json();
+        let request = manifest["request"].as_str().expect("a manifest `request`");
+        assert_eq!(
+            request,
+            format!(
+                "{}/Patient?_outputFormat=application%2Ffhir%2Bndjson&name=x",
+                server.base
+            ),
+            "{name}: the manifest's request"
+        );
+        assert!(
+            !String::from_utf8_lossy(&done.body).contains(SECRET),
+            "{name}: the token reached the manifest: {}",
+            String::from_utf8_lossy(&done.body)
+        );
+    }
+}
+
 // SEC-12, STATUS-16, KICK-10: every status, result and cancel response — and every refusal on a
 // status URL — carries `Cache-Control: no-store`.
 #[tokio::test]
