@@ -397,7 +397,11 @@ async fn sec_10_anonymous_kick_off_is_refused_403() {
 // SEC-10: `caller_from_header` binds jobs to a header a trusted gateway sets.
 #[tokio::test]
 async fn sec_10_caller_from_header_binds_jobs_to_the_header_value() {
-    let server = Server::start(|b| b.caller_from_header(HeaderName::from_static("x-client"))).await;
+    let server = Server::start(|b| {
+        b.caller_from_header(HeaderName::from_static("x-client"))
+            .caller_key(CALLER_KEY)
+    })
+    .await;
     let hold = format!("{}/$hold", server.base);
     let prefer = ("prefer", "respond-async");
     let as_client = |client: &'static str| [("x-client", client)];
@@ -427,9 +431,9 @@ async fn sec_10_caller_from_header_binds_jobs_to_the_header_value() {
             .await
             .unwrap()
             .unwrap()
-            .owner
-            .as_deref(),
-        Some("gateway-client-1")
+            .owner,
+        Some(digest("gateway-client-1")),
+        "the header value's keyed digest, never the value itself"
     );
 
     let other = server
@@ -728,12 +732,20 @@ async fn status_7_throttled_job_goes_on_and_answers_after_the_interval() {
 
 const SECRET: &str = "secret-xyz";
 
+/// The caller key of the layers whose stored owners and audit lines are checked.
+const CALLER_KEY: &str = "test-caller-key-0123456789abcdef";
+
+/// What a layer with [`CALLER_KEY`] keeps and logs for caller `id` (SEC-10, SEC-11).
+fn digest(id: &str) -> String {
+    tower_fhir_async::caller_digest(CALLER_KEY.as_bytes(), id).expect("a long enough key")
+}
+
 // SEC-11: a kick-off carrying credentials in `Authorization`, `Cookie` and an `access_token`
 // query parameter leaves none of them in the job record; the record keeps the caller's principal
 // and the target without `access_token`.
 #[tokio::test]
 async fn sec_11_no_credential_reaches_the_job_record() {
-    let server = Server::start(bound_to_callers).await;
+    let server = Server::start(|b| bound_to_callers(b).caller_key(CALLER_KEY)).await;
     let token = format!("alice.{SECRET}");
     let url = format!("{}/Patient?access_token={SECRET}&name=x", server.base);
     let cookie = format!("s={SECRET}");
@@ -780,9 +792,9 @@ async fn sec_11_no_credential_reaches_the_job_record() {
     assert_eq!(record.target, "/fhir/Patient?name=x");
     assert_eq!(record.method, "GET");
     assert_eq!(
-        record.owner.as_deref(),
-        Some("alice"),
-        "the principal, not the token"
+        record.owner,
+        Some(digest("alice")),
+        "the principal's keyed digest, not the token"
     );
 }
 
@@ -920,7 +932,12 @@ async fn audit_trail_records_kick_offs_polls_and_cancels_without_credentials() {
     // ask every registered dispatcher instead.
     let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
 
-    let server = Server::start(|b| bound_to_callers(b).max_jobs_per_caller(1)).await;
+    let server = Server::start(|b| {
+        bound_to_callers(b)
+            .caller_key(CALLER_KEY)
+            .max_jobs_per_caller(1)
+    })
+    .await;
     let alice = format!("alice.{SECRET}");
     let bob = format!("bob.{SECRET}");
     let cookie = format!("s={SECRET}");
@@ -983,7 +1000,12 @@ async fn audit_trail_records_kick_offs_polls_and_cancels_without_credentials() {
         .collect();
     let held_job = format!("job.id={held_id}");
     let quick_job = format!("job.id={quick_id}");
-    let (by_alice, by_bob) = (r#"caller="alice""#, r#"caller="bob""#);
+    // The audit trail names callers by their keyed digest (SEC-11), never as they identified.
+    let (by_alice, by_bob) = (
+        format!(r#"caller="{}""#, digest("alice")),
+        format!(r#"caller="{}""#, digest("bob")),
+    );
+    let (by_alice, by_bob) = (by_alice.as_str(), by_bob.as_str());
     let kick_off = r#"action="kick-off""#;
     let status = r#"action="status""#;
     let cancel = r#"action="cancel""#;
@@ -1011,6 +1033,12 @@ async fn audit_trail_records_kick_offs_polls_and_cancels_without_credentials() {
         &audit,
         &[status, &quick_job, by_alice, r#"outcome="completed""#],
     );
+    for raw in [r#"caller="alice""#, r#"caller="bob""#] {
+        assert!(
+            !logs.contains(raw),
+            "a raw caller id reached the logs:\n{logs}"
+        );
+    }
     assert!(
         !logs.contains(SECRET),
         "a credential reached the logs:\n{}",
