@@ -116,7 +116,7 @@ fn store_choice(raw: &str) -> Result<StoreChoice, UsageError> {
 /// What the command line asks for.
 #[derive(Debug)]
 pub(crate) enum Command {
-    Run(Options),
+    Run(Box<Options>),
     Help,
 }
 
@@ -241,7 +241,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, U
             }
         }
     }
-    Ok(Command::Run(options))
+    Ok(Command::Run(Box::new(options)))
 }
 
 /// `None` for `off`, else what `parse` makes of the value.

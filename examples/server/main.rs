@@ -52,13 +52,16 @@ use crate::db::Db;
 /// the same grace afterwards.
 const GRACE: Duration = Duration::from_secs(10);
 
+/// The longest a job may run; a job still running then fails with `504` `timeout`.
+const MAX_RUN_TIME: Duration = Duration::from_secs(3600);
+
 /// The environment variable that may hold the layer's caller key (`--caller-key` wins).
 const CALLER_KEY_VAR: &str = "FHIR_ASYNC_CALLER_KEY";
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let options = match cli::parse(std::env::args().skip(1)) {
-        Ok(Command::Run(options)) => options,
+        Ok(Command::Run(options)) => *options,
         Ok(Command::Help) => {
             println!("{}", cli::USAGE);
             return ExitCode::SUCCESS;
@@ -124,7 +127,8 @@ async fn main() -> ExitCode {
     // 10), and status polls may long-poll with `Prefer: wait=N`.
     let mut builder = builder
         .base_url(&public_base)
-        .max_wait(Duration::from_secs(10));
+        .max_wait(Duration::from_secs(10))
+        .max_run_time(MAX_RUN_TIME);
     if let Some(dir) = &options.files {
         // Bulk files in a folder: servers sharing a job store and this folder serve each
         // other's exports.
