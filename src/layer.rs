@@ -955,7 +955,9 @@ impl AsyncLayerBuilder {
             None => {
                 if self.caller.is_some() {
                     tracing::warn!(
-                        "jobs are bound to callers but no caller_key is set: a random key is used,                          right for one instance only; instances sharing a job store must all set                          the same caller_key, or their callers' jobs answer 404 on the others"
+                        "jobs are bound to callers but no caller_key is set: a random key is used, \
+                         right for one instance only; instances sharing a job store must all set \
+                         the same caller_key, or their callers' jobs answer 404 on the others"
                     );
                 }
                 CallerKey::random()
