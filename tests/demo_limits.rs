@@ -210,3 +210,56 @@ async fn sec_13_per_client_job_quota_is_on_and_adjustable() {
         );
     }
 }
+
+// SEC-11, SEC-12, issue 11 item 6: with `--auth`, the demo's log — its access log, the audit
+// trail, `$reindex` — carries paths, never a query string or a token, for a search, an async
+// kick-off, polls, and another client's denied poll.
+#[tokio::test]
+async fn sec_12_demo_logs_carry_no_query_string_or_token() {
+    const TOKEN: &str = "demo-log-token-3c9e";
+    const OTHER: &str = "demo-log-other-token-b21f";
+    const MARKER: &str = "querymarker7d";
+    let demo = Demo::start(&["--auth", "--reindex-secs", "600"]);
+    let client = TestClient::default();
+    let bearer = format!("Bearer {TOKEN}");
+    let search = client
+        .send(
+            Method::GET,
+            &format!("{}/Patient?name={MARKER}&access_token={TOKEN}", demo.base),
+            &[("authorization", &bearer)],
+            "",
+        )
+        .await;
+    assert_eq!(search.status, StatusCode::OK, "{search:?}");
+    let kick = kick_off(&client, &demo, Some(TOKEN)).await;
+    assert_eq!(kick.status, StatusCode::ACCEPTED, "{kick:?}");
+    let status_url = kick.header("content-location").to_owned();
+    let own = client
+        .send(Method::GET, &status_url, &[("authorization", &bearer)], "")
+        .await;
+    assert_eq!(own.status, StatusCode::ACCEPTED, "the client's own job");
+    let other = format!("Bearer {OTHER}");
+    let denied = client
+        .send(Method::GET, &status_url, &[("authorization", &other)], "")
+        .await;
+    assert_eq!(
+        denied.status,
+        StatusCode::NOT_FOUND,
+        "another client's poll"
+    );
+
+    // The log is read on a thread: wait (bounded) for the denied poll's audit line.
+    let mut log = String::new();
+    for _ in 0..300 {
+        log = demo.log_tail();
+        if log.contains(r#"outcome="denied""#) && log.contains("reindex started") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(log.contains(r#"outcome="denied""#), "no audit line:\n{log}");
+    assert!(log.contains("path=/fhir/Patient"), "no access line:\n{log}");
+    for secret in [TOKEN, OTHER, MARKER, "access_token", "name="] {
+        assert!(!log.contains(secret), "the log holds {secret:?}:\n{log}");
+    }
+}
