@@ -1,6 +1,6 @@
 //! The audit trail: one `tracing` event per kick-off, status, cancel and file request, with
 //! target `tower_fhir_async::audit`, the job id, the caller and the outcome — denials included.
-//! Never a credential.
+//! Never a credential: the caller is the keyed digest `Config::caller_of` made of its identity.
 
 use crate::job::JobId;
 

@@ -244,7 +244,8 @@ pub struct JobRecord {
     pub kind: JobKind,
     /// Where it is in its life.
     pub state: JobState,
-    /// The caller identity bound to the job, when the layer is configured to bind one.
+    /// The keyed digest of the caller identity bound to the job, when the layer is configured to
+    /// bind one (see `AsyncLayerBuilder::caller_key`); never the identity itself.
     pub owner: Option<String>,
     /// The kick-off request's method.
     pub method: String,

@@ -447,26 +447,34 @@ fn shutting_down() -> Response<Bytes> {
     )
 }
 
-/// The kick-off's path and query as recorded with the job, with any `access_token` removed
-/// (RFC 6750 allows a bearer token in the query; no credential may reach the store, SEC-11).
+/// The kick-off's path and query as recorded with the job, with every `access_token` parameter
+/// removed (RFC 6750 allows a bearer token in the query; no credential may reach the store,
+/// SEC-11). Names are compared decoded, so `access%5Ftoken` and other spellings are caught too;
+/// the pairs kept stay byte for byte as sent.
 fn recorded_target(uri: &Uri) -> String {
     let path = uri.path();
-    match uri.query() {
-        None => path.to_owned(),
-        Some(query) if !query.contains("access_token") => format!("{path}?{query}"),
-        Some(query) => {
-            let kept =
-                form_urlencoded::parse(query.as_bytes()).filter(|(key, _)| key != "access_token");
-            let query = form_urlencoded::Serializer::new(String::new())
-                .extend_pairs(kept)
-                .finish();
-            if query.is_empty() {
-                path.to_owned()
-            } else {
-                format!("{path}?{query}")
-            }
-        }
+    let Some(query) = uri.query() else {
+        return path.to_owned();
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| !pair.is_empty() && !carries_access_token(pair))
+        .collect();
+    if kept.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{}", kept.join("&"))
     }
+}
+
+/// Whether one `name=value` pair of a query names `access_token` once decoded, in any case.
+/// Some servers also split pairs at `;`, so every `;`-separated part is checked.
+fn carries_access_token(pair: &str) -> bool {
+    pair.split(';').any(|part| {
+        form_urlencoded::parse(part.as_bytes())
+            .next()
+            .is_some_and(|(name, _)| name.trim().eq_ignore_ascii_case("access_token"))
+    })
 }
 
 /// `202 Accepted` + absolute `Content-Location` (KICK-2, KICK-3, KICK-10, PREFER-10).
@@ -639,5 +647,54 @@ mod tests {
             "/fhir/Patient?name=x"
         );
         assert_eq!(target("/fhir/Patient?access_token=abc"), "/fhir/Patient");
+    }
+
+    // SEC-11, issue 11 item 5: the name is compared decoded, so no spelling of `access_token`
+    // slips through; the pairs kept are recorded exactly as sent.
+    #[test]
+    fn sec_11_encoded_access_token_names_are_not_recorded() {
+        let target = |uri: &str| recorded_target(&uri.parse().unwrap());
+        for name in [
+            "access%5Ftoken",
+            "access%5ftoken",
+            "%61ccess_token",
+            "%61%63%63%65%73%73%5F%74%6F%6B%65%6E",
+            "ACCESS_TOKEN",
+            "Access%5FToken",
+            "access_token%20",
+        ] {
+            assert_eq!(
+                target(&format!("/fhir/Patient?{name}=SECRET&name=x")),
+                "/fhir/Patient?name=x",
+                "{name}"
+            );
+            assert_eq!(
+                target(&format!("/fhir/Patient?{name}=SECRET")),
+                "/fhir/Patient",
+                "{name}"
+            );
+        }
+        assert_eq!(
+            target("/fhir/Patient?name=x;access%5Ftoken=SECRET&_count=5"),
+            "/fhir/Patient?_count=5",
+            "a `;`-separated pair"
+        );
+        assert_eq!(
+            target("/fhir/Patient?access_token&name=x"),
+            "/fhir/Patient?name=x",
+            "a name without a value"
+        );
+        // Encodings of the kept pairs are not normalised: `%2C` and `,` stay what they were.
+        assert_eq!(
+            target(
+                "/fhir/$export?_type=Patient,Observation&_typeFilter=Observation%3Fcode%3D1%2C2&access%5Ftoken=S"
+            ),
+            "/fhir/$export?_type=Patient,Observation&_typeFilter=Observation%3Fcode%3D1%2C2"
+        );
+        assert_eq!(
+            target("/fhir/Patient?my_access_token=x&access_tokens=y"),
+            "/fhir/Patient?my_access_token=x&access_tokens=y",
+            "other names are kept"
+        );
     }
 }

@@ -11,6 +11,7 @@ use tower_layer::Layer;
 
 use crate::admission::Quotas;
 use crate::bulk::{BulkConfig, ManifestFormat, files};
+use crate::caller::{self, CallerKey};
 use crate::clock::Clock;
 use crate::job::JobId;
 use crate::runner::Runner;
@@ -220,6 +221,8 @@ pub(crate) struct Config {
     pub(crate) declare_async: bool,
     /// Who is calling, when jobs are bound to their callers (SEC-10).
     pub(crate) caller: Option<Arc<Identify>>,
+    /// The key caller identities are digested with before anything keeps or logs them.
+    pub(crate) caller_key: CallerKey,
     /// The answer to another caller's status, cancel or file request: 404 (default) or 403.
     pub(crate) foreign_status: StatusCode,
     pub(crate) body_timeout: Duration,
@@ -270,10 +273,12 @@ impl Config {
         Some(format!("{}://{}{}", self.scheme, authority, self.base_path))
     }
 
-    /// The caller identity of a request; `None` when jobs are not bound to callers, or the
-    /// request carries none.
+    /// The keyed digest of the caller identity of a request; `None` when jobs are not bound to
+    /// callers, or the request carries none. Digested here, once, so that the store, the audit
+    /// trail and the quotas never see the raw identity (SEC-10, SEC-11).
     pub(crate) fn caller_of(&self, head: &RequestHead<'_>) -> Option<String> {
-        self.caller.as_ref().and_then(|identify| identify(head))
+        let identity = self.caller.as_ref().and_then(|identify| identify(head))?;
+        Some(self.caller_key.digest(&identity))
     }
 
     /// Whether `caller` may see or change a job owned by `owner` (SEC-10). Without caller
@@ -348,6 +353,7 @@ pub enum BulkWithoutPrefer {
 /// | [`eligible`](Self::eligible) | every request but `GET [base]/metadata` |
 /// | [`declare_async`](Self::declare_async) | off: `GET [base]/metadata` passes unchanged |
 /// | [`caller`](Self::caller) | jobs not bound to callers |
+/// | [`caller_key`](Self::caller_key) | random per layer: set it when instances share a store |
 /// | [`foreign_job_status`](Self::foreign_job_status) | 404 |
 /// | [`max_running_jobs`](Self::max_running_jobs) | no limit |
 /// | [`max_jobs_per_caller`](Self::max_jobs_per_caller) | no limit |
@@ -390,6 +396,7 @@ pub struct AsyncLayerBuilder {
     lease: Duration,
     instance_id: Option<String>,
     caller: Option<Arc<Identify>>,
+    caller_key: Option<Vec<u8>>,
     foreign_status: StatusCode,
     max_running_jobs: Option<usize>,
     max_jobs_per_caller: Option<usize>,
@@ -430,6 +437,7 @@ impl AsyncLayerBuilder {
             lease: LEASE,
             instance_id: None,
             caller: None,
+            caller_key: None,
             foreign_status: StatusCode::NOT_FOUND,
             max_running_jobs: None,
             max_jobs_per_caller: None,
@@ -631,12 +639,16 @@ impl AsyncLayerBuilder {
     }
 
     /// Binds each job to its caller (SEC-10): `identify` names the caller of a request, usually
-    /// from what an authentication layer outside this one left in the request extensions. The
-    /// identity is recorded with the job; status, cancel and file requests from another caller,
+    /// from what an authentication layer outside this one left in the request extensions. A
+    /// keyed digest of the identity (see [`caller_key`](Self::caller_key)) is recorded with the
+    /// job, never the identity itself; status, cancel and file requests from another caller,
     /// or from none, get the same `404` as an unknown job (or `403`, see
     /// [`foreign_job_status`](Self::foreign_job_status)). A kick-off without an identity is
     /// refused with `403`. Default: jobs are not bound, and the status URL's 128 random bits are
     /// the only key to the job.
+    ///
+    /// Name the principal (a token's `sub` or `client_id`, a certificate subject), not the
+    /// credential: tokens rotate, and a caller whose token was renewed would lose its jobs.
     ///
     /// ```
     /// use tower_fhir_async::{AsyncLayer, MemoryStore};
@@ -687,6 +699,36 @@ impl AsyncLayerBuilder {
             let value = values.next()?.to_str().ok()?.trim();
             (values.next().is_none() && !value.is_empty()).then(|| value.to_owned())
         })
+    }
+
+    /// The key of the HMAC-SHA-256 digest that the layer keeps and logs instead of each caller
+    /// identity (SEC-10, SEC-11): the `owner` of stored jobs, the names of idempotency keys, the
+    /// audit trail's `caller` and the quotas all see only the digest, so even a
+    /// [`caller`](Self::caller) function that returns a credential leaks nothing at rest or in
+    /// logs. At least 16 bytes; use 32 random bytes, kept as secret as any other server key.
+    /// [`caller_digest`](crate::caller_digest) computes the digest of a known caller.
+    ///
+    /// **Instances that share a job store (Redis, PostgreSQL, one `MemoryStore`) must all set
+    /// the same key**: the default, a random key per layer, gives the same caller another digest
+    /// on each instance, so a poll, cancel or idempotent retry through another instance would
+    /// answer `404` as for another caller's job. The layer logs a warning at build when callers
+    /// are bound and no key is set. Changing the key has the same effect on jobs already stored.
+    ///
+    /// ```
+    /// use tower_fhir_async::{AsyncLayer, MemoryStore};
+    ///
+    /// // 32 random bytes from the deployment's secrets, the same on every instance.
+    /// let key = std::env::var("FHIR_ASYNC_CALLER_KEY")
+    ///     .unwrap_or_else(|_| "a-key-for-this-example-only-0123".to_owned());
+    /// let layer = AsyncLayer::builder(MemoryStore::default())
+    ///     .caller(|head| head.headers.get("x-client-id")?.to_str().ok().map(str::to_owned))
+    ///     .caller_key(key)
+    ///     .build();
+    /// # drop(layer);
+    /// ```
+    pub fn caller_key(mut self, key: impl AsRef<[u8]>) -> Self {
+        self.caller_key = Some(key.as_ref().to_vec());
+        self
     }
 
     /// The status of the answer to another caller's status, cancel or file request: `404` (the
@@ -998,6 +1040,25 @@ impl AsyncLayerBuilder {
             Some(id) => id,
             None => JobId::new().to_string(),
         };
+        let caller_key = match &self.caller_key {
+            Some(key) => CallerKey::new(key).ok_or_else(|| {
+                BuildError(format!(
+                    "caller_key must be at least {} bytes, not {}; use 32 random bytes",
+                    caller::MIN_KEY_LEN,
+                    key.len()
+                ))
+            })?,
+            None => {
+                if self.caller.is_some() {
+                    tracing::warn!(
+                        "jobs are bound to callers but no caller_key is set: a random key is used, \
+                         right for one instance only; instances sharing a job store must all set \
+                         the same caller_key, or their callers' jobs answer 404 on the others"
+                    );
+                }
+                CallerKey::random()
+            }
+        };
         let config = Config {
             public_base,
             scheme: self.scheme,
@@ -1013,6 +1074,7 @@ impl AsyncLayerBuilder {
             eligible: self.eligible,
             declare_async: self.declare_async,
             caller: self.caller,
+            caller_key,
             foreign_status: self.foreign_status,
             body_timeout: self.body_timeout,
             bulk,
@@ -1151,10 +1213,46 @@ mod tests {
             (builder().body_timeout(Duration::ZERO), "body_timeout"),
             (builder().lease(Duration::from_millis(10)), "lease"),
             (builder().instance_id(" "), "instance_id"),
+            (builder().caller_key("too short"), "caller_key"),
         ] {
             let error = b.try_build().expect_err(setting).to_string();
             assert!(error.contains(setting), "{error}");
         }
+    }
+
+    // SEC-10, SEC-11: the caller identity is digested under the configured key before anything
+    // keeps it; the same identity under another key (another layer's random one) differs.
+    #[test]
+    fn sec_10_caller_of_is_the_keyed_digest() {
+        let key = "0123456789abcdef0123456789abcdef";
+        let bound = |b: AsyncLayerBuilder| {
+            b.caller(|head| {
+                head.headers
+                    .get("x-client")?
+                    .to_str()
+                    .ok()
+                    .map(str::to_owned)
+            })
+        };
+        let keyed = bound(builder()).caller_key(key).build();
+        let random = bound(builder()).build();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-client", "Bearer secret-token".parse().unwrap());
+        let (method, uri, extensions) = (Method::GET, Uri::from_static("/x"), Extensions::new());
+        let head = RequestHead {
+            method: &method,
+            uri: &uri,
+            headers: &headers,
+            extensions: &extensions,
+        };
+        let digest = keyed.shared.config.caller_of(&head).unwrap();
+        assert_eq!(
+            Some(digest.clone()),
+            crate::caller_digest(key.as_bytes(), "Bearer secret-token")
+        );
+        assert!(!digest.contains("secret-token"));
+        assert_ne!(random.shared.config.caller_of(&head), Some(digest));
+        assert_eq!(builder().build().shared.config.caller_of(&head), None);
     }
 
     #[test]

@@ -54,6 +54,7 @@ mod audit;
 mod body;
 mod bulk;
 mod bundle;
+mod caller;
 mod capability;
 mod clock;
 mod context;
@@ -75,6 +76,7 @@ mod watcher;
 
 pub use body::{RequestBody, ResponseBody};
 pub use bulk::ManifestFormat;
+pub use caller::caller_digest;
 pub use context::JobContext;
 pub use future::ResponseFuture;
 pub use job::{InvalidJobId, JobId, JobKind, JobOutcome, JobRecord, JobState, StoredResponse};

@@ -1242,7 +1242,9 @@ async fn bulk_8_bulk_13_group_export_for_every_client_kick_off() {
 // owner polls, downloads (sending its token, as `requiresAccessToken` asks) and deletes.
 #[tokio::test(flavor = "multi_thread")]
 async fn sec_10_bulk_14_exports_belong_to_the_client_that_started_them() {
-    let demo = Demo::start(&["--auth"]);
+    // The owner polls again at once after the manifest, to prove the other client changed
+    // nothing; the demo's default poll throttle (250 ms) would rightly answer that with 429.
+    let demo = Demo::start(&["--auth", "--min-poll-interval", "off"]);
     let owner = BulkClient::new(&demo.base, Some("bulk-client-a"));
     let other = BulkClient::new(&demo.base, Some("bulk-client-b"));
     let anonymous = BulkClient::new(&demo.base, None);

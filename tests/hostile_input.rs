@@ -17,7 +17,7 @@ use axum::routing;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use support::{Reply, send_raw, serve, serve_with_max_headers, try_send_header_map};
-use tower_fhir_async::{AsyncLayer, AsyncLayerBuilder, MemoryStore};
+use tower_fhir_async::{AsyncLayer, AsyncLayerBuilder, JobId, JobStore, MemoryStore};
 
 const FHIR_JSON: &str = "application/fhir+json";
 
@@ -1031,4 +1031,46 @@ async fn sec_13_kept_results_per_caller() {
     ];
     let failures = server.run(&cases).await;
     report("kept results", cases.len(), &failures);
+}
+
+// ---------------------------------------------------------------------------------------------
+// SEC-11, issue 11 item 5: every spelling of an `access_token` query parameter — percent-encoded
+// name, other case, `;`-separated — is kicked off like any request (202) and dropped from the
+// recorded target; the other parameters are kept as sent.
+
+#[tokio::test]
+async fn sec_11_encoded_access_token_names_never_reach_the_store() {
+    let store = MemoryStore::default();
+    let server = start(AsyncLayer::builder(store.clone()).base_path("/fhir")).await;
+    let mut failures = Vec::new();
+    let rows = [
+        "access_token=SECRET",
+        "access%5Ftoken=SECRET",
+        "access%5ftoken=SECRET",
+        "%61ccess_token=SECRET",
+        "%61%63%63%65%73%73%5F%74%6F%6B%65%6E=SECRET",
+        "ACCESS_TOKEN=SECRET",
+        "access_token=SECRET&access%5Ftoken=SECRET",
+        "x=1;access%5Ftoken=SECRET",
+    ];
+    for query in rows {
+        let id = server
+            .start_job(&format!("/fhir/Patient?{query}&name=x"), None)
+            .await;
+        let record = store
+            .get(
+                &JobId::parse(&id).expect("a job id"),
+                std::time::SystemTime::now(),
+            )
+            .await
+            .expect("the store answers")
+            .expect("the job is recorded");
+        if record.target != "/fhir/Patient?name=x" {
+            failures.push(format!(
+                "[SEC-11 {query}] recorded target {:?}",
+                record.target
+            ));
+        }
+    }
+    report("access_token spellings", rows.len(), &failures);
 }

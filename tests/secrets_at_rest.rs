@@ -1,16 +1,20 @@
-//! No credential reaches a shared store (SEC-11, issue #5): a job whose kick-off carries a
-//! bearer token, a session cookie and an `access_token` query parameter runs through
-//! `RedisStore` and `PostgresStore`, then every stored key and row is scanned for the secret.
+//! No credential reaches a shared store (SEC-11, issue #5, issue 11 item 5): a job whose kick-off
+//! carries a bearer token, a session cookie and an `access_token` query parameter, and a bulk
+//! export whose `access_token` name is percent-encoded (`access%5Ftoken`), run through
+//! `RedisStore` and `PostgresStore`; then every stored key and row is scanned for the secret.
+//! Jobs are bound to callers by a caller function that returns the credential itself
+//! (`caller_from_header(Authorization)`, issue 11 item 6), with idempotency keys, polls and
+//! another caller's denied requests: the store keeps only the caller's keyed digest.
 
 #![cfg(all(feature = "redis", feature = "postgres"))]
 
 mod support;
 
 use axum::Router;
-use axum::http::header::CONTENT_TYPE;
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
 use axum::routing::post;
 use http::{Method, StatusCode};
-use support::{TestClient, serve};
+use support::{Reply, TestClient, serve};
 use tower_fhir_async::redis::AsyncCommands;
 use tower_fhir_async::store::sqlx::postgres::PgPoolOptions;
 // Only names this test generated (a random table, names from information_schema) go into SQL.
@@ -28,8 +32,34 @@ fn database_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
 
-/// Runs one job carrying the secret through a layer on `store` and waits for its result.
-async fn run_job_with_credentials<S: JobStore>(store: S) {
+/// How many jobs [`run_jobs_with_credentials`] leaves in the store.
+const JOBS: usize = 2;
+
+/// Polls `url` as the caller sending `authorization` until it stops answering 202; at most
+/// `limit` polls, 20 ms apart.
+async fn poll_until_done(
+    client: &TestClient,
+    url: &str,
+    authorization: &str,
+    limit: usize,
+) -> Reply {
+    for _ in 0..limit {
+        let reply = client
+            .send(Method::GET, url, &[("authorization", authorization)], "")
+            .await;
+        if reply.status != StatusCode::ACCEPTED {
+            return reply;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("job at {url} still running after {limit} polls");
+}
+
+/// Runs two jobs carrying the secret through a layer on `store` and waits for their results: a
+/// create, and a bulk export (a search with `_outputFormat`) whose `access_token` name is
+/// percent-encoded, so that its manifest echoes the kick-off's URL. The caller id is the
+/// `Authorization` value, secret included; another caller's poll and DELETE are denied.
+async fn run_jobs_with_credentials<S: JobStore>(store: S) {
     let app = Router::new()
         .route(
             "/fhir/Patient",
@@ -39,9 +69,20 @@ async fn run_job_with_credentials<S: JobStore>(store: S) {
                     [(CONTENT_TYPE, "application/fhir+json")],
                     r#"{"resourceType":"Patient","id":"p1"}"#,
                 )
+            })
+            .get(|| async {
+                (
+                    [(CONTENT_TYPE, "application/fhir+json")],
+                    r#"{"resourceType":"Bundle","type":"searchset","total":1,"entry":[{"resource":{"resourceType":"Patient","id":"p1"}}]}"#,
+                )
             }),
         )
-        .layer(AsyncLayer::new(store));
+        .layer(
+            AsyncLayer::builder(store)
+                .caller_from_header(AUTHORIZATION)
+                .caller_key("secrets-at-rest-test-caller-key!")
+                .build(),
+        );
     let addr = serve(app).await;
     let client = TestClient::default();
     let bearer = format!("Bearer {SECRET}");
@@ -54,15 +95,48 @@ async fn run_job_with_credentials<S: JobStore>(store: S) {
                 ("prefer", "respond-async"),
                 ("authorization", &bearer),
                 ("cookie", &cookie),
+                ("idempotency-key", "create-1"),
             ],
             r#"{"resourceType":"Patient"}"#,
         )
         .await;
     assert_eq!(kick.status, StatusCode::ACCEPTED, "{kick:?}");
-    let done = client
-        .poll_until_done(kick.header("content-location"), 150)
+    let status_url = kick.header("content-location").to_owned();
+    let done = poll_until_done(&client, &status_url, &bearer, 150).await;
+    assert_eq!(done.status, StatusCode::OK, "the caller's own job");
+    // SEC-10: another caller learns nothing and changes nothing.
+    let other = format!("Bearer other-{SECRET}");
+    for method in [Method::GET, Method::DELETE] {
+        let denied = client
+            .send(method, &status_url, &[("authorization", &other)], "")
+            .await;
+        assert_eq!(denied.status, StatusCode::NOT_FOUND, "{denied:?}");
+    }
+    let again = poll_until_done(&client, &status_url, &bearer, 1).await;
+    assert_eq!(again.status, StatusCode::OK, "the job survived: {again:?}");
+
+    let export = client
+        .send(
+            Method::GET,
+            &format!(
+                "http://{addr}/fhir/Patient?_outputFormat=application%2Ffhir%2Bndjson&access%5Ftoken={SECRET}&name=x"
+            ),
+            &[
+                ("prefer", "respond-async"),
+                ("authorization", &bearer),
+                ("idempotency-key", "export-1"),
+            ],
+            "",
+        )
         .await;
-    assert_eq!(done.status, StatusCode::OK);
+    assert_eq!(export.status, StatusCode::ACCEPTED, "{export:?}");
+    let manifest = poll_until_done(&client, export.header("content-location"), &bearer, 150).await;
+    assert_eq!(manifest.status, StatusCode::OK, "{manifest:?}");
+    assert!(
+        !contains_secret(&manifest.body),
+        "the manifest echoes the token: {}",
+        String::from_utf8_lossy(&manifest.body)
+    );
 }
 
 fn contains_secret(bytes: &[u8]) -> bool {
@@ -82,7 +156,7 @@ async fn sec_11_no_credential_in_any_redis_key() {
             )
         })
         .with_prefix(prefix.clone());
-    run_job_with_credentials(store).await;
+    run_jobs_with_credentials(store).await;
 
     let client = tower_fhir_async::redis::Client::open(redis_url()).unwrap();
     let mut redis = client.get_multiplexed_async_connection().await.unwrap();
@@ -141,7 +215,7 @@ async fn sec_11_no_credential_in_any_postgres_row() {
     let table = format!("secrets_test_{}", JobId::new());
     let store = PostgresStore::new(pool.clone()).with_table(&table);
     store.migrate().await.unwrap();
-    run_job_with_credentials(store).await;
+    run_jobs_with_credentials(store).await;
 
     // Every column, whatever its type, as text (bytea in its escape form, so plain bytes show).
     let columns: Vec<String> = sqlx::query(
@@ -169,15 +243,17 @@ async fn sec_11_no_credential_in_any_postgres_row() {
     .fetch_all(&pool)
     .await
     .unwrap();
-    assert_eq!(rows.len(), 1, "one job row");
-    for (i, column) in columns.iter().enumerate() {
-        let value: Option<String> = rows[0].get(i);
-        assert!(
-            !value
-                .as_deref()
-                .is_some_and(|v| contains_secret(v.as_bytes())),
-            "{column} holds the credential: {value:?}"
-        );
+    assert_eq!(rows.len(), JOBS, "one row per job");
+    for row in &rows {
+        for (i, column) in columns.iter().enumerate() {
+            let value: Option<String> = row.get(i);
+            assert!(
+                !value
+                    .as_deref()
+                    .is_some_and(|v| contains_secret(v.as_bytes())),
+                "{column} holds the credential: {value:?}"
+            );
+        }
     }
     sqlx::query(AssertSqlSafe(format!("DROP TABLE \"{table}\"")))
         .execute(&pool)

@@ -397,7 +397,11 @@ async fn sec_10_anonymous_kick_off_is_refused_403() {
 // SEC-10: `caller_from_header` binds jobs to a header a trusted gateway sets.
 #[tokio::test]
 async fn sec_10_caller_from_header_binds_jobs_to_the_header_value() {
-    let server = Server::start(|b| b.caller_from_header(HeaderName::from_static("x-client"))).await;
+    let server = Server::start(|b| {
+        b.caller_from_header(HeaderName::from_static("x-client"))
+            .caller_key(CALLER_KEY)
+    })
+    .await;
     let hold = format!("{}/$hold", server.base);
     let prefer = ("prefer", "respond-async");
     let as_client = |client: &'static str| [("x-client", client)];
@@ -427,9 +431,9 @@ async fn sec_10_caller_from_header_binds_jobs_to_the_header_value() {
             .await
             .unwrap()
             .unwrap()
-            .owner
-            .as_deref(),
-        Some("gateway-client-1")
+            .owner,
+        Some(digest("gateway-client-1")),
+        "the header value's keyed digest, never the value itself"
     );
 
     let other = server
@@ -728,12 +732,20 @@ async fn status_7_throttled_job_goes_on_and_answers_after_the_interval() {
 
 const SECRET: &str = "secret-xyz";
 
+/// The caller key of the layers whose stored owners and audit lines are checked.
+const CALLER_KEY: &str = "test-caller-key-0123456789abcdef";
+
+/// What a layer with [`CALLER_KEY`] keeps and logs for caller `id` (SEC-10, SEC-11).
+fn digest(id: &str) -> String {
+    tower_fhir_async::caller_digest(CALLER_KEY.as_bytes(), id).expect("a long enough key")
+}
+
 // SEC-11: a kick-off carrying credentials in `Authorization`, `Cookie` and an `access_token`
 // query parameter leaves none of them in the job record; the record keeps the caller's principal
 // and the target without `access_token`.
 #[tokio::test]
 async fn sec_11_no_credential_reaches_the_job_record() {
-    let server = Server::start(bound_to_callers).await;
+    let server = Server::start(|b| bound_to_callers(b).caller_key(CALLER_KEY)).await;
     let token = format!("alice.{SECRET}");
     let url = format!("{}/Patient?access_token={SECRET}&name=x", server.base);
     let cookie = format!("s={SECRET}");
@@ -780,10 +792,57 @@ async fn sec_11_no_credential_reaches_the_job_record() {
     assert_eq!(record.target, "/fhir/Patient?name=x");
     assert_eq!(record.method, "GET");
     assert_eq!(
-        record.owner.as_deref(),
-        Some("alice"),
-        "the principal, not the token"
+        record.owner,
+        Some(digest("alice")),
+        "the principal's keyed digest, not the token"
     );
+}
+
+// SEC-11, issue 11 item 5: an `access_token` whose name is percent-encoded (`access%5Ftoken`,
+// `%5f`, any other spelling) is dropped like a plain one: a bulk kick-off carrying it leaves it
+// neither in the stored target nor in the manifest's `request`, while the other parameters stay
+// as sent.
+#[tokio::test]
+async fn sec_11_percent_encoded_access_token_reaches_neither_the_store_nor_the_manifest() {
+    let server = Server::start(|b| b).await;
+    for name in ["access%5Ftoken", "access%5ftoken", "%61ccess_token"] {
+        let url = format!(
+            "{}/Patient?_outputFormat=application%2Ffhir%2Bndjson&{name}={SECRET}&name=x",
+            server.base
+        );
+        let kick = server
+            .send(Method::GET, &url, None, &[("prefer", "respond-async")])
+            .await;
+        assert_status(&kick, StatusCode::ACCEPTED, name);
+        let status_url = kick.header("content-location").to_owned();
+        let record = server
+            .store
+            .get(&job_id(&status_url), SystemTime::now())
+            .await
+            .unwrap()
+            .expect("recorded");
+        assert_eq!(
+            record.target, "/fhir/Patient?_outputFormat=application%2Ffhir%2Bndjson&name=x",
+            "{name}: the stored target"
+        );
+        let done = server.poll_until_done(&status_url, None).await;
+        assert_status(&done, StatusCode::OK, name);
+        let manifest = done.json();
+        let request = manifest["request"].as_str().expect("a manifest `request`");
+        assert_eq!(
+            request,
+            format!(
+                "{}/Patient?_outputFormat=application%2Ffhir%2Bndjson&name=x",
+                server.base
+            ),
+            "{name}: the manifest's request"
+        );
+        assert!(
+            !String::from_utf8_lossy(&done.body).contains(SECRET),
+            "{name}: the token reached the manifest: {}",
+            String::from_utf8_lossy(&done.body)
+        );
+    }
 }
 
 // SEC-12, STATUS-16, KICK-10: every status, result and cancel response — and every refusal on a
@@ -873,7 +932,12 @@ async fn audit_trail_records_kick_offs_polls_and_cancels_without_credentials() {
     // ask every registered dispatcher instead.
     let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
 
-    let server = Server::start(|b| bound_to_callers(b).max_jobs_per_caller(1)).await;
+    let server = Server::start(|b| {
+        bound_to_callers(b)
+            .caller_key(CALLER_KEY)
+            .max_jobs_per_caller(1)
+    })
+    .await;
     let alice = format!("alice.{SECRET}");
     let bob = format!("bob.{SECRET}");
     let cookie = format!("s={SECRET}");
@@ -936,7 +1000,12 @@ async fn audit_trail_records_kick_offs_polls_and_cancels_without_credentials() {
         .collect();
     let held_job = format!("job.id={held_id}");
     let quick_job = format!("job.id={quick_id}");
-    let (by_alice, by_bob) = (r#"caller="alice""#, r#"caller="bob""#);
+    // The audit trail names callers by their keyed digest (SEC-11), never as they identified.
+    let (by_alice, by_bob) = (
+        format!(r#"caller="{}""#, digest("alice")),
+        format!(r#"caller="{}""#, digest("bob")),
+    );
+    let (by_alice, by_bob) = (by_alice.as_str(), by_bob.as_str());
     let kick_off = r#"action="kick-off""#;
     let status = r#"action="status""#;
     let cancel = r#"action="cancel""#;
@@ -964,6 +1033,12 @@ async fn audit_trail_records_kick_offs_polls_and_cancels_without_credentials() {
         &audit,
         &[status, &quick_job, by_alice, r#"outcome="completed""#],
     );
+    for raw in [r#"caller="alice""#, r#"caller="bob""#] {
+        assert!(
+            !logs.contains(raw),
+            "a raw caller id reached the logs:\n{logs}"
+        );
+    }
     assert!(
         !logs.contains(SECRET),
         "a credential reached the logs:\n{}",

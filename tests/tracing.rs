@@ -8,8 +8,10 @@ use support::Captured;
 use axum::Router;
 use axum::routing::post;
 use http::{Method, StatusCode};
+use std::time::SystemTime;
 use support::{TestClient, serve};
-use tower_fhir_async::{AsyncLayer, MemoryStore};
+
+use tower_fhir_async::{AsyncLayer, JobId, JobStore, MemoryStore};
 
 const SECRET: &str = "s3cr3t-token-value";
 
@@ -85,4 +87,145 @@ async fn sec_11_job_span_and_events_carry_no_credentials() {
         !logs.contains("patient="),
         "the query string reached the logs:\n{logs}"
     );
+}
+
+/// A caller id that is itself a secret: what a careless caller function returns.
+const RAW_CALLER: &str = "Bearer raw-caller-token-5e1d";
+/// Another caller's id, equally secret.
+const OTHER_CALLER: &str = "Bearer other-caller-token-77a0";
+
+/// The status of `GET url` as `caller`, and the body.
+async fn poll_as(client: &TestClient, url: &str, caller: &str) -> support::Reply {
+    client
+        .send(Method::GET, url, &[("authorization", caller)], "")
+        .await
+}
+
+// SEC-10, SEC-11, issue 11 item 6: even a caller function that returns the credential itself
+// (`caller_from_header(Authorization)`) leaves no raw caller id in the store or the logs — after
+// a kick-off with an idempotency key, polls, and another caller's denied poll and DELETE. The
+// same caller still sees its job; another still gets 404.
+#[tokio::test(flavor = "current_thread")]
+async fn sec_11_raw_caller_ids_reach_neither_the_store_nor_the_logs() {
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(captured.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::TRACE)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    // Without a second dispatcher, a callsite first hit by a test on another thread would stay
+    // disabled here (tracing-core caches its interest); see tests/security.rs.
+    let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
+
+    let store = MemoryStore::default();
+    // No caller_key: the default random key must hide the id as well (and warn at build).
+    let layer = AsyncLayer::builder(store.clone())
+        .caller_from_header(http::header::AUTHORIZATION)
+        .build();
+    let app = Router::new()
+        .route(
+            "/fhir/Observation",
+            post(|| async { (StatusCode::CREATED, "") }),
+        )
+        .route("/fhir/$slow", post(std::future::pending::<&'static str>))
+        .layer(layer);
+    let addr = serve(app).await;
+    let client = TestClient::default();
+
+    // Each kick-off with its own idempotency key: the key's name is stored with the owner.
+    let kick = |path: &'static str| {
+        let client = client.clone();
+        async move {
+            client
+                .send(
+                    Method::POST,
+                    &format!("http://{addr}{path}"),
+                    &[
+                        ("prefer", "respond-async"),
+                        ("authorization", RAW_CALLER),
+                        ("idempotency-key", path),
+                    ],
+                    "{}",
+                )
+                .await
+        }
+    };
+    let done = kick("/fhir/Observation").await;
+    assert_eq!(done.status, StatusCode::ACCEPTED, "{done:?}");
+    let done_url = done.header("content-location").to_owned();
+    let slow = kick("/fhir/$slow").await;
+    assert_eq!(slow.status, StatusCode::ACCEPTED, "{slow:?}");
+    let slow_url = slow.header("content-location").to_owned();
+
+    let mut finished = None;
+    for _ in 0..100 {
+        let reply = poll_as(&client, &done_url, RAW_CALLER).await;
+        if reply.status != StatusCode::ACCEPTED {
+            finished = Some(reply.status);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        finished,
+        Some(StatusCode::OK),
+        "the caller sees its own job"
+    );
+    assert_eq!(
+        poll_as(&client, &slow_url, RAW_CALLER).await.status,
+        StatusCode::ACCEPTED,
+        "the caller sees its running job"
+    );
+    assert_eq!(
+        poll_as(&client, &done_url, OTHER_CALLER).await.status,
+        StatusCode::NOT_FOUND,
+        "another caller's poll"
+    );
+    let denied = client
+        .send(
+            Method::DELETE,
+            &slow_url,
+            &[("authorization", OTHER_CALLER)],
+            "",
+        )
+        .await;
+    assert_eq!(
+        denied.status,
+        StatusCode::NOT_FOUND,
+        "another caller's DELETE"
+    );
+
+    // The store: both records, every field.
+    for url in [&done_url, &slow_url] {
+        let id = JobId::parse(url.rsplit('/').next().unwrap()).expect("a job id");
+        let record = store
+            .get(&id, SystemTime::now())
+            .await
+            .unwrap()
+            .expect("recorded");
+        let owner = record.owner.as_deref().expect("bound to its caller");
+        assert!(
+            owner.len() == 64 && owner.bytes().all(|b| b.is_ascii_hexdigit()),
+            "the owner is a digest: {owner}"
+        );
+        let text = format!("{record:?}");
+        for raw in [RAW_CALLER, "raw-caller-token", "other-caller-token"] {
+            assert!(!text.contains(raw), "the store holds {raw:?}: {text}");
+        }
+    }
+
+    // The logs: the audit trail has its events, none with a raw caller id.
+    let logs = captured.text();
+    assert!(
+        logs.contains("tower_fhir_async::audit") && logs.contains(r#"outcome="denied""#),
+        "{logs}"
+    );
+    assert!(
+        logs.contains("no caller_key is set"),
+        "a warning at build: {logs}"
+    );
+    for raw in ["raw-caller-token", "other-caller-token"] {
+        assert!(!logs.contains(raw), "the logs hold {raw:?}:\n{logs}");
+    }
 }

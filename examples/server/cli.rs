@@ -21,13 +21,36 @@ FLAGS:
                           --features redis) or `postgres://USER@HOST/DB` (--features postgres)
     --files DIR           keep bulk export files in folder DIR (created if missing) instead of
                           memory; give servers that share a --store the same DIR
-    --auth                require `Authorization: Bearer <client-id>` on every request, and
-                          bind each async job to the client that started it (another
-                          client polling or cancelling it gets 404)
+    --auth                require `Authorization: Bearer <token>` on every request (any token;
+                          a stand-in for real verification), and bind each async job to the
+                          client that started it (another client polling or cancelling it
+                          gets 404). The client is named by its subject, `client-` and the
+                          first 16 hex digits of SHA-256(token), never by the token itself
+    --caller-key KEY      the async layer's caller key (16 bytes or more): only an HMAC of
+                          each client's subject under it is stored and logged. Prefer the
+                          FHIR_ASYNC_CALLER_KEY environment variable (a flag shows in `ps`).
+                          Give every server sharing a --store the same key (default: random
+                          per process, so another server would not know the client's jobs)
     --reindex-secs N      how long POST /fhir/$reindex takes, in seconds (default 10)
     -h, --help            print this help and exit
 
-Logs go to stderr; set RUST_LOG (default `info`) to change the level.";
+LIMITS (durations as 250ms, 10s, 2m; a bare number is seconds):
+    --header-timeout D    close a connection that has not sent a whole request head within D
+                          of the server starting to wait for it; so also how long an idle
+                          keep-alive connection stays open (default 10s)
+    --idle-timeout D      close a connection on which nothing was read or written for D, e.g.
+                          a stalled upload or a client that stopped reading (default 60s;
+                          keep it above --reindex-secs for synchronous calls)
+    --max-running-jobs N  jobs run at once; more kick-offs get 429 (default 64; `off`)
+    --max-jobs-per-caller N
+                          unfinished jobs per client with --auth; more get 429 (default 10;
+                          `off`)
+    --min-poll-interval D faster polls of one job get 429 + Retry-After (default 250ms, so
+                          clients polling each second or following Retry-After never see
+                          it; `off`)
+
+Logs go to stderr; set RUST_LOG (default `info`) to change the level. They carry paths, never
+query strings or credentials.";
 
 /// The settings the server runs with.
 #[derive(Debug, Clone)]
@@ -40,6 +63,15 @@ pub(crate) struct Options {
     pub(crate) store: StoreChoice,
     /// Where bulk export files go; `None`: in memory.
     pub(crate) files: Option<std::path::PathBuf>,
+    /// The layer's caller key from `--caller-key`; `main` falls back to the environment.
+    pub(crate) caller_key: Option<String>,
+    /// How long a client may take to send a request head (and an idle keep-alive may last).
+    pub(crate) header_timeout: Duration,
+    /// How long a connection may go without a byte read or written.
+    pub(crate) idle_timeout: Duration,
+    pub(crate) max_running_jobs: Option<usize>,
+    pub(crate) max_jobs_per_caller: Option<usize>,
+    pub(crate) min_poll_interval: Option<Duration>,
 }
 
 /// Where the async layer keeps its jobs.
@@ -84,7 +116,7 @@ fn store_choice(raw: &str) -> Result<StoreChoice, UsageError> {
 /// What the command line asks for.
 #[derive(Debug)]
 pub(crate) enum Command {
-    Run(Options),
+    Run(Box<Options>),
     Help,
 }
 
@@ -108,6 +140,12 @@ pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, U
         reindex: Duration::from_secs(10),
         store: StoreChoice::Memory,
         files: None,
+        caller_key: None,
+        header_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(60),
+        max_running_jobs: Some(64),
+        max_jobs_per_caller: Some(10),
+        min_poll_interval: Some(Duration::from_millis(250)),
     };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -171,12 +209,73 @@ pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, U
                 })?;
                 options.reindex = Duration::from_secs(secs);
             }
+            "--caller-key" => {
+                let raw = value("KEY")?;
+                if raw.len() < 16 {
+                    return Err(UsageError(format!(
+                        "--caller-key is {} bytes long; give at least 16 (32 random bytes, e.g. \
+                         `openssl rand -hex 32`)",
+                        raw.len()
+                    )));
+                }
+                options.caller_key = Some(raw);
+            }
+            "--header-timeout" => {
+                options.header_timeout = duration(&flag, &value("DURATION")?)?;
+            }
+            "--idle-timeout" => {
+                options.idle_timeout = duration(&flag, &value("DURATION")?)?;
+            }
+            "--max-running-jobs" => {
+                options.max_running_jobs = off_or(&value("N")?, |raw| count(&flag, raw))?;
+            }
+            "--max-jobs-per-caller" => {
+                options.max_jobs_per_caller = off_or(&value("N")?, |raw| count(&flag, raw))?;
+            }
+            "--min-poll-interval" => {
+                options.min_poll_interval =
+                    off_or(&value("DURATION")?, |raw| duration(&flag, raw))?;
+            }
             other => {
                 return Err(UsageError(format!("unknown flag {other:?}")));
             }
         }
     }
-    Ok(Command::Run(options))
+    Ok(Command::Run(Box::new(options)))
+}
+
+/// `None` for `off`, else what `parse` makes of the value.
+fn off_or<T>(
+    raw: &str,
+    parse: impl FnOnce(&str) -> Result<T, UsageError>,
+) -> Result<Option<T>, UsageError> {
+    if raw.eq_ignore_ascii_case("off") {
+        Ok(None)
+    } else {
+        parse(raw).map(Some)
+    }
+}
+
+/// A duration longer than zero: `250ms`, `10s`, `2m`, or a bare number of seconds.
+fn duration(flag: &str, raw: &str) -> Result<Duration, UsageError> {
+    let parsed = match raw.parse::<u64>() {
+        Ok(secs) => Some(Duration::from_secs(secs)),
+        Err(_) => humantime::parse_duration(raw).ok(),
+    };
+    parsed.filter(|d| !d.is_zero()).ok_or_else(|| {
+        UsageError(format!(
+            "{flag} {raw:?} is not a duration longer than zero; write e.g. 250ms, 10s or 2m"
+        ))
+    })
+}
+
+/// A whole number of at least 1.
+fn count(flag: &str, raw: &str) -> Result<usize, UsageError> {
+    raw.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| {
+        UsageError(format!(
+            "{flag} {raw:?} is not a whole number of at least 1; give e.g. 10, or `off`"
+        ))
+    })
 }
 
 /// Checks that the public base is an absolute http(s) URL and drops a trailing slash, so that
@@ -218,5 +317,51 @@ mod tests {
         );
         assert!(run(&["--base-url", "fhir.example.org"]).is_err());
         assert!(run(&["--patients"]).is_err());
+    }
+
+    // SEC-7, SEC-13, STATUS-6: the limits are on by default, and each can be changed or (the
+    // layer's) turned off; nonsense is refused with the flag's name.
+    #[test]
+    fn sec_7_limits_default_on_and_change() {
+        let Ok(Command::Run(o)) = run(&[]) else {
+            panic!("expected options");
+        };
+        assert_eq!(o.header_timeout, Duration::from_secs(10));
+        assert_eq!(o.idle_timeout, Duration::from_secs(60));
+        assert_eq!(o.max_running_jobs, Some(64));
+        assert_eq!(o.max_jobs_per_caller, Some(10));
+        assert_eq!(o.min_poll_interval, Some(Duration::from_millis(250)));
+        assert_eq!(o.caller_key, None);
+        let Ok(Command::Run(o)) = run(&[
+            "--header-timeout=500ms",
+            "--idle-timeout",
+            "5",
+            "--max-running-jobs",
+            "off",
+            "--max-jobs-per-caller=3",
+            "--min-poll-interval",
+            "OFF",
+            "--caller-key",
+            "0123456789abcdef",
+        ]) else {
+            panic!("expected options");
+        };
+        assert_eq!(o.header_timeout, Duration::from_millis(500));
+        assert_eq!(o.idle_timeout, Duration::from_secs(5));
+        assert_eq!(o.max_running_jobs, None);
+        assert_eq!(o.max_jobs_per_caller, Some(3));
+        assert_eq!(o.min_poll_interval, None);
+        assert_eq!(o.caller_key.as_deref(), Some("0123456789abcdef"));
+        for bad in [
+            &["--header-timeout", "0"][..],
+            &["--header-timeout", "off"],
+            &["--idle-timeout", "soon"],
+            &["--max-running-jobs", "0"],
+            &["--min-poll-interval", "-1"],
+            &["--caller-key", "short"],
+        ] {
+            let err = run(bad).unwrap_err();
+            assert!(err.0.contains(bad[0]), "{}", err.0);
+        }
     }
 }

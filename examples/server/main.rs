@@ -17,6 +17,7 @@ mod auth;
 mod batch;
 mod capability;
 mod cli;
+mod connections;
 mod data;
 mod db;
 mod export;
@@ -51,10 +52,16 @@ use crate::db::Db;
 /// the same grace afterwards.
 const GRACE: Duration = Duration::from_secs(10);
 
+/// The longest a job may run; a job still running then fails with `504` `timeout`.
+const MAX_RUN_TIME: Duration = Duration::from_secs(3600);
+
+/// The environment variable that may hold the layer's caller key (`--caller-key` wins).
+const CALLER_KEY_VAR: &str = "FHIR_ASYNC_CALLER_KEY";
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let options = match cli::parse(std::env::args().skip(1)) {
-        Ok(Command::Run(options)) => options,
+        Ok(Command::Run(options)) => *options,
         Ok(Command::Help) => {
             println!("{}", cli::USAGE);
             return ExitCode::SUCCESS;
@@ -120,7 +127,8 @@ async fn main() -> ExitCode {
     // 10), and status polls may long-poll with `Prefer: wait=N`.
     let mut builder = builder
         .base_url(&public_base)
-        .max_wait(Duration::from_secs(10));
+        .max_wait(Duration::from_secs(10))
+        .max_run_time(MAX_RUN_TIME);
     if let Some(dir) = &options.files {
         // Bulk files in a folder: servers sharing a job store and this folder serve each
         // other's exports.
@@ -141,8 +149,26 @@ async fn main() -> ExitCode {
     }
     if options.auth {
         // SEC-10: each job belongs to the client that started it; another client's poll or
-        // cancel gets the same 404 as a job that does not exist.
+        // cancel gets the same 404 as a job that does not exist. The layer keeps only a keyed
+        // digest of the subject; servers sharing a store need the same key.
         builder = builder.caller_from_extension(|caller: &auth::CallerId| caller.0.clone());
+        let key = options
+            .caller_key
+            .clone()
+            .or_else(|| std::env::var(CALLER_KEY_VAR).ok());
+        if let Some(key) = key {
+            builder = builder.caller_key(key);
+        }
+    }
+    // SEC-7, SEC-13, STATUS-6: limits on by default (see --help); `off` lifts one.
+    if let Some(limit) = options.max_running_jobs {
+        builder = builder.max_running_jobs(limit);
+    }
+    if let Some(limit) = options.max_jobs_per_caller {
+        builder = builder.max_jobs_per_caller(limit);
+    }
+    if let Some(interval) = options.min_poll_interval {
+        builder = builder.min_poll_interval(interval);
     }
     let layer = match builder.try_build() {
         Ok(layer) => layer,
@@ -196,21 +222,21 @@ async fn main() -> ExitCode {
             tracing::info!(?report, "asynchronous jobs drained");
         }
     };
-    let server = axum::serve(listener, router).with_graceful_shutdown(drain);
+    let limits = connections::Limits {
+        header_timeout: options.header_timeout,
+        idle_timeout: options.idle_timeout,
+    };
+    let server = connections::serve(listener, router, limits, drain);
     // Graceful shutdown then waits for every open connection; a stalled client must not hold the
     // process forever.
-    let served = tokio::select! {
-        served = server.into_future() => served,
+    tokio::select! {
+        () = server => {}
         () = async {
             stop.cancelled().await;
             tokio::time::sleep(GRACE * 2).await;
         } => {
             tracing::warn!("connections still open {}s after the signal; closing them", (GRACE * 2).as_secs());
-            Ok(())
         }
-    };
-    if let Err(err) = served {
-        tracing::error!(%err, "server error");
     }
     tracing::info!("stopped");
     ExitCode::SUCCESS
@@ -235,7 +261,7 @@ async fn postgres_store(url: &str) -> Result<tower_fhir_async::PostgresStore, St
 fn print_banner(addr: SocketAddr, auth: bool) {
     let base = format!("http://{addr}/fhir");
     let auth_header = if auth {
-        " -H 'Authorization: Bearer demo-client'"
+        " -H 'Authorization: Bearer demo-token'"
     } else {
         ""
     };
@@ -245,8 +271,9 @@ fn print_banner(addr: SocketAddr, auth: bool) {
     if auth {
         let _ = writeln!(
             out,
-            "auth: every request needs `Authorization: Bearer <client-id>`; a job's status URL answers only \
-             the client that started it (others get 404)"
+            "auth: every request needs `Authorization: Bearer <token>` (any token; the client is named \
+             client-<first 16 hex digits of SHA-256(token)>); a job's status URL answers only the client that \
+             started it (others get 404)"
         );
     }
     let _ = writeln!(
