@@ -319,12 +319,12 @@ async fn answer_in_time(
         Ok(true) => {}
         Ok(false) => return None,
         // A client error's body is still arriving: it is short, and worth the wait.
-        Err(_) if matches!(awaited, Awaited::ClientError)
-            && job.head().is_some_and(|head| head.is_client_error()) =>
+        Err(_)
+            if matches!(awaited, Awaited::ClientError)
+                && job.head().is_some_and(|head| head.is_client_error()) =>
         {
-            let rest = async {
-                while runner.changes(&id).is_some() && changes.changed().await.is_ok() {}
-            };
+            let rest =
+                async { while runner.changes(&id).is_some() && changes.changed().await.is_ok() {} };
             tokio::time::timeout(shared.config.store_timeout, rest)
                 .await
                 .ok()?;

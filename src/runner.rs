@@ -352,7 +352,9 @@ async fn run<S, ReqB, ResB>(
     let started = tokio::time::Instant::now();
     let is_bulk = matches!(work, Work::Bulk(_));
     let execution = match work {
-        Work::Interaction => Either::Left(execute(&job, inner, request, shared.config.result_limit)),
+        Work::Interaction => {
+            Either::Left(execute(&job, inner, request, shared.config.result_limit))
+        }
         // Boxed: an export's state is large, and an interaction job should not carry its size.
         Work::Bulk(spec) => Either::Right(Box::pin(bulk::export::execute(
             &shared, &job, spec, inner, request,
@@ -415,7 +417,11 @@ async fn start(shared: &Shared, job: &JobShared) -> Start {
     let mut failed_before = false;
     loop {
         let lease_until = later(runner.clock.now(), runner.lease);
-        match runner.store.start(&job.id, &runner.instance, lease_until).await {
+        match runner
+            .store
+            .start(&job.id, &runner.instance, lease_until)
+            .await
+        {
             Ok(true) => return Start::Started,
             // An earlier attempt may have landed after all: then the job runs here already.
             Ok(false) if failed_before => {
@@ -619,7 +625,9 @@ async fn refused(runner: &Runner, id: &JobId) {
             );
             metrics::counter!(meters::REFUSED).increment(1);
         }
-        _ => tracing::info!("asynchronous job finished after it was cancelled; its result was dropped"),
+        _ => tracing::info!(
+            "asynchronous job finished after it was cancelled; its result was dropped"
+        ),
     }
 }
 

@@ -10,10 +10,10 @@ use http_body::Body;
 use tower_service::Service;
 
 use crate::body::{OwnBody, RequestBody, ResponseBody};
+use crate::bulk;
 use crate::capability;
 use crate::future::ResponseFuture;
 use crate::kickoff::kick_off;
-use crate::bulk;
 use crate::layer::{BulkWithoutPrefer, RequestHead, Shared};
 use crate::prefer::{self, AsyncPreferences};
 use crate::routes;
@@ -113,9 +113,9 @@ where
                 BulkWithoutPrefer::RunAsync => preferences.respond_async = true,
                 BulkWithoutPrefer::Refuse => {
                     let response = bulk::prefer_required(request.uri());
-                    return ResponseFuture::own(Box::pin(async move {
-                        response.map(OwnBody::from)
-                    }));
+                    return ResponseFuture::own(Box::pin(
+                        async move { response.map(OwnBody::from) },
+                    ));
                 }
             }
         }

@@ -2655,7 +2655,10 @@ async fn bulk_1_export_without_prefer_runs_asynchronously_by_default() {
     // The wrapped service saw each export once, without `respond-async`.
     let seen = server.seen.take();
     assert_eq!(seen.len(), 3, "{seen:?}");
-    assert!(seen.iter().all(|s| s.header("prefer").is_none()), "{seen:?}");
+    assert!(
+        seen.iter().all(|s| s.header("prefer").is_none()),
+        "{seen:?}"
+    );
 }
 
 // BULK-1 (issue #11 item 10a): set to refuse, `$export` without `Prefer: respond-async` gets
@@ -2669,7 +2672,12 @@ async fn bulk_1_export_without_prefer_can_be_refused() {
     for method in [Method::GET, Method::POST] {
         let reply = server
             .client
-            .send(method.clone(), &format!("{}/Patient/$export", server.base), &[], "")
+            .send(
+                method.clone(),
+                &format!("{}/Patient/$export", server.base),
+                &[],
+                "",
+            )
             .await;
         assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{method}: {reply:?}");
         reply.assert_outcome("invalid");
@@ -2700,11 +2708,16 @@ async fn kick_5_client_errors_reported_at_once_answer_the_kick_off() {
         ("forbidden", StatusCode::FORBIDDEN),
         ("missing", StatusCode::NOT_FOUND),
     ] {
-        let reply = server.send(Method::GET, &format!("/Group/{case}/$export"), &[], "").await;
+        let reply = server
+            .send(Method::GET, &format!("/Group/{case}/$export"), &[], "")
+            .await;
         assert_eq!(reply.status, status, "{case}: {reply:?}");
         assert!(reply.headers.get("content-location").is_none(), "{reply:?}");
         let outcome = reply.json();
-        assert_eq!(outcome["resourceType"], "OperationOutcome", "{case}: {outcome}");
+        assert_eq!(
+            outcome["resourceType"], "OperationOutcome",
+            "{case}: {outcome}"
+        );
         assert_eq!(server.jobs.len(), 0, "{case}: no job is kept");
     }
     assert_eq!(

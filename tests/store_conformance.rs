@@ -164,7 +164,8 @@ mod memory {
     // KICK-9, issue #11 item 2: a kick-off answered 503 leaves no job, even when its create lands late.
     #[tokio::test]
     async fn kick_9_abandon_removes_the_job_and_blocks_a_late_create() {
-        conformance::abandon_removes_the_job_and_blocks_a_late_create(&MemoryStore::default()).await;
+        conformance::abandon_removes_the_job_and_blocks_a_late_create(&MemoryStore::default())
+            .await;
     }
 
     // KICK-9, issue #11 item 2: an abandon that overtakes its create still leaves no job.

@@ -159,12 +159,7 @@ async fn item_1_2_3_kick_offs_during_a_store_stall_run_once_or_not_at_all() {
         .expect("connected within 10 s")
         .expect("connect to the private redis");
     let ran = Ran::default();
-    let addr = serve(app(
-        layer(store),
-        ran.clone(),
-        Duration::from_millis(20),
-    ))
-    .await;
+    let addr = serve(app(layer(store), ran.clone(), Duration::from_millis(20))).await;
     let base = format!("http://{addr}/fhir");
     let client = TestClient::default();
 
@@ -212,11 +207,18 @@ async fn item_1_2_3_kick_offs_during_a_store_stall_run_once_or_not_at_all() {
             }
             _ => panic!("kick-off {n}: {reply:?}"),
         }
-        if !stalled && tokio::time::timeout(Duration::ZERO, stall_started.notified()).await.is_ok() {
+        if !stalled
+            && tokio::time::timeout(Duration::ZERO, stall_started.notified())
+                .await
+                .is_ok()
+        {
             stalled = true;
         }
-        if stalled && after_resume.is_none()
-            && tokio::time::timeout(Duration::ZERO, resumed.notified()).await.is_ok()
+        if stalled
+            && after_resume.is_none()
+            && tokio::time::timeout(Duration::ZERO, resumed.notified())
+                .await
+                .is_ok()
         {
             after_resume = Some(n);
         }
@@ -250,7 +252,11 @@ async fn item_1_2_3_kick_offs_during_a_store_stall_run_once_or_not_at_all() {
             );
             tokio::time::sleep(Duration::from_millis(250)).await;
         };
-        assert_eq!(reply.status, StatusCode::ACCEPTED, "retry of {key}: {reply:?}");
+        assert_eq!(
+            reply.status,
+            StatusCode::ACCEPTED,
+            "retry of {key}: {reply:?}"
+        );
         accepted.push(reply.header("content-location").to_owned());
     }
 
@@ -261,7 +267,11 @@ async fn item_1_2_3_kick_offs_during_a_store_stall_run_once_or_not_at_all() {
     }
     let ran_ids = ran.ids();
     let ran_once: BTreeSet<JobId> = ran_ids.iter().copied().collect();
-    assert_eq!(ran_once.len(), ran_ids.len(), "a job's work ran twice: {ran_ids:?}");
+    assert_eq!(
+        ran_once.len(),
+        ran_ids.len(),
+        "a job's work ran twice: {ran_ids:?}"
+    );
     for (id, bundle) in &finals {
         if ran_once.contains(id) {
             assert_eq!(
@@ -471,7 +481,10 @@ async fn item_1_a_job_whose_start_is_never_recorded_never_runs() {
             .is_some_and(|d| d.contains("not run")),
         "the outcome says the request was not run: {bundle}"
     );
-    assert!(ran.ids().is_empty(), "the work ran without a recorded start");
+    assert!(
+        ran.ids().is_empty(),
+        "the work ran without a recorded start"
+    );
 }
 
 // Issue #11 item 1: the store stalls on the first two attempts to record the start, then

@@ -89,7 +89,9 @@ impl fmt::Debug for BulkConfig {
 /// Whether `uri` names one of the bulk operations (e.g. `$export`) while the bulk pattern is on.
 /// Cheap for other requests: one byte search unless the path has a `$`.
 pub(crate) fn is_operation_request(config: &BulkConfig, uri: &Uri) -> bool {
-    config.enabled && memchr::memchr(b'$', uri.path().as_bytes()).is_some() && config.is_operation(uri)
+    config.enabled
+        && memchr::memchr(b'$', uri.path().as_bytes()).is_some()
+        && config.is_operation(uri)
 }
 
 /// `400` for a bulk operation sent without `Prefer: respond-async`, where the layer is set to

@@ -942,7 +942,11 @@ pub async fn abandon_removes_the_job_and_blocks_a_late_create<S: JobStore>(store
         .abandon(&rec.id, now, now + 60 * SECOND)
         .await
         .expect("abandon should succeed");
-    assert_eq!(get(store, &rec.id, now).await, None, "an abandoned job is absent");
+    assert_eq!(
+        get(store, &rec.id, now).await,
+        None,
+        "an abandoned job is absent"
+    );
     let late = store.create(rec.clone()).await;
     assert!(
         matches!(late, Err(StoreError::Conflict(id)) if id == rec.id),
@@ -959,7 +963,12 @@ pub async fn abandon_removes_the_job_and_blocks_a_late_create<S: JobStore>(store
     );
     assert!(
         !store
-            .finish(&rec.id, JobOutcome::Completed(response(200, "{}")), now, now + SECOND)
+            .finish(
+                &rec.id,
+                JobOutcome::Completed(response(200, "{}")),
+                now,
+                now + SECOND
+            )
             .await
             .unwrap(),
         "an abandoned job never finishes"

@@ -109,7 +109,10 @@ impl<S: JobStore> DynStore for Bounded<S> {
         key: &'a str,
         now: SystemTime,
     ) -> BoxFuture<'a, Result<Created, StoreError>> {
-        within(self.limit, JobStore::create_once(&self.store, record, key, now))
+        within(
+            self.limit,
+            JobStore::create_once(&self.store, record, key, now),
+        )
     }
 
     fn get<'a>(
@@ -126,7 +129,10 @@ impl<S: JobStore> DynStore for Bounded<S> {
         instance: &'a str,
         lease_until: SystemTime,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        within(self.limit, JobStore::start(&self.store, id, instance, lease_until))
+        within(
+            self.limit,
+            JobStore::start(&self.store, id, instance, lease_until),
+        )
     }
 
     fn finish<'a>(
@@ -136,7 +142,10 @@ impl<S: JobStore> DynStore for Bounded<S> {
         finished_at: SystemTime,
         expires_at: SystemTime,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        within(self.limit, JobStore::finish(&self.store, id, outcome, finished_at, expires_at))
+        within(
+            self.limit,
+            JobStore::finish(&self.store, id, outcome, finished_at, expires_at),
+        )
     }
 
     fn cancel<'a>(
@@ -165,7 +174,10 @@ impl<S: JobStore> DynStore for Bounded<S> {
         id: &'a JobId,
         progress: &'a str,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        within(self.limit, JobStore::set_progress(&self.store, id, progress))
+        within(
+            self.limit,
+            JobStore::set_progress(&self.store, id, progress),
+        )
     }
 
     fn renew_leases<'a>(
@@ -174,7 +186,10 @@ impl<S: JobStore> DynStore for Bounded<S> {
         ids: &'a [JobId],
         lease_until: SystemTime,
     ) -> BoxFuture<'a, Result<Vec<JobId>, StoreError>> {
-        within(self.limit, JobStore::renew_leases(&self.store, instance, ids, lease_until))
+        within(
+            self.limit,
+            JobStore::renew_leases(&self.store, instance, ids, lease_until),
+        )
     }
 
     fn fail_lapsed(
@@ -184,12 +199,10 @@ impl<S: JobStore> DynStore for Bounded<S> {
         outcome: JobOutcome,
         expires_at: SystemTime,
     ) -> BoxFuture<'_, Result<Vec<JobId>, StoreError>> {
-        within(self.limit, JobStore::fail_lapsed(&self.store,
-            now,
-            unstarted_before,
-            outcome,
-            expires_at,
-        ))
+        within(
+            self.limit,
+            JobStore::fail_lapsed(&self.store, now, unstarted_before, outcome, expires_at),
+        )
     }
 
     fn cancellations(&self) -> BoxFuture<'_, Result<Option<Cancellations>, StoreError>> {
@@ -262,7 +275,8 @@ mod tests {
             outcome: JobOutcome,
             expires_at: SystemTime,
         ) -> impl Future<Output = Result<Vec<JobId>, StoreError>> + Send {
-            self.0.fail_lapsed(now, unstarted_before, outcome, expires_at)
+            self.0
+                .fail_lapsed(now, unstarted_before, outcome, expires_at)
         }
         fn sweep(&self, now: SystemTime) -> impl Future<Output = Result<usize, StoreError>> + Send {
             self.0.sweep(now)
@@ -282,7 +296,11 @@ mod tests {
         let error = DynStore::get(&store, &JobId::new(), SystemTime::now())
             .await
             .expect_err("a stalled read must fail");
-        assert_eq!(started.elapsed(), limit, "paused time: exactly the deadline");
+        assert_eq!(
+            started.elapsed(),
+            limit,
+            "paused time: exactly the deadline"
+        );
         assert!(matches!(error, StoreError::Unavailable(_)), "{error}");
         assert!(error.to_string().contains("store_timeout"), "{error}");
         assert!(error.to_string().contains("300ms"), "{error}");
@@ -290,6 +308,9 @@ mod tests {
         let started = tokio::time::Instant::now();
         let answered = DynStore::cancel(&store, &JobId::new(), SystemTime::now()).await;
         assert!(matches!(answered, Ok(false)), "{answered:?}");
-        assert!(started.elapsed().is_zero(), "an answering store is not delayed");
+        assert!(
+            started.elapsed().is_zero(),
+            "an answering store is not delayed"
+        );
     }
 }
