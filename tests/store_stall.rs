@@ -1,10 +1,11 @@
 #![cfg(feature = "redis")]
-//! A Redis that stalls under load (issue #11 items 1–3): the attack that found a live job declared
-//! lost, and kick-offs answered `503` that still left a job.
+//! A store that stalls under load (issue #11 items 1–3): the attack that found a live job
+//! declared lost, and kick-offs answered `503` that still left a job.
 //!
-//! Each test runs a `redis-server` of its own (`support::private_redis`) and pauses it with
+//! Each test runs a `redis-server` (`support::private_redis`) or a PostgreSQL cluster
+//! (`support::private_postgres`, with `--features postgres`) of its own and pauses it with
 //! SIGSTOP, so the store keeps its connections and answers nothing: writes sent meanwhile land
-//! when it resumes. The shared Redis on 127.0.0.1:6379 is never touched.
+//! when it resumes. The shared servers on 6379 and 5432 are never touched.
 
 mod support;
 
@@ -20,7 +21,10 @@ use axum::routing::post;
 use http::header::CONTENT_TYPE;
 use http::{HeaderName, Method, StatusCode};
 use serde_json::Value;
-use support::private_redis::{RedisServer, TempDir, free_port};
+use support::free_port;
+#[cfg(feature = "postgres")]
+use support::private_postgres::PostgresServer;
+use support::private_redis::{RedisServer, TempDir};
 use support::{Reply, TestClient, serve};
 use tokio::sync::Notify;
 use tower_fhir_async::redis::AsyncCommands;
@@ -151,15 +155,87 @@ async fn stored_states(url: &str) -> BTreeMap<String, String> {
 // `transient`; no result is discarded; every kick-off answered `503` left no job behind, and its
 // retry with the same Idempotency-Key is accepted and runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn item_1_2_3_kick_offs_during_a_store_stall_run_once_or_not_at_all() {
+async fn item_1_2_3_kick_offs_during_a_redis_stall_run_once_or_not_at_all() {
     let dir = TempDir::new();
     let redis = Arc::new(RedisServer::start(free_port(), &dir.0).await);
     let store = tokio::time::timeout(10 * SECOND, RedisStore::connect(&redis.url()))
         .await
         .expect("connected within 10 s")
         .expect("connect to the private redis");
+    kick_offs_during_a_stall(redis, layer(store)).await;
+}
+
+// Issue #11 items 1, 2 and 3 on PostgreSQL, as above: here a late write and its take-back can
+// also travel on different pooled connections, so either may reach the server first.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn item_1_2_3_kick_offs_during_a_postgres_stall_run_once_or_not_at_all() {
+    use tower_fhir_async::PostgresStore;
+    use tower_fhir_async::store::sqlx::postgres::PgPoolOptions;
+    let server = Arc::new(PostgresServer::start().await);
+    let pool = PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&server.url())
+        .await
+        .expect("connect to the private PostgreSQL");
+    let store = PostgresStore::new(pool);
+    store.migrate().await.expect("create the jobs table");
+    kick_offs_during_a_stall(server, layer(store)).await;
+}
+
+/// A store server a test can pause and look into.
+trait Stalling: Send + Sync + 'static {
+    fn pause(&self);
+    fn resume(&self);
+    /// The ids of the job records that are jobs (not tombstones).
+    fn live_jobs(&self) -> impl Future<Output = BTreeSet<String>> + Send;
+}
+
+impl Stalling for RedisServer {
+    fn pause(&self) {
+        RedisServer::pause(self);
+    }
+    fn resume(&self) {
+        RedisServer::resume(self);
+    }
+    async fn live_jobs(&self) -> BTreeSet<String> {
+        stored_states(&self.url())
+            .await
+            .into_iter()
+            .filter(|(_, state)| state != "abandoned")
+            .map(|(key, _)| key.rsplit(':').next().unwrap_or_default().to_owned())
+            .collect()
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl Stalling for PostgresServer {
+    fn pause(&self) {
+        PostgresServer::pause(self);
+    }
+    fn resume(&self) {
+        PostgresServer::resume(self);
+    }
+    async fn live_jobs(&self) -> BTreeSet<String> {
+        use tower_fhir_async::store::sqlx::{self, Row};
+        let pool = sqlx::PgPool::connect(&self.url())
+            .await
+            .expect("connect to the private PostgreSQL");
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT id FROM {} WHERE state <> 'abandoned'",
+            tower_fhir_async::PostgresStore::DEFAULT_TABLE
+        )))
+        .fetch_all(&pool)
+        .await
+        .expect("read the jobs table");
+        pool.close().await;
+        rows.iter().map(|row| row.get::<String, _>(0)).collect()
+    }
+}
+
+async fn kick_offs_during_a_stall<P: Stalling>(redis: Arc<P>, layer: AsyncLayer) {
     let ran = Ran::default();
-    let addr = serve(app(layer(store), ran.clone(), Duration::from_millis(20))).await;
+    let addr = serve(app(layer, ran.clone(), Duration::from_millis(20))).await;
     let base = format!("http://{addr}/fhir");
     let client = TestClient::default();
 
@@ -308,12 +384,7 @@ async fn item_1_2_3_kick_offs_during_a_store_stall_run_once_or_not_at_all() {
     let given: BTreeSet<String> = finals.keys().map(JobId::to_string).collect();
     let deadline = Instant::now() + SETTLE;
     let live = loop {
-        let live: BTreeSet<String> = stored_states(&redis.url())
-            .await
-            .into_iter()
-            .filter(|(_, state)| state != "abandoned")
-            .map(|(key, _)| key.rsplit(':').next().unwrap_or_default().to_owned())
-            .collect();
+        let live = redis.live_jobs().await;
         if live == given || Instant::now() >= deadline {
             break live;
         }

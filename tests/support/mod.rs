@@ -16,7 +16,14 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 use tokio::net::TcpListener;
 
+pub mod private_postgres;
 pub mod private_redis;
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local addr").port()
+}
 
 /// Serves `app` (an axum Router, already layered) on 127.0.0.1:0 until the test ends.
 pub async fn serve(app: Router) -> SocketAddr {

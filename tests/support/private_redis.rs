@@ -158,9 +158,3 @@ pub async fn ping(port: u16) -> bool {
     };
     matches!(tokio::time::timeout(SECOND, exchange).await, Ok(Ok(true)))
 }
-
-/// A port on 127.0.0.1 that was free a moment ago.
-pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local addr").port()
-}
