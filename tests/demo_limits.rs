@@ -137,11 +137,6 @@ async fn status_6_tight_polling_gets_429_and_polite_polling_never_does() {
         }
     }
     assert!(throttled > 0, "20 back-to-back polls were all answered 202");
-    assert_eq!(
-        client.get(&tight).await.status,
-        StatusCode::TOO_MANY_REQUESTS,
-        "still too fast"
-    );
 
     let polite = kick_off(&client, &demo, None).await;
     assert_eq!(polite.status, StatusCode::ACCEPTED, "{polite:?}");
