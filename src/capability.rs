@@ -28,7 +28,8 @@ use tower_service::Service;
 
 use crate::body::OwnBody;
 use crate::future::add_vary_prefer;
-use crate::layer::{Config, RequestHead, Shared};
+use crate::config::{Config, RequestHead};
+use crate::state::Shared;
 use crate::media;
 use crate::store::BoxError;
 

@@ -26,3 +26,8 @@ impl Clock {
         self.anchor_wall + self.anchor.elapsed()
     }
 }
+
+/// `now + after`, saturating far in the future instead of overflowing.
+pub(crate) fn later(now: SystemTime, after: std::time::Duration) -> SystemTime {
+    now.checked_add(after).unwrap_or(now)
+}

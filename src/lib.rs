@@ -52,11 +52,13 @@
 mod admission;
 mod audit;
 mod body;
+mod builder;
 mod bulk;
 mod bundle;
 mod caller;
 mod capability;
 mod clock;
+mod config;
 mod context;
 mod future;
 mod job;
@@ -70,6 +72,7 @@ mod routes;
 mod runner;
 mod service;
 mod shutdown;
+mod state;
 pub mod store;
 mod throttle;
 mod watcher;
@@ -80,9 +83,9 @@ pub use caller::caller_digest;
 pub use context::JobContext;
 pub use future::ResponseFuture;
 pub use job::{InvalidJobId, JobId, JobKind, JobOutcome, JobRecord, JobState, StoredResponse};
-pub use layer::{
-    AsyncLayer, AsyncLayerBuilder, BuildError, BulkWithoutPrefer, CompletionMode, RequestHead,
-};
+pub use builder::{AsyncLayerBuilder, BuildError};
+pub use config::{BulkWithoutPrefer, CompletionMode, RequestHead};
+pub use layer::AsyncLayer;
 /// The `object_store` crate bulk data files are kept with, so that a store you build yourself
 /// (`LocalFileSystem`, S3, …) is of the matching version.
 pub use object_store;

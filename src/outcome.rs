@@ -120,6 +120,19 @@ pub(crate) fn delta_seconds(after: Duration) -> HeaderValue {
     HeaderValue::from(after.as_secs().max(1))
 }
 
+/// A response the layer writes itself: `status` + OperationOutcome.
+pub(crate) fn synthesized(
+    status: StatusCode,
+    code: IssueCode,
+    diagnostics: &str,
+) -> crate::job::StoredResponse {
+    crate::job::StoredResponse {
+        status,
+        headers: vec![(http::header::CONTENT_TYPE, FHIR_JSON)],
+        body: operation_outcome_bytes(code, diagnostics),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,7 +17,8 @@ use crate::body::OwnBody;
 use crate::bulk::{self, files};
 use crate::bundle;
 use crate::job::{JobId, JobKind, JobRecord, JobState};
-use crate::layer::{CompletionMode, RequestHead, Shared};
+use crate::config::{CompletionMode, RequestHead};
+use crate::state::Shared;
 use crate::outcome::{
     self, FHIR_JSON, IssueCode, NO_STORE, delta_seconds, error_response, job_not_found,
 };

@@ -4,7 +4,7 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -23,12 +23,12 @@ use tracing::Instrument;
 use crate::admission::Admission;
 use crate::body::RequestBody;
 use crate::bulk::{self, export::ExportSpec};
-use crate::clock::Clock;
+use crate::clock::{Clock, later};
 use crate::context::JobShared;
 use crate::job::{JobId, JobOutcome, JobRecord, JobState, StoredResponse};
-use crate::layer::Shared;
+use crate::state::Shared;
 use crate::meters;
-use crate::outcome::{FHIR_JSON, IssueCode, operation_outcome_bytes};
+use crate::outcome::{IssueCode, synthesized};
 use crate::store::{BoxError, Created, DynStore, StoreError};
 
 /// Inner response headers worth keeping with a result; the rest are hop-by-hop, recomputed,
@@ -629,24 +629,6 @@ async fn refused(runner: &Runner, id: &JobId) {
             "asynchronous job finished after it was cancelled; its result was dropped"
         ),
     }
-}
-
-/// A response the layer writes itself: `status` + OperationOutcome.
-pub(crate) fn synthesized(
-    status: StatusCode,
-    code: IssueCode,
-    diagnostics: &str,
-) -> StoredResponse {
-    StoredResponse {
-        status,
-        headers: vec![(header::CONTENT_TYPE, FHIR_JSON)],
-        body: operation_outcome_bytes(code, diagnostics),
-    }
-}
-
-/// `now + after`, saturating far in the future instead of overflowing.
-pub(crate) fn later(now: SystemTime, after: Duration) -> SystemTime {
-    now.checked_add(after).unwrap_or(now)
 }
 
 /// Records a job's outcome, trying again a few times while the store is unavailable; `false`

@@ -4,7 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::layer::Shared;
+use crate::state::Shared;
 
 /// Shuts an [`AsyncLayer`](crate::AsyncLayer) down gracefully. Cheap to clone.
 ///

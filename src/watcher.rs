@@ -18,9 +18,10 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::job::JobId;
 use crate::job::JobOutcome;
-use crate::layer::Shared;
+use crate::state::Shared;
 use crate::outcome::IssueCode;
-use crate::runner::{later, synthesized};
+use crate::clock::later;
+use crate::outcome::synthesized;
 use crate::store::{Changes, StoreError};
 
 /// Starts the watcher of `shared` unless it runs already. Needs a tokio runtime.

@@ -20,10 +20,10 @@ use super::{ExportParams, FileEntry, ManifestHead, manifest};
 use crate::body::RequestBody;
 use crate::context::JobShared;
 use crate::job::{JobOutcome, StoredResponse};
-use crate::layer::Shared;
+use crate::state::Shared;
 use crate::media;
 use crate::outcome::{IssueCode, operation_outcome};
-use crate::runner::synthesized;
+use crate::outcome::synthesized;
 use crate::store::BoxError;
 
 /// How often (in resources) progress is reported.
