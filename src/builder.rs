@@ -39,7 +39,7 @@ const KICKOFF_WAIT: Duration = Duration::from_millis(50);
 /// Erases the store once its operation deadline is known.
 pub(crate) type MakeStore = Box<dyn FnOnce(Duration) -> Arc<dyn DynStore> + Send>;
 
-/// Configures an [`AsyncLayer`]. Setters consume and return the builder.
+/// Configures an [`AsyncLayer`](crate::AsyncLayer). Setters consume and return the builder.
 ///
 /// | setting | default |
 /// |---|---|
@@ -749,7 +749,7 @@ impl AsyncLayerBuilder {
                 CallerKey::random()
             }
         };
-        let config = Config {
+        let config = Arc::new(Config {
             public_base,
             scheme: self.scheme,
             route_prefix: format!("{base_path}{status_path}"),
@@ -773,9 +773,15 @@ impl AsyncLayerBuilder {
             kickoff_wait: self.kickoff_wait,
             bulk_without_prefer: self.bulk_without_prefer,
             store_timeout: self.store_timeout,
-        };
+        });
         let store = (self.store)(self.store_timeout);
-        let runner = Runner::new(store, Clock::new(), instance, self.lease);
+        let runner = Arc::new(Runner::new(
+            config.clone(),
+            store,
+            Clock::new(),
+            instance,
+            self.lease,
+        ));
         let quotas = Quotas::new(self.max_running_jobs, self.max_jobs_per_caller);
         let polls = self.min_poll_interval.map(PollThrottle::new);
         Ok(Arc::new(Shared {
@@ -840,7 +846,7 @@ fn check_path(path: &str, name: &str, may_be_empty: bool) -> Result<String, Buil
     }
 }
 
-/// An invalid [`AsyncLayer`] configuration; the message names the setting.
+/// An invalid [`AsyncLayer`](crate::AsyncLayer) configuration; the message names the setting.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuildError(String);
 
@@ -869,7 +875,10 @@ mod tests {
 
     #[test]
     fn base_url_sets_the_base_path() {
-        let layer = builder().base_url("https://fhir.example.org/fhir/").assemble().unwrap();
+        let layer = builder()
+            .base_url("https://fhir.example.org/fhir/")
+            .assemble()
+            .unwrap();
         let config = &layer.config;
         assert_eq!(
             config.public_base.as_deref(),
@@ -954,7 +963,11 @@ mod tests {
 
     #[test]
     fn derived_base_uses_host_and_scheme() {
-        let layer = builder().scheme("https").base_path("/fhir").assemble().unwrap();
+        let layer = builder()
+            .scheme("https")
+            .base_path("/fhir")
+            .assemble()
+            .unwrap();
         let config = &layer.config;
         let mut headers = HeaderMap::new();
         headers.insert(http::header::HOST, "example.org:8443".parse().unwrap());
@@ -989,4 +1002,3 @@ mod tests {
         assert!(check(Method::POST, "/fhir/metadata"));
     }
 }
-

@@ -27,10 +27,10 @@ use serde_json::value::RawValue;
 use tower_service::Service;
 
 use crate::body::OwnBody;
-use crate::future::add_vary_prefer;
 use crate::config::{Config, RequestHead};
-use crate::state::Shared;
+use crate::future::add_vary_prefer;
 use crate::media;
+use crate::state::Shared;
 use crate::store::BoxError;
 
 /// The extension's URL (EXT).

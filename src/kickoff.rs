@@ -16,15 +16,15 @@ use crate::admission::Refusal;
 use crate::audit::{self, Action};
 use crate::body::RequestBody;
 use crate::bulk::{self, export::ExportSpec};
+use crate::config::RequestHead;
 use crate::context::{JobContext, JobShared};
 use crate::future::add_vary_prefer;
 use crate::job::{JobId, JobKind, JobRecord, JobState};
-use crate::config::RequestHead;
-use crate::state::Shared;
 use crate::media;
 use crate::outcome::{self, IssueCode, NO_STORE, error_response};
 use crate::prefer::{self, AsyncPreferences, PREFERENCE_APPLIED};
 use crate::runner::{self, Work};
+use crate::state::Shared;
 use crate::store::{BoxError, Created, FullScope, MAX_IDEMPOTENCY_KEY_LEN, StoreError};
 use crate::watcher;
 
@@ -207,7 +207,7 @@ where
     // KICK-9: the job is recorded before the 202, so the first poll can never 404.
     let (recorded, was_recorded) = oneshot::channel();
     runner::spawn(
-        shared.clone(),
+        shared.runner.clone(),
         job,
         (record, work, once),
         admission,

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use crate::bulk::files;
 use crate::builder::{AsyncLayerBuilder, BuildError};
+use crate::bulk::files;
 use crate::service::AsyncService;
 use crate::shutdown::ShutdownHandle;
 use crate::state::Shared;

@@ -78,13 +78,13 @@ mod throttle;
 mod watcher;
 
 pub use body::{RequestBody, ResponseBody};
+pub use builder::{AsyncLayerBuilder, BuildError};
 pub use bulk::ManifestFormat;
 pub use caller::caller_digest;
+pub use config::{BulkWithoutPrefer, CompletionMode, RequestHead};
 pub use context::JobContext;
 pub use future::ResponseFuture;
 pub use job::{InvalidJobId, JobId, JobKind, JobOutcome, JobRecord, JobState, StoredResponse};
-pub use builder::{AsyncLayerBuilder, BuildError};
-pub use config::{BulkWithoutPrefer, CompletionMode, RequestHead};
 pub use layer::AsyncLayer;
 /// The `object_store` crate bulk data files are kept with, so that a store you build yourself
 /// (`LocalFileSystem`, S3, …) is of the matching version.

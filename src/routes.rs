@@ -16,13 +16,13 @@ use crate::audit::{self, Action};
 use crate::body::OwnBody;
 use crate::bulk::{self, files};
 use crate::bundle;
-use crate::job::{JobId, JobKind, JobRecord, JobState};
 use crate::config::{CompletionMode, RequestHead};
-use crate::state::Shared;
+use crate::job::{JobId, JobKind, JobRecord, JobState};
 use crate::outcome::{
     self, FHIR_JSON, IssueCode, NO_STORE, delta_seconds, error_response, job_not_found,
 };
 use crate::prefer;
+use crate::state::Shared;
 use crate::watcher;
 
 /// The `X-Progress` response header (STATUS-4).

@@ -24,9 +24,9 @@ use crate::admission::Admission;
 use crate::body::RequestBody;
 use crate::bulk::{self, export::ExportSpec};
 use crate::clock::{Clock, later};
+use crate::config::Config;
 use crate::context::JobShared;
 use crate::job::{JobId, JobOutcome, JobRecord, JobState, StoredResponse};
-use crate::state::Shared;
 use crate::meters;
 use crate::outcome::{IssueCode, synthesized};
 use crate::store::{BoxError, Created, DynStore, StoreError};
@@ -53,6 +53,7 @@ const ABANDON_ATTEMPTS: u32 = 240;
 const RECORD_ATTEMPTS: u32 = 12;
 
 pub(crate) struct Runner {
+    pub(crate) config: Arc<Config>,
     pub(crate) store: Arc<dyn DynStore>,
     pub(crate) clock: Clock,
     pub(crate) instance: Box<str>,
@@ -71,12 +72,14 @@ pub(crate) struct Runner {
 
 impl Runner {
     pub(crate) fn new(
+        config: Arc<Config>,
         store: Arc<dyn DynStore>,
         clock: Clock,
         instance: String,
         lease: Duration,
     ) -> Self {
         Self {
+            config,
             store,
             clock,
             instance: instance.into_boxed_str(),
@@ -225,7 +228,7 @@ pub(crate) enum Work {
 /// runs it only if recording succeeded. Recording inside the task means a kick-off that is dropped
 /// (the client went away) can never leave a recorded job that nobody runs.
 pub(crate) fn spawn<S, ReqB, ResB>(
-    shared: Arc<Shared>,
+    runner: Arc<Runner>,
     job: Arc<JobShared>,
     (record, work, once): (JobRecord, Work, Option<String>),
     admission: Admission,
@@ -243,22 +246,18 @@ pub(crate) fn spawn<S, ReqB, ResB>(
     // The path only: queries can carry patient data, and logs are no place for it.
     let path = record.target.split('?').next().unwrap_or_default();
     let span = tracing::info_span!("fhir_async_job", job.id = %job.id, http.method = %record.method, http.path = %path);
-    let tracker = shared.runner.tracker.clone();
+    let tracker = runner.tracker.clone();
     let task = async move {
         // However the task ends (even by a panic), the job leaves the registry.
         job.hold(admission);
         let _registered = Registered {
-            shared: shared.clone(),
+            runner: runner.clone(),
             job: job.clone(),
         };
-        let store = &shared.runner.store;
+        let store = &runner.store;
         let created = match &once {
             // Idempotent kick-off: a repeat of a live job names that job instead.
-            Some(key) => {
-                store
-                    .create_once(record, key, shared.runner.clock.now())
-                    .await
-            }
+            Some(key) => store.create_once(record, key, runner.clock.now()).await,
             None => store.create(record).await.map(|()| Created::New),
         };
         let created = match created {
@@ -268,7 +267,7 @@ pub(crate) fn spawn<S, ReqB, ResB>(
                 let _ = recorded.send(Err(error));
                 // The write may still land (a stalled store answers later): take it back, so
                 // that a kick-off answered with an error leaves no job behind.
-                abandon(&shared, &job.id).await;
+                abandon(&runner, &job.id).await;
                 return;
             }
             // Refused by the store itself (a cap, a taken id): nothing was written.
@@ -286,33 +285,33 @@ pub(crate) fn spawn<S, ReqB, ResB>(
         if recorded.send(Ok(Created::New)).is_err() {
             // The kick-off was dropped before it could answer (the client went away, or a
             // timeout fired): nobody has the status URL, and a retry must not run the work twice.
-            abandon(&shared, &job.id).await;
+            abandon(&runner, &job.id).await;
             tracing::info!("kick-off abandoned before its answer; the job was dropped");
             return;
         }
         tracing::info!("asynchronous job accepted");
-        run(shared.clone(), job, inner, request, work).await;
+        run(runner.clone(), job, inner, request, work).await;
     };
     tracker.spawn(task.instrument(span));
 }
 
 /// Removes a job from the registry when its task ends.
 struct Registered {
-    shared: Arc<Shared>,
+    runner: Arc<Runner>,
     job: Arc<JobShared>,
 }
 
 impl Drop for Registered {
     fn drop(&mut self) {
         self.job.release();
-        self.shared.runner.unregister(&self.job.id);
+        self.runner.unregister(&self.job.id);
         self.job.mark_changed();
     }
 }
 
 /// One job, from start to its recorded outcome.
 async fn run<S, ReqB, ResB>(
-    shared: Arc<Shared>,
+    runner: Arc<Runner>,
     job: Arc<JobShared>,
     inner: S,
     request: Request<RequestBody<ReqB>>,
@@ -323,9 +322,9 @@ async fn run<S, ReqB, ResB>(
     ResB: Body<Data = Bytes>,
     ResB::Error: Into<BoxError>,
 {
-    let runner = &shared.runner;
+    let config = &runner.config;
     let id = job.id;
-    match Box::pin(start(&shared, &job)).await {
+    match Box::pin(start(&runner, &job)).await {
         Start::Started => job.mark_started(),
         Start::Gone => {
             tracing::info!("asynchronous job cancelled before it started");
@@ -343,7 +342,7 @@ async fn run<S, ReqB, ResB>(
                 "The job store was unavailable when this job was to start, so the request was not run. Send it \
                  again.",
             ));
-            Box::pin(record(&shared, id, outcome)).await;
+            Box::pin(record(&runner, id, outcome)).await;
             metrics::counter!(meters::FINISHED, "outcome" => "not-started").increment(1);
             return;
         }
@@ -352,15 +351,18 @@ async fn run<S, ReqB, ResB>(
     let started = tokio::time::Instant::now();
     let is_bulk = matches!(work, Work::Bulk(_));
     let execution = match work {
-        Work::Interaction => {
-            Either::Left(execute(&job, inner, request, shared.config.result_limit))
-        }
+        Work::Interaction => Either::Left(execute(&job, inner, request, config.result_limit)),
         // Boxed: an export's state is large, and an interaction job should not carry its size.
         Work::Bulk(spec) => Either::Right(Box::pin(bulk::export::execute(
-            &shared, &job, spec, inner, request,
+            config,
+            runner.clock,
+            &job,
+            spec,
+            inner,
+            request,
         ))),
     };
-    let execution = guarded(execution, shared.config.max_run_time);
+    let execution = guarded(execution, config.max_run_time);
     let outcome = tokio::select! {
         biased;
         () = job.cancel.cancelled() => None,
@@ -382,7 +384,7 @@ async fn run<S, ReqB, ResB>(
     };
     let failed = matches!(outcome, JobOutcome::Failed(_));
     // Boxed: recording (with its retries) happens once, at the end; running jobs need not carry it.
-    let recorded = Box::pin(record(&shared, id, outcome)).await;
+    let recorded = Box::pin(record(&runner, id, outcome)).await;
     finished(
         match (recorded, failed) {
             (false, _) => "lost",
@@ -393,7 +395,7 @@ async fn run<S, ReqB, ResB>(
     );
     if !recorded && is_bulk {
         // Cancelled meanwhile, or the outcome is lost: its files must not outlive it.
-        bulk::files::remove_job(&shared.config.bulk, &id).await;
+        bulk::files::remove_job(&config.bulk, &id).await;
     }
 }
 
@@ -410,8 +412,7 @@ enum Start {
 /// Records `Accepted → Running` here, trying again while the store is unavailable, for at most
 /// half a lease from now: past the lease, other instances would take an unstarted job for one
 /// whose instance died, and fail it.
-async fn start(shared: &Shared, job: &JobShared) -> Start {
-    let runner = &shared.runner;
+async fn start(runner: &Runner, job: &JobShared) -> Start {
     let give_up = tokio::time::Instant::now() + runner.lease / 2;
     let mut delay = Duration::from_millis(50);
     let mut failed_before = false;
@@ -454,10 +455,9 @@ async fn start(shared: &Shared, job: &JobShared) -> Start {
 
 /// Takes back a job whose kick-off was not answered `202`, trying again while the store is
 /// unavailable (see [`JobStore::abandon`](crate::store::JobStore::abandon)).
-async fn abandon(shared: &Shared, id: &JobId) {
-    let runner = &shared.runner;
+async fn abandon(runner: &Runner, id: &JobId) {
     // The marker must outlive any write still in flight; a day (or the retention) is ample.
-    let keep = shared.config.retention.max(Duration::from_secs(3600));
+    let keep = runner.config.retention.max(Duration::from_secs(3600));
     // Short delays: the record may be visible (and its idempotency key taken) until this lands,
     // so it should land as soon as the store answers again.
     let mut delay = Duration::from_millis(50);
@@ -633,15 +633,14 @@ async fn refused(runner: &Runner, id: &JobId) {
 
 /// Records a job's outcome, trying again a few times while the store is unavailable; `false`
 /// when it was not recorded (cancelled meanwhile, or the store kept failing).
-async fn record(shared: &Shared, id: JobId, outcome: JobOutcome) -> bool {
-    let runner = &shared.runner;
+async fn record(runner: &Runner, id: JobId, outcome: JobOutcome) -> bool {
     let status = match &outcome {
         JobOutcome::Completed(r) | JobOutcome::Failed(r) => r.status.as_u16(),
     };
     let mut delay = Duration::from_millis(100);
     for attempt in 1..=RECORD_ATTEMPTS {
         let now = runner.clock.now();
-        let expires_at = later(now, shared.config.retention);
+        let expires_at = later(now, runner.config.retention);
         match runner
             .store
             .finish(&id, outcome.clone(), now, expires_at)

@@ -12,12 +12,12 @@ use tower_service::Service;
 use crate::body::{OwnBody, RequestBody, ResponseBody};
 use crate::bulk;
 use crate::capability;
+use crate::config::{BulkWithoutPrefer, RequestHead};
 use crate::future::ResponseFuture;
 use crate::kickoff::kick_off;
-use crate::config::{BulkWithoutPrefer, RequestHead};
-use crate::state::Shared;
 use crate::prefer::{self, AsyncPreferences};
 use crate::routes;
+use crate::state::Shared;
 use crate::store::BoxError;
 
 /// The service [`AsyncLayer`](crate::AsyncLayer) makes: the FHIR service `S` with the

@@ -10,8 +10,8 @@ use crate::throttle::PollThrottle;
 
 /// What every clone of the service shares: configuration and the job runner.
 pub(crate) struct Shared {
-    pub(crate) config: Config,
-    pub(crate) runner: Runner,
+    pub(crate) config: Arc<Config>,
+    pub(crate) runner: Arc<Runner>,
     pub(crate) quotas: Arc<Quotas>,
     pub(crate) polls: Option<PollThrottle>,
 }

@@ -16,12 +16,12 @@ use futures_util::StreamExt;
 use http::StatusCode;
 use tokio::time::{Instant, MissedTickBehavior};
 
+use crate::clock::later;
 use crate::job::JobId;
 use crate::job::JobOutcome;
-use crate::state::Shared;
 use crate::outcome::IssueCode;
-use crate::clock::later;
 use crate::outcome::synthesized;
+use crate::state::Shared;
 use crate::store::{Changes, StoreError};
 
 /// Starts the watcher of `shared` unless it runs already. Needs a tokio runtime.

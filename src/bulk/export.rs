@@ -18,12 +18,13 @@ use tower_service::Service;
 use super::files::{FileSet, is_resource_type};
 use super::{ExportParams, FileEntry, ManifestHead, manifest};
 use crate::body::RequestBody;
+use crate::clock::Clock;
+use crate::config::Config;
 use crate::context::JobShared;
 use crate::job::{JobOutcome, StoredResponse};
-use crate::state::Shared;
 use crate::media;
-use crate::outcome::{IssueCode, operation_outcome};
 use crate::outcome::synthesized;
+use crate::outcome::{IssueCode, operation_outcome};
 use crate::store::BoxError;
 
 /// How often (in resources) progress is reported.
@@ -44,7 +45,8 @@ pub(crate) struct ExportSpec {
 /// Runs one export to its outcome: the manifest (`200`, `application/json`, BULK-8), or a
 /// failure as status + OperationOutcome (BULK-6).
 pub(crate) async fn execute<S, ReqB, ResB>(
-    shared: &Shared,
+    layer: &Config,
+    clock: Clock,
     job: &JobShared,
     spec: ExportSpec,
     inner: S,
@@ -56,19 +58,19 @@ where
     ResB: Body<Data = Bytes>,
     ResB::Error: Into<BoxError>,
 {
-    let config = &shared.config.bulk;
+    let config = &layer.bulk;
     // BULK-9: the time the query runs; the wrapped service answers from here on.
-    let transaction_time = shared.runner.clock.now();
+    let transaction_time = clock.now();
     let mut export = Export {
         files: FileSet::new(config, &job.id, &spec.params),
         job,
-        line_limit: shared.config.result_limit,
+        line_limit: layer.result_limit,
         total: None,
         reported: 0,
     };
     let origins = Origins {
         public_base: &spec.public_base,
-        inner_base_path: &shared.config.base_path,
+        inner_base_path: &layer.base_path,
     };
     if let Err(failure) = export.run(inner, request, &origins).await {
         return JobOutcome::Failed(failure);
