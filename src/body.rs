@@ -8,7 +8,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use pin_project_lite::pin_project;
 
-use crate::store::BoxError;
+use crate::BoxError;
 
 pin_project! {
     /// The body of a request the inner service receives.

@@ -26,12 +26,12 @@ use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 use tower_service::Service;
 
+use crate::BoxError;
 use crate::body::OwnBody;
 use crate::config::{Config, RequestHead};
 use crate::future::add_vary_prefer;
 use crate::media;
 use crate::state::Shared;
-use crate::store::BoxError;
 
 /// The extension's URL (EXT).
 const SYNCHRONICITY_CONTROL: &str = "http://hl7.org/fhir/StructureDefinition/synchronicity-control";

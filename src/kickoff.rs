@@ -12,6 +12,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::sync::oneshot;
 use tower_service::Service;
 
+use crate::BoxError;
 use crate::admission::Refusal;
 use crate::audit::{self, Action};
 use crate::body::RequestBody;
@@ -23,9 +24,9 @@ use crate::job::{JobId, JobKind, JobRecord, JobState};
 use crate::media;
 use crate::outcome::{self, IssueCode, NO_STORE, error_response};
 use crate::prefer::{self, AsyncPreferences, PREFERENCE_APPLIED};
-use crate::runner::{self, Work};
+use crate::runner::{self, NewJob, Work};
 use crate::state::Shared;
-use crate::store::{BoxError, Created, FullScope, MAX_IDEMPOTENCY_KEY_LEN, StoreError};
+use crate::store::{Created, FullScope, MAX_IDEMPOTENCY_KEY_LEN, StoreError};
 use crate::watcher;
 
 /// How long a client should wait before retrying a refused kick-off.
@@ -209,8 +210,12 @@ where
     runner::spawn(
         shared.runner.clone(),
         job,
-        (record, work, once),
-        admission,
+        NewJob {
+            record,
+            work,
+            once,
+            admission,
+        },
         recorded,
         inner,
         replay,

@@ -77,6 +77,10 @@ pub mod store;
 mod throttle;
 mod watcher;
 
+/// A boxed error: what the layer's bodies, the wrapped service's errors and the stores' client
+/// libraries are reduced to.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 pub use body::{RequestBody, ResponseBody};
 pub use builder::{AsyncLayerBuilder, BuildError};
 pub use bulk::ManifestFormat;

@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use tower_service::Service;
 use tracing::Instrument;
 
+use crate::BoxError;
 use crate::admission::Admission;
 use crate::body::RequestBody;
 use crate::bulk::{self, export::ExportSpec};
@@ -29,7 +30,7 @@ use crate::context::JobShared;
 use crate::job::{JobId, JobOutcome, JobRecord, JobState, StoredResponse};
 use crate::meters;
 use crate::outcome::{IssueCode, synthesized};
-use crate::store::{BoxError, Created, DynStore, StoreError};
+use crate::store::{Created, DynStore, StoreError};
 
 /// Inner response headers worth keeping with a result; the rest are hop-by-hop, recomputed,
 /// or (like `Set-Cookie`) must not be stored.
@@ -224,14 +225,22 @@ pub(crate) enum Work {
     Bulk(ExportSpec),
 }
 
+/// What a kick-off hands the runner besides the request: the record to create, the work to do,
+/// the idempotency key it is created under, and its place under the quotas.
+pub(crate) struct NewJob {
+    pub(crate) record: JobRecord,
+    pub(crate) work: Work,
+    pub(crate) once: Option<String>,
+    pub(crate) admission: Admission,
+}
+
 /// Spawns a registered job: the task records it, reports the store's answer on `recorded`, and
 /// runs it only if recording succeeded. Recording inside the task means a kick-off that is dropped
 /// (the client went away) can never leave a recorded job that nobody runs.
 pub(crate) fn spawn<S, ReqB, ResB>(
     runner: Arc<Runner>,
     job: Arc<JobShared>,
-    (record, work, once): (JobRecord, Work, Option<String>),
-    admission: Admission,
+    new: NewJob,
     recorded: oneshot::Sender<Result<Created, StoreError>>,
     inner: S,
     request: Request<RequestBody<ReqB>>,
@@ -243,6 +252,12 @@ pub(crate) fn spawn<S, ReqB, ResB>(
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
+    let NewJob {
+        record,
+        work,
+        once,
+        admission,
+    } = new;
     // The path only: queries can carry patient data, and logs are no place for it.
     let path = record.target.split('?').next().unwrap_or_default();
     let span = tracing::info_span!("fhir_async_job", job.id = %job.id, http.method = %record.method, http.path = %path);

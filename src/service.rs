@@ -9,6 +9,7 @@ use http::{Method, Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
+use crate::BoxError;
 use crate::body::{OwnBody, RequestBody, ResponseBody};
 use crate::bulk;
 use crate::capability;
@@ -18,7 +19,6 @@ use crate::kickoff::kick_off;
 use crate::prefer::{self, AsyncPreferences};
 use crate::routes;
 use crate::state::Shared;
-use crate::store::BoxError;
 
 /// The service [`AsyncLayer`](crate::AsyncLayer) makes: the FHIR service `S` with the
 /// asynchronous request patterns added.

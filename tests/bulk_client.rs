@@ -13,22 +13,19 @@
 //!
 //! Every wait is bounded and nothing asserts how fast anything happened.
 
+#[path = "support/demo.rs"]
+mod demo;
 mod support;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::io::BufRead;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant, SystemTime};
 
+use demo::Demo;
 use futures_util::future::join_all;
 use http::{Method, StatusCode, Uri};
 use serde_json::{Value, json};
 use support::{Reply, TestClient};
 
-/// For the demo to say where it listens.
-const START_WAIT: Duration = Duration::from_secs(30);
 /// The longest one wait between polls may be, whatever `Retry-After` says (clients cap it too).
 const POLL_WAIT_CAP: Duration = Duration::from_secs(10);
 /// How long one export may take from kick-off to manifest.
@@ -49,157 +46,6 @@ const SMALL_FILES: usize = 20_000;
 
 // ---------------------------------------------------------------------------------------------
 // The demo server
-
-/// The demo server, run as a child process; killed and reaped when dropped.
-struct Demo {
-    child: Child,
-    base: String,
-    log: Arc<Mutex<VecDeque<String>>>,
-}
-
-impl Demo {
-    /// Starts `examples/server` on a free port with `extra` flags, and waits for it to listen.
-    fn start(extra: &[&str]) -> Self {
-        let path = demo_binary();
-        let mut child = Command::new(&path)
-            .args(["--addr", "127.0.0.1:0"])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|err| panic!("starting {}: {err}", path.display()));
-
-        // Its log, kept for failure messages; read on a thread so that the demo never blocks.
-        let log = Arc::new(Mutex::new(VecDeque::new()));
-        let stderr = child.stderr.take().expect("piped stderr");
-        let lines = log.clone();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { return };
-                let mut lines = lines.lock().unwrap();
-                if lines.len() == 200 {
-                    lines.pop_front();
-                }
-                lines.push_back(line);
-            }
-        });
-        // Its first line of stdout names the address; the rest is read and dropped.
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (first_tx, first_rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = std::io::BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = first_tx.send(line);
-            }
-            lines.for_each(drop);
-        });
-        let mut demo = Self {
-            child,
-            base: String::new(),
-            log,
-        };
-        let first = first_rx.recv_timeout(START_WAIT).unwrap_or_else(|err| {
-            panic!(
-                "the demo server did not say where it listens ({err}); its log:\n{}",
-                demo.log_tail()
-            )
-        });
-        let base = first
-            .strip_prefix("listening on ")
-            .filter(|base| base.starts_with("http://127.0.0.1:") && base.ends_with("/fhir"))
-            .unwrap_or_else(|| {
-                panic!(
-                    "the demo's first line is {first:?}, not `listening on http://ADDR/fhir`; its \
-                     log:\n{}",
-                    demo.log_tail()
-                )
-            });
-        demo.base = base.to_owned();
-        demo
-    }
-
-    fn log_tail(&self) -> String {
-        let lines = self.log.lock().unwrap();
-        lines.iter().cloned().collect::<Vec<_>>().join("\n")
-    }
-}
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        // Also when a test panics: no server may outlive its test. Errors mean it is gone.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("the demo server's log:\n{}", self.log_tail());
-        }
-    }
-}
-
-/// `<target>/<profile>/examples/server`, checked to be newer than the sources it is built from:
-/// a stale demo would test old code.
-fn demo_binary() -> PathBuf {
-    // The test binary is `<target>/<profile>/deps/bulk_client-…`.
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let path = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|profile| {
-            profile
-                .join("examples")
-                .join(format!("server{}", std::env::consts::EXE_SUFFIX))
-        })
-        .expect("the test binary lives in <target>/<profile>/deps");
-    let built = std::fs::metadata(&path)
-        .and_then(|meta| meta.modified())
-        .unwrap_or_else(|err| {
-            panic!(
-                "the demo server is not built at {} ({err}): run `cargo build --example server` \
-                 (plain `cargo test` builds it; `cargo test --test bulk_client` does not)",
-                path.display()
-            )
-        });
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let newest = [root.join("src"), root.join("examples")]
-        .iter()
-        .filter_map(|dir| newest_source(dir))
-        .max_by_key(|(modified, _)| *modified);
-    if let Some((modified, source)) = newest {
-        assert!(
-            modified <= built,
-            "the demo server at {} is older than {}: run `cargo build --example server` first",
-            path.display(),
-            source.display()
-        );
-    }
-    path
-}
-
-/// The most recently modified `.rs` file under `dir`.
-fn newest_source(dir: &Path) -> Option<(SystemTime, PathBuf)> {
-    let mut newest: Option<(SystemTime, PathBuf)> = None;
-    for entry in std::fs::read_dir(dir).ok()?.flatten() {
-        let path = entry.path();
-        let found = if path.is_dir() {
-            newest_source(&path)
-        } else if path.extension().is_some_and(|ext| ext == "rs") {
-            entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .map(|t| (t, path))
-        } else {
-            None
-        };
-        if let Some(found) = found {
-            if newest.as_ref().is_none_or(|(t, _)| found.0 > *t) {
-                newest = Some(found);
-            }
-        }
-    }
-    newest
-}
 
 // ---------------------------------------------------------------------------------------------
 // What a client sees of resources

@@ -36,7 +36,7 @@ fn slow_head() -> Vec<u8> {
 // nothing at all is closed too; the server goes on serving others.
 #[tokio::test]
 async fn sec_7_slow_and_silent_connections_are_closed_after_the_header_timeout() {
-    let demo = Demo::start(&["--header-timeout", "500ms"]);
+    let demo = Demo::start(&["--patients", "20", "--header-timeout", "500ms"]);
 
     let head = slow_head();
     let stream = TcpStream::connect(demo.addr).await.expect("connected");
@@ -117,7 +117,7 @@ async fn kick_off(client: &TestClient, demo: &Demo, token: Option<&str>) -> Repl
 // a client that polls once a second, or waits what `Retry-After` says, never sees 429.
 #[tokio::test]
 async fn status_6_tight_polling_gets_429_and_polite_polling_never_does() {
-    let demo = Demo::start(&["--reindex-secs", "600"]);
+    let demo = Demo::start(&["--patients", "20", "--reindex-secs", "600"]);
     let client = TestClient::default();
 
     let tight = kick_off(&client, &demo, None).await;
@@ -167,6 +167,8 @@ async fn status_6_tight_polling_gets_429_and_polite_polling_never_does() {
 async fn sec_13_per_client_job_quota_is_on_and_adjustable() {
     let client = TestClient::default();
     let demo = Demo::start(&[
+        "--patients",
+        "20",
         "--auth",
         "--reindex-secs",
         "600",
@@ -190,6 +192,8 @@ async fn sec_13_per_client_job_quota_is_on_and_adjustable() {
     drop(demo);
 
     let demo = Demo::start(&[
+        "--patients",
+        "20",
         "--auth",
         "--reindex-secs",
         "600",
@@ -214,7 +218,7 @@ async fn sec_12_demo_logs_carry_no_query_string_or_token() {
     const TOKEN: &str = "demo-log-token-3c9e";
     const OTHER: &str = "demo-log-other-token-b21f";
     const MARKER: &str = "querymarker7d";
-    let demo = Demo::start(&["--auth", "--reindex-secs", "600"]);
+    let demo = Demo::start(&["--patients", "20", "--auth", "--reindex-secs", "600"]);
     let client = TestClient::default();
     let bearer = format!("Bearer {TOKEN}");
     let search = client

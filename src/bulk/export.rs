@@ -17,6 +17,7 @@ use tower_service::Service;
 
 use super::files::{FileSet, is_resource_type};
 use super::{ExportParams, FileEntry, ManifestHead, manifest};
+use crate::BoxError;
 use crate::body::RequestBody;
 use crate::clock::Clock;
 use crate::config::Config;
@@ -25,7 +26,6 @@ use crate::job::{JobOutcome, StoredResponse};
 use crate::media;
 use crate::outcome::synthesized;
 use crate::outcome::{IssueCode, operation_outcome};
-use crate::store::BoxError;
 
 /// How often (in resources) progress is reported.
 const PROGRESS_EVERY: u64 = 1000;

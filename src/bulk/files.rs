@@ -20,11 +20,11 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::io::{ReaderStream, StreamReader};
 
 use super::{BulkConfig, ExportParams, FileEntry, NDJSON};
+use crate::BoxError;
 use crate::body::OwnBody;
 use crate::job::JobId;
 use crate::media;
 use crate::outcome::NO_STORE;
-use crate::store::BoxError;
 
 /// Lines are gathered into chunks of this size before they go to an object store writer, so a
 /// writer holds a few large buffers rather than a buffer per line.

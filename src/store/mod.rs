@@ -64,8 +64,7 @@ pub enum Created {
     Existing(JobId),
 }
 
-/// A boxed error from a store's client library.
-pub type BoxError = Box<dyn StdError + Send + Sync>;
+pub use crate::BoxError;
 
 /// Why a store operation failed.
 #[derive(Debug)]

@@ -7,10 +7,10 @@
 use std::collections::VecDeque;
 use std::io::BufRead;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// For the demo to say where it listens.
 const START_WAIT: Duration = Duration::from_secs(30);
@@ -30,7 +30,7 @@ impl Demo {
     pub(crate) fn start(extra: &[&str]) -> Self {
         let path = binary();
         let mut child = Command::new(&path)
-            .args(["--addr", "127.0.0.1:0", "--patients", "20"])
+            .args(["--addr", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", "info")
             .env_remove("FHIR_ASYNC_CALLER_KEY")
@@ -106,8 +106,10 @@ impl Drop for Demo {
     }
 }
 
-/// `<target>/<profile>/examples/server`, next to the test binary's `deps` folder.
+/// `<target>/<profile>/examples/server`, checked to be newer than the sources it is built from:
+/// a stale demo would test old code.
 fn binary() -> PathBuf {
+    // The test binary is `<target>/<profile>/deps/bulk_client-…`.
     let exe = std::env::current_exe().expect("the test binary's path");
     let path = exe
         .parent()
@@ -118,11 +120,52 @@ fn binary() -> PathBuf {
                 .join(format!("server{}", std::env::consts::EXE_SUFFIX))
         })
         .expect("the test binary lives in <target>/<profile>/deps");
-    assert!(
-        path.is_file(),
-        "the demo server is not built at {}: run `cargo build --example server` (plain \
-         `cargo test` builds it)",
-        path.display()
-    );
+    let built = std::fs::metadata(&path)
+        .and_then(|meta| meta.modified())
+        .unwrap_or_else(|err| {
+            panic!(
+                "the demo server is not built at {} ({err}): run `cargo build --example server` \
+                 (plain `cargo test` builds it; `cargo test --test NAME` does not)",
+                path.display()
+            )
+        });
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let newest = [root.join("src"), root.join("examples")]
+        .iter()
+        .filter_map(|dir| newest_source(dir))
+        .max_by_key(|(modified, _)| *modified);
+    if let Some((modified, source)) = newest {
+        assert!(
+            modified <= built,
+            "the demo server at {} is older than {}: run `cargo build --example server` first",
+            path.display(),
+            source.display()
+        );
+    }
     path
+}
+
+/// The most recently modified `.rs` file under `dir`.
+fn newest_source(dir: &Path) -> Option<(SystemTime, PathBuf)> {
+    let mut newest: Option<(SystemTime, PathBuf)> = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let found = if path.is_dir() {
+            newest_source(&path)
+        } else if path.extension().is_some_and(|ext| ext == "rs") {
+            entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .map(|t| (t, path))
+        } else {
+            None
+        };
+        if let Some(found) = found {
+            if newest.as_ref().is_none_or(|(t, _)| found.0 > *t) {
+                newest = Some(found);
+            }
+        }
+    }
+    newest
 }
