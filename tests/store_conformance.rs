@@ -1,8 +1,9 @@
 //! The public store conformance suite (`tower_fhir_async::store::conformance`) against every
 //! `JobStore` backend. Each case also runs as its own test, so a failure names the case.
 //!
-//! Only `MemoryStore` exists so far. The Redis and PostgreSQL backends will get a module each
-//! here, behind their cargo features, running the same cases against a real server.
+//! This file runs `MemoryStore`; `tests/store_redis.rs` and `tests/store_postgres.rs` run the same
+//! cases against real servers, behind their cargo features. (Issue #12 folds the three into one
+//! exported macro.)
 
 use tower_fhir_async::MemoryStore;
 use tower_fhir_async::store::conformance;
@@ -180,7 +181,3 @@ mod memory {
         conformance::abandon_frees_the_idempotency_key(&MemoryStore::default()).await;
     }
 }
-
-// Redis (feature `redis`) and PostgreSQL (feature `postgres`) backends go here, one module each,
-// `#[cfg(feature = "...")]`, connecting with REDIS_URL / DATABASE_URL as `.ci/run` exports them,
-// and running `run_all` plus each case exactly as `mod memory` does.
