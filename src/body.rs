@@ -16,16 +16,21 @@ pin_project! {
     /// Passed-through requests carry the caller's body as it streams in; a job's replayed
     /// request carries the body the layer buffered at kick-off. axum's `Router` and most
     /// services accept any body type, so this is invisible to them.
-    // pin-project-lite takes no doc comments on fields; the variants say what they hold.
-    #[allow(missing_docs)]
-    #[project = RequestBodyProj]
-    pub enum RequestBody<B> {
-        /// The caller's body, streaming (pass-through).
+    pub struct RequestBody<B> {
+        #[pin]
+        kind: RequestKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = RequestKindProj]
+    enum RequestKind<B> {
+        // The caller's body, streaming (pass-through).
         Streaming {
             #[pin]
             body: B,
         },
-        /// A body held in memory (a job's replayed request).
+        // A body held in memory (a job's replayed request).
         Buffered {
             data: Option<Bytes>,
         },
@@ -35,14 +40,24 @@ pin_project! {
 impl<B> RequestBody<B> {
     /// Wraps a streaming body.
     pub fn streaming(body: B) -> Self {
-        Self::Streaming { body }
+        Self {
+            kind: RequestKind::Streaming { body },
+        }
     }
 
     /// A body of the given bytes.
     pub fn buffered(data: Bytes) -> Self {
-        Self::Buffered {
-            data: Some(data).filter(|d| !d.is_empty()),
+        Self {
+            kind: RequestKind::Buffered {
+                data: Some(data).filter(|d| !d.is_empty()),
+            },
         }
+    }
+
+    /// Whether this is a body the layer holds in memory (a job's replayed request) rather than
+    /// the caller's stream (a passed-through request).
+    pub fn is_buffered(&self) -> bool {
+        matches!(self.kind, RequestKind::Buffered { .. })
     }
 }
 
@@ -57,25 +72,25 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        match self.project() {
-            RequestBodyProj::Streaming { body } => body.poll_frame(cx),
-            RequestBodyProj::Buffered { data } => {
+        match self.project().kind.project() {
+            RequestKindProj::Streaming { body } => body.poll_frame(cx),
+            RequestKindProj::Buffered { data } => {
                 Poll::Ready(data.take().map(|d| Ok(Frame::data(d))))
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            Self::Streaming { body } => body.is_end_stream(),
-            Self::Buffered { data } => data.is_none(),
+        match &self.kind {
+            RequestKind::Streaming { body } => body.is_end_stream(),
+            RequestKind::Buffered { data } => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            Self::Streaming { body } => body.size_hint(),
-            Self::Buffered { data } => {
+        match &self.kind {
+            RequestKind::Streaming { body } => body.size_hint(),
+            RequestKind::Buffered { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
         }
@@ -90,19 +105,25 @@ pin_project! {
     ///
     /// Its error is a [`BoxError`]: the inner body's error, or a failure reading a bulk data
     /// file while it streams.
-    #[allow(missing_docs)]
-    #[project = ResponseBodyProj]
-    pub enum ResponseBody<B> {
-        /// The inner service's body, untouched (pass-through).
+    pub struct ResponseBody<B> {
+        #[pin]
+        kind: ResponseKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = ResponseKindProj]
+    enum ResponseKind<B> {
+        // The inner service's body, untouched (pass-through).
         Inner {
             #[pin]
             body: B,
         },
-        /// A body the layer wrote (status, completion, errors).
+        // A body the layer wrote (status, completion, errors).
         Full {
             data: Option<Bytes>,
         },
-        /// A file the layer streams from its file store.
+        // A file the layer streams from its file store.
         Stream {
             #[pin]
             body: StreamBody,
@@ -111,20 +132,28 @@ pin_project! {
 }
 
 impl<B> ResponseBody<B> {
-    pub(crate) fn inner(body: B) -> Self {
-        Self::Inner { body }
+    /// Wraps the inner service's body, as the layer does for every passed-through response
+    /// (for a service around the layer that must answer in the layer's body type).
+    pub fn inner(body: B) -> Self {
+        Self {
+            kind: ResponseKind::Inner { body },
+        }
     }
 
     pub(crate) fn full(data: Bytes) -> Self {
-        Self::Full {
-            data: Some(data).filter(|d| !d.is_empty()),
+        Self {
+            kind: ResponseKind::Full {
+                data: Some(data).filter(|d| !d.is_empty()),
+            },
         }
     }
 
     pub(crate) fn own(body: OwnBody) -> Self {
         match body {
             OwnBody::Full(data) => Self::full(data),
-            OwnBody::Stream(body) => Self::Stream { body },
+            OwnBody::Stream(body) => Self {
+                kind: ResponseKind::Stream { body },
+            },
         }
     }
 }
@@ -153,28 +182,28 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.project() {
-            ResponseBodyProj::Inner { body } => body.poll_frame(cx).map_err(Into::into),
-            ResponseBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            ResponseBodyProj::Stream { body } => body.poll_frame(cx),
+        match self.project().kind.project() {
+            ResponseKindProj::Inner { body } => body.poll_frame(cx).map_err(Into::into),
+            ResponseKindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ResponseKindProj::Stream { body } => body.poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            Self::Inner { body } => body.is_end_stream(),
-            Self::Full { data } => data.is_none(),
-            Self::Stream { body } => body.is_end_stream(),
+        match &self.kind {
+            ResponseKind::Inner { body } => body.is_end_stream(),
+            ResponseKind::Full { data } => data.is_none(),
+            ResponseKind::Stream { body } => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            Self::Inner { body } => body.size_hint(),
-            Self::Full { data } => {
+        match &self.kind {
+            ResponseKind::Inner { body } => body.size_hint(),
+            ResponseKind::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
-            Self::Stream { body } => body.size_hint(),
+            ResponseKind::Stream { body } => body.size_hint(),
         }
     }
 }

@@ -23,9 +23,10 @@ const FHIR: &str = "application/fhir+json";
 async fn echo(
     request: Request<RequestBody<Incoming>>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let kind = match request.body() {
-        RequestBody::Streaming { .. } => "streaming",
-        RequestBody::Buffered { .. } => "buffered",
+    let kind = if request.body().is_buffered() {
+        "buffered"
+    } else {
+        "streaming"
     };
     let (parts, body) = request.into_parts();
     let body = match body.collect().await {

@@ -458,9 +458,7 @@ async fn bundle_11_inner_service_error_becomes_502_exception_entry() {
         let layered = layered.clone();
         async move {
             Ok::<_, Infallible>(layered.oneshot(request).await.unwrap_or_else(|_| {
-                let mut response = http::Response::new(ResponseBody::Inner {
-                    body: Full::default(),
-                });
+                let mut response = http::Response::new(ResponseBody::inner(Full::default()));
                 *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
                 response
             }))
