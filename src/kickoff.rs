@@ -197,8 +197,7 @@ where
         Duration::ZERO
     };
     let answer_within = wait.unwrap_or_default().max(kickoff_wait);
-    let changes = (!answer_within.is_zero()).then(|| job.changes());
-    let waiting = job.clone();
+    let waiting = (!answer_within.is_zero()).then(|| (job.clone(), job.changes()));
     let applied = if kind == JobKind::BulkSeparateStatus {
         HeaderValue::from_static("respond-async, separate-export-status")
     } else {
@@ -247,7 +246,7 @@ where
             return Err(refuse(unavailable, "store-unavailable"));
         }
     }
-    if let Some(changes) = changes {
+    if let Some((waiting, changes)) = waiting {
         let awaited = if wait.is_some() {
             Awaited::End
         } else {
@@ -396,44 +395,30 @@ fn no_host() -> Response<Bytes> {
 
 /// `429` + `throttled` + delta-seconds `Retry-After` (KICK-8; never an absolute time).
 fn throttled(diagnostics: &str) -> Response<Bytes> {
-    let mut response = error_response(
-        StatusCode::TOO_MANY_REQUESTS,
-        IssueCode::Throttled,
-        diagnostics,
-    );
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, outcome::delta_seconds(KICK_OFF_RETRY));
-    response
+    outcome::throttled(diagnostics, KICK_OFF_RETRY)
 }
 
 /// The store keeps as many finished results as it may (SEC-13, KICK-8): `429` `throttled` for
 /// the caller's own cap, `503` `transient` for the whole store's; `Retry-After` as the store
 /// says. No kept result is evicted to make room, so the client must wait or cancel.
 fn results_full(scope: FullScope, retry_after: Duration) -> Refused {
-    let (mut response, why) = match scope {
-        FullScope::Caller => (
-            error_response(
-                StatusCode::TOO_MANY_REQUESTS,
-                IssueCode::Throttled,
+    match scope {
+        FullScope::Caller => refuse(
+            outcome::throttled(
                 "You have as many finished asynchronous results kept on this server as it allows; cancel (DELETE) \
                  the ones you have read, or try again when one expires.",
+                retry_after,
             ),
             "quota-results-caller",
         ),
-        FullScope::Store => (
-            error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                IssueCode::Transient,
+        FullScope::Store => refuse(
+            outcome::unavailable(
                 "This server keeps as many asynchronous results as it can hold; try again later.",
+                retry_after,
             ),
             "results-full",
         ),
-    };
-    response
-        .headers_mut()
-        .insert(RETRY_AFTER, outcome::delta_seconds(retry_after));
-    refuse(response, why)
+    }
 }
 
 /// A kick-off without a caller identity, where jobs are bound to callers (SEC-10).

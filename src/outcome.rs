@@ -115,6 +115,20 @@ pub(crate) fn unavailable(diagnostics: &str, retry_after: Duration) -> Response<
     response
 }
 
+/// `429` + `throttled` OperationOutcome + delta-seconds `Retry-After` (KICK-8, STATUS-6; never an
+/// absolute time).
+pub(crate) fn throttled(diagnostics: &str, retry_after: Duration) -> Response<Bytes> {
+    let mut response = error_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        IssueCode::Throttled,
+        diagnostics,
+    );
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, delta_seconds(retry_after));
+    response
+}
+
 /// A `Retry-After` value in delta seconds (never an absolute time), at least 1.
 pub(crate) fn delta_seconds(after: Duration) -> HeaderValue {
     HeaderValue::from(after.as_secs().max(1))

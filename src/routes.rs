@@ -569,17 +569,12 @@ fn foreign(shared: &Shared) -> Response<Bytes> {
 /// `429` + `throttled` + the delta seconds left to wait (STATUS-6; never an absolute time).
 fn too_fast(wait: Duration) -> Response<Bytes> {
     let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-    let mut reply = error_response(
-        StatusCode::TOO_MANY_REQUESTS,
-        IssueCode::Throttled,
+    outcome::throttled(
         &format!(
             "This job's status was polled too often; poll again in {seconds} s. The job goes on."
         ),
-    );
-    reply
-        .headers_mut()
-        .insert(RETRY_AFTER, delta_seconds(Duration::from_secs(seconds)));
-    reply
+        Duration::from_secs(seconds),
+    )
 }
 
 /// `202 Accepted` with `Retry-After` growing with the job's age, and `X-Progress` when known.

@@ -19,17 +19,16 @@
 //! Every wait is bounded, and nothing asserts how fast anything happened: the times measured are
 //! printed (run with `--nocapture` to see them).
 
+#[path = "support/demo.rs"]
+mod demo;
 #[path = "support/long_poll.rs"]
 mod long_poll;
 mod support;
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
-use std::io::BufRead;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -49,6 +48,7 @@ use tower_fhir_async::{
     AsyncLayer, JobContext, JobId, JobState, JobStore, PostgresStore, RedisStore,
 };
 
+use demo::Demo;
 use support::{Reply, TestClient};
 
 /// The public base every instance shares, as behind one load balancer.
@@ -857,170 +857,19 @@ async fn bulk_files_through_another_instance<B: Backend>(backend: Arc<B>) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The demo server, run as a child process; killed (SIGKILL) and reaped when dropped.
-struct Demo {
-    child: Child,
-    base: String,
-    log: Arc<Mutex<VecDeque<String>>>,
-}
-
-impl Demo {
-    /// Starts `examples/server` on `store_url`, and waits for it to listen.
-    async fn start(store_url: &str) -> Self {
-        // The test binary is `<target>/debug/deps/shared_instances-…`; examples are built into
-        // `<target>/debug/examples/`.
-        let exe = std::env::current_exe().expect("the test binary's path");
-        let path = exe
-            .parent()
-            .and_then(|deps| deps.parent())
-            .map(|profile| {
-                profile
-                    .join("examples")
-                    .join(format!("server{}", std::env::consts::EXE_SUFFIX))
-            })
-            .expect("the test binary lives in <target>/<profile>/deps");
-        assert!(
-            path.is_file(),
-            "the demo server is not built at {}: build it with \
-             `cargo build --example server --features redis,postgres` (or run the tests with \
-             `cargo test --features redis,postgres`, which builds it)",
-            path.display()
-        );
-        let mut child = Command::new(&path)
-            .args([
-                "--addr",
-                "127.0.0.1:0",
-                "--patients",
-                "20",
-                "--reindex-secs",
-                "600",
-                "--store",
-                store_url,
-            ])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|err| panic!("starting {}: {err}", path.display()));
-
-        // Its log, kept for failure messages; read on a thread so that the demo never blocks.
-        let log = Arc::new(Mutex::new(VecDeque::new()));
-        let stderr = child.stderr.take().expect("piped stderr");
-        let lines = log.clone();
-        let log_reader = std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { return };
-                let mut lines = lines.lock().unwrap();
-                if lines.len() == 200 {
-                    lines.pop_front();
-                }
-                lines.push_back(line);
-            }
-        });
-        // Its first line of stdout names the address; the rest is read and dropped.
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (first_tx, first_rx) = oneshot::channel();
-        std::thread::spawn(move || {
-            let mut lines = std::io::BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = first_tx.send(line);
-            }
-            lines.for_each(drop);
-        });
-        let mut demo = Self {
-            child,
-            base: String::new(),
-            log,
-        };
-        let first = match tokio::time::timeout(3 * SETUP_WAIT, first_rx).await {
-            Ok(Ok(line)) => line,
-            Ok(Err(_)) => {
-                // Its stdout closed without a line: it exited (the log says why).
-                let status = match demo.wait_exit() {
-                    Some(status) => {
-                        // The process is gone, so its log ends: read all of it.
-                        let _ = log_reader.join();
-                        status.to_string()
-                    }
-                    None => "yet it still runs".to_owned(),
-                };
-                panic!(
-                    "the demo server at {} closed its stdout before saying where it listens \
-                     ({status}); was it built with `--features redis,postgres`? Its log:\n{}",
-                    path.display(),
-                    demo.log_tail()
-                )
-            }
-            Err(_) => panic!(
-                "the demo server did not say where it listens within {:?}; its log:\n{}",
-                3 * SETUP_WAIT,
-                demo.log_tail()
-            ),
-        };
-        let base = first
-            .strip_prefix("listening on ")
-            .filter(|base| base.starts_with("http://127.0.0.1:") && base.ends_with("/fhir"))
-            .unwrap_or_else(|| {
-                panic!(
-                    "the demo's first line is {first:?}, not `listening on http://ADDR/fhir`; its \
-                     log:\n{}",
-                    demo.log_tail()
-                )
-            });
-        demo.base = base.to_owned();
-        demo
-    }
-
-    /// The demo's URL for `path`, which starts with `/fhir`.
-    fn url(&self, path: &str) -> String {
-        let origin = self
-            .base
-            .strip_suffix("/fhir")
-            .expect("base ends with /fhir");
-        format!("{origin}{path}")
-    }
-
-    /// Waits (bounded) for an exiting child: how it ended, `None` if it still runs.
-    fn wait_exit(&mut self) -> Option<std::process::ExitStatus> {
-        let started = Instant::now();
-        while started.elapsed() < SETUP_WAIT {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-
-    /// SIGKILL: no shutdown, no goodbye to the store.
-    fn kill(&mut self) {
-        self.child.kill().expect("SIGKILL the demo server");
-        self.child.wait().expect("reap the demo server");
-    }
-
-    fn log_tail(&self) -> String {
-        let lines = self.log.lock().unwrap();
-        lines.iter().cloned().collect::<Vec<_>>().join("\n")
-    }
-}
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        // Also when a test panics: no server may outlive its test. Errors mean it is gone.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("the demo server's log:\n{}", self.log_tail());
-        }
-    }
-}
-
 /// The instance running a job dies (SIGKILL, so no shutdown and no lease given back): once its
 /// lease lapses, another instance records the job as failed with a `503` `transient` entry, so
 /// the poller is not left waiting forever.
 async fn jobs_of_a_killed_instance_fail<B: Backend>(backend: Arc<B>, label: &str) {
-    let mut demo = Demo::start(&backend.demo_store_url()).await;
+    let store_url = backend.demo_store_url();
+    let mut demo = Demo::start(&[
+        "--patients",
+        "20",
+        "--reindex-secs",
+        "600",
+        "--store",
+        &store_url,
+    ]);
     let client = TestClient::default();
     let kicked = client
         .send(

@@ -15,17 +15,22 @@ use tower_fhir_async::{AsyncLayer, JobId, JobStore, MemoryStore};
 
 const SECRET: &str = "s3cr3t-token-value";
 
-// SEC-11, SEC-12, issue item 12: span fields and events; no credentials, no query in logs.
-#[tokio::test(flavor = "current_thread")]
-async fn sec_11_job_span_and_events_carry_no_credentials() {
+/// Everything logged on this thread up to `level`, until the guard is dropped.
+fn capture(level: tracing::Level) -> (Captured, tracing::subscriber::DefaultGuard) {
     let captured = Captured::default();
     let subscriber = tracing_subscriber::fmt()
         .with_writer(captured.clone())
         .with_ansi(false)
-        .with_max_level(tracing::Level::DEBUG)
+        .with_max_level(level)
         .finish();
+    (captured, tracing::subscriber::set_default(subscriber))
+}
+
+// SEC-11, SEC-12, issue item 12: span fields and events; no credentials, no query in logs.
+#[tokio::test(flavor = "current_thread")]
+async fn sec_11_job_span_and_events_carry_no_credentials() {
     // The current-thread runtime runs the spawned jobs on this thread, under this subscriber.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = capture(tracing::Level::DEBUG);
 
     let layer = AsyncLayer::builder(MemoryStore::default()).build();
     let app = Router::new()
@@ -107,13 +112,7 @@ async fn poll_as(client: &TestClient, url: &str, caller: &str) -> support::Reply
 // same caller still sees its job; another still gets 404.
 #[tokio::test(flavor = "current_thread")]
 async fn sec_11_raw_caller_ids_reach_neither_the_store_nor_the_logs() {
-    let captured = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(captured.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::TRACE)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = capture(tracing::Level::TRACE);
     // Without a second dispatcher, a callsite first hit by a test on another thread would stay
     // disabled here (tracing-core caches its interest); see tests/security.rs.
     let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());

@@ -2,7 +2,9 @@
 //! tests that check what it does as shipped. Killed and reaped when dropped.
 //!
 //! `cargo test` builds the demo first; `cargo test --test NAME` alone does not, so run
-//! `cargo build --example server` before it.
+//! `cargo build --example server` before it (with the features a test's `--store` needs).
+
+#![allow(dead_code)]
 
 use std::collections::VecDeque;
 use std::io::BufRead;
@@ -70,8 +72,13 @@ impl Demo {
             log,
         };
         let first = first_rx.recv_timeout(START_WAIT).unwrap_or_else(|err| {
+            // Its stdout closed or stayed silent: say whether it exited (the log says why).
+            std::thread::sleep(Duration::from_millis(200));
+            let exited = demo.child.try_wait().ok().flatten();
             panic!(
-                "the demo server did not say where it listens ({err}); its log:\n{}",
+                "the demo server did not say where it listens ({err}; exited: {exited:?}); was it \
+                 built with the features its flags need (`--store redis://…` needs `redis`)? Its \
+                 log:\n{}",
                 demo.log_tail()
             )
         });
@@ -86,6 +93,21 @@ impl Demo {
             .expect("an address");
         demo.base = base.to_owned();
         demo
+    }
+
+    /// The demo's URL for `path`, which starts with `/fhir`.
+    pub(crate) fn url(&self, path: &str) -> String {
+        let origin = self
+            .base
+            .strip_suffix("/fhir")
+            .expect("base ends with /fhir");
+        format!("{origin}{path}")
+    }
+
+    /// SIGKILL: no shutdown, no goodbye to the store.
+    pub(crate) fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL the demo server");
+        self.child.wait().expect("reap the demo server");
     }
 
     /// The last lines of its log (stderr).
