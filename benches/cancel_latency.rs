@@ -30,12 +30,11 @@ use tokio::sync::mpsc;
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_fhir_async::redis::aio::{ConnectionManager, MultiplexedConnection};
 use tower_fhir_async::redis::{self, Client};
-use tower_fhir_async::store::Cancellations;
 use tower_fhir_async::store::sqlx::postgres::PgPoolOptions;
 use tower_fhir_async::store::sqlx::{self, AssertSqlSafe, PgPool};
+use tower_fhir_async::store::{Changes, DelegateStore};
 use tower_fhir_async::{
-    AsyncLayer, JobId, JobOutcome, JobRecord, JobStore, PostgresStore, RedisStore, RequestBody,
-    StoreError,
+    AsyncLayer, JobId, JobStore, PostgresStore, RedisStore, RequestBody, StoreError,
 };
 
 /// The public base both instances share, as behind one load balancer.
@@ -531,42 +530,11 @@ impl<S> Observed<S> {
     }
 }
 
-impl<S: JobStore> JobStore for Observed<S> {
-    async fn create(&self, record: JobRecord) -> Result<(), StoreError> {
-        self.store.create(record).await
-    }
+impl<S: JobStore> DelegateStore for Observed<S> {
+    type Inner = S;
 
-    async fn get(&self, id: &JobId, now: SystemTime) -> Result<Option<JobRecord>, StoreError> {
-        self.store.get(id, now).await
-    }
-
-    async fn start(
-        &self,
-        id: &JobId,
-        instance: &str,
-        lease_until: SystemTime,
-    ) -> Result<bool, StoreError> {
-        self.store.start(id, instance, lease_until).await
-    }
-
-    async fn finish(
-        &self,
-        id: &JobId,
-        outcome: JobOutcome,
-        finished_at: SystemTime,
-        expires_at: SystemTime,
-    ) -> Result<bool, StoreError> {
-        self.store
-            .finish(id, outcome, finished_at, expires_at)
-            .await
-    }
-
-    async fn cancel(&self, id: &JobId, now: SystemTime) -> Result<bool, StoreError> {
-        self.store.cancel(id, now).await
-    }
-
-    async fn set_progress(&self, id: &JobId, progress: &str) -> Result<(), StoreError> {
-        self.store.set_progress(id, progress).await
+    fn inner(&self) -> &S {
+        &self.store
     }
 
     async fn renew_leases(
@@ -582,27 +550,11 @@ impl<S: JobStore> JobStore for Observed<S> {
         Ok(gone)
     }
 
-    async fn fail_lapsed(
-        &self,
-        now: SystemTime,
-        unstarted_before: SystemTime,
-        outcome: JobOutcome,
-        expires_at: SystemTime,
-    ) -> Result<Vec<JobId>, StoreError> {
-        self.store
-            .fail_lapsed(now, unstarted_before, outcome, expires_at)
-            .await
-    }
-
-    async fn sweep(&self, now: SystemTime) -> Result<usize, StoreError> {
-        self.store.sweep(now).await
-    }
-
-    async fn cancellations(&self) -> Result<Option<Cancellations>, StoreError> {
+    async fn changes(&self) -> Result<Option<Changes>, StoreError> {
         if !self.push {
             return Ok(None);
         }
-        let stream = self.store.cancellations().await?;
+        let stream = self.store.changes().await?;
         if stream.is_some() {
             self.counts.subscriptions.fetch_add(1, Ordering::AcqRel);
         }

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use tower::{Layer, Service, ServiceExt, service_fn};
+use tower_fhir_async::store::conformance::Transitions;
 use tower_fhir_async::{
     AsyncLayer, JobId, JobKind, JobOutcome, JobRecord, JobStore, MemoryStore, RequestBody,
     StoredResponse,

@@ -4,7 +4,8 @@
 //! - Renews the leases of the jobs running here, and stops those the store says are no longer
 //!   running here (cancelled through another instance, or failed as lost) — the backstop for
 //!   missed cancel notifications.
-//! - Stops jobs at once when the store pushes their cancellation.
+//! - Stops jobs at once when the store pushes their cancellation, and wakes long polls held
+//!   here when it pushes a change of a job running elsewhere.
 //! - Fails jobs whose instance is gone (lease lapsed, or recorded and never started), so no
 //!   poller waits forever.
 //! - Writes running jobs' progress to the store, so polls through any instance see it.
@@ -17,12 +18,11 @@ use http::StatusCode;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::clock::later;
-use crate::job::JobId;
 use crate::job::JobOutcome;
 use crate::outcome::IssueCode;
 use crate::outcome::synthesized;
 use crate::state::Shared;
-use crate::store::{Changes, StoreError};
+use crate::store::{Change, Changes, StoreError};
 
 /// Starts the watcher of `shared` unless it runs already. Needs a tokio runtime.
 pub(crate) fn ensure(shared: &Arc<Shared>) {
@@ -43,8 +43,8 @@ async fn run(shared: Weak<Shared>) {
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut progress_ticks = tokio::time::interval(PROGRESS_EVERY);
     progress_ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut cancels = Feed::new();
-    // Changed jobs wake long polls held here for jobs running elsewhere.
+    // One feed: cancels stop jobs running here at once, every change wakes the long polls held
+    // here for jobs running elsewhere.
     let mut changes = Feed::new();
     loop {
         if changes.due() {
@@ -54,22 +54,24 @@ async fn run(shared: Weak<Shared>) {
                         shared.runner.set_change_push(true);
                     }
                 }
-                Some(Err(error)) => {
-                    tracing::warn!(%error, "subscribing to job changes failed; long polls read the store instead")
-                }
+                Some(Err(error)) => tracing::warn!(
+                    %error,
+                    "subscribing to job changes failed; relying on lease checks and store reads"
+                ),
                 None => {}
             }
         }
-        if cancels.due() {
-            if let Some(Err(error)) = cancels.subscribe(store.cancellations().await, every) {
-                tracing::warn!(%error, "subscribing to cancellations failed; relying on lease checks");
-            }
-        }
         tokio::select! {
-            id = changes.next() => {
+            change = changes.next() => {
                 let Some(shared) = shared.upgrade() else { return };
-                match id {
-                    Some(id) => shared.runner.notify_remote(&id),
+                match change {
+                    Some(Change::Cancelled(id)) => {
+                        if shared.runner.cancel_local(&id) {
+                            tracing::info!(job.id = %id, "asynchronous job cancelled through another instance; its work was stopped");
+                        }
+                        shared.runner.notify_remote(&id);
+                    }
+                    Some(change) => shared.runner.notify_remote(&change.id()),
                     None => {
                         shared.runner.set_change_push(false);
                         changes.lost(every);
@@ -84,20 +86,11 @@ async fn run(shared: Weak<Shared>) {
                 let Some(shared) = shared.upgrade() else { return };
                 share_progress(&shared).await;
             }
-            id = cancels.next() => match id {
-                Some(id) => {
-                    let Some(shared) = shared.upgrade() else { return };
-                    if shared.runner.cancel_local(&id) {
-                        tracing::info!(job.id = %id, "asynchronous job cancelled through another instance; its work was stopped");
-                    }
-                }
-                None => cancels.lost(every),
-            },
         }
     }
 }
 
-/// A stream of job ids the store pushes (cancels, changes), asked for again when it ends.
+/// The store's change feed, asked for again when it ends.
 struct Feed {
     stream: Option<Changes>,
     /// When to ask the store again; `None`: it has no such stream.
@@ -140,8 +133,8 @@ impl Feed {
         }
     }
 
-    /// The next id; never, without a stream; `None` when the stream ended.
-    async fn next(&mut self) -> Option<JobId> {
+    /// The next change; never, without a stream; `None` when the stream ended.
+    async fn next(&mut self) -> Option<Change> {
         match self.stream.as_mut() {
             Some(stream) => stream.next().await,
             None => std::future::pending().await,

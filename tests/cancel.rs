@@ -13,6 +13,8 @@ use axum::{Extension, Router};
 use http::{Method, StatusCode};
 use support::{Reply, TestClient, serve};
 use tokio::sync::{Notify, mpsc, oneshot};
+use tower_fhir_async::store::conformance::Transitions;
+use tower_fhir_async::store::{DelegateStore, Transition};
 use tower_fhir_async::{
     AsyncLayer, JobContext, JobId, JobKind, JobOutcome, JobRecord, JobStore, MemoryStore,
     StoreError, StoredResponse,
@@ -399,81 +401,23 @@ impl GatedStore {
     }
 }
 
-impl JobStore for GatedStore {
-    fn create(&self, record: JobRecord) -> impl Future<Output = Result<(), StoreError>> + Send {
-        self.memory.create(record)
+impl DelegateStore for GatedStore {
+    type Inner = MemoryStore;
+
+    fn inner(&self) -> &MemoryStore {
+        &self.memory
     }
 
-    fn get(
-        &self,
-        id: &JobId,
-        now: SystemTime,
-    ) -> impl Future<Output = Result<Option<JobRecord>, StoreError>> + Send {
-        self.memory.get(id, now)
-    }
-
-    async fn start(
-        &self,
-        id: &JobId,
-        instance: &str,
-        lease_until: SystemTime,
-    ) -> Result<bool, StoreError> {
+    async fn transition(&self, id: &JobId, transition: Transition<'_>) -> Result<bool, StoreError> {
+        if !matches!(transition, Transition::Start { .. }) {
+            return self.memory.transition(id, transition).await;
+        }
         self.reached.notify_one();
         self.open.notified().await;
-        let started = self.memory.start(id, instance, lease_until).await;
+        let started = self.memory.transition(id, transition).await;
         if let Ok(started) = &started {
             let _ = self.started_tx.send(*started);
         }
         started
-    }
-
-    fn finish(
-        &self,
-        id: &JobId,
-        outcome: JobOutcome,
-        finished_at: SystemTime,
-        expires_at: SystemTime,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
-        self.memory.finish(id, outcome, finished_at, expires_at)
-    }
-
-    fn cancel(
-        &self,
-        id: &JobId,
-        now: SystemTime,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
-        self.memory.cancel(id, now)
-    }
-
-    fn set_progress(
-        &self,
-        id: &JobId,
-        progress: &str,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        self.memory.set_progress(id, progress)
-    }
-
-    fn renew_leases(
-        &self,
-        instance: &str,
-        ids: &[JobId],
-        lease_until: SystemTime,
-    ) -> impl Future<Output = Result<Vec<JobId>, StoreError>> + Send {
-        self.memory.renew_leases(instance, ids, lease_until)
-    }
-
-    fn fail_lapsed(
-        &self,
-        now: SystemTime,
-        unstarted_before: SystemTime,
-        outcome: JobOutcome,
-        expires_at: SystemTime,
-    ) -> impl Future<Output = Result<Vec<JobId>, StoreError>> + Send {
-        self.memory
-            .fail_lapsed(now, unstarted_before, outcome, expires_at)
-    }
-
-    fn sweep(&self, now: SystemTime) -> impl Future<Output = Result<usize, StoreError>> + Send {
-        self.memory.sweep(now)
     }
 }

@@ -15,6 +15,7 @@ use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use tokio::sync::oneshot;
 use tower::ServiceExt;
+use tower_fhir_async::store::conformance::Transitions;
 use tower_fhir_async::{AsyncLayer, JobContext, JobId, JobKind, JobRecord, JobStore, MemoryStore};
 
 const BASE: &str = "http://fhir.test/fhir";

@@ -224,7 +224,7 @@ impl Backend for RedisBackend {
     }
 
     async fn cancel_listeners(&self) -> usize {
-        let channel = format!("{}cancel", self.prefix);
+        let channel = format!("{}changed", self.prefix);
         let counts: Vec<(String, usize)> = redis::cmd("PUBSUB")
             .arg("NUMSUB")
             .arg(&channel)
@@ -361,7 +361,7 @@ impl Backend for PostgresBackend {
             "SELECT count(*) FROM pg_stat_activity \
              WHERE datname = current_database() AND query = $1",
         )
-        .bind(format!("LISTEN \"{}\"", self.table))
+        .bind(format!("LISTEN \"{}_changed\"", self.table))
         .fetch_one(&self.admin)
         .await
         .expect("reading pg_stat_activity");
@@ -558,7 +558,8 @@ async fn wait_for_progress(
     }
 }
 
-/// Waits until at least `count` connections listen on the backend's cancel channel.
+/// Waits until at least `count` connections listen on the backend's changes channel (cancels come
+/// through it).
 async fn wait_for_listeners(backend: &impl Backend, count: usize, who: &str) {
     let started = Instant::now();
     loop {
@@ -1053,34 +1054,36 @@ async fn item_7_bulk_13_postgres_bulk_files_through_another_instance() {
     .await;
 }
 
-// Issue #7 item 3, STATUS-4: a long poll held by B wakes when A's job ends, through Redis
+// Issue #7 item 3, STATUS-3: a long poll held by B wakes when A's job ends, through Redis
 // pub/sub, not by reading the store every 250 ms.
 #[tokio::test(flavor = "multi_thread")]
-async fn status_4_redis_long_poll_wakes_across_instances() {
+async fn status_3_redis_long_poll_wakes_across_instances() {
     run(RedisBackend::open("longpoll").await, |backend| async move {
         let first = backend.connect().await;
         let second = backend.connect().await;
         let stores = std::sync::Mutex::new(vec![second, first]);
-        long_poll::long_poll_wakes_across_instances(|| {
-            stores.lock().unwrap().pop().expect("two stores")
-        })
+        long_poll::long_poll_wakes_across_instances(
+            || stores.lock().unwrap().pop().expect("two stores"),
+            false,
+        )
         .await;
     })
     .await;
 }
 
-// Issue #7 item 3, STATUS-4 on PostgreSQL (`NOTIFY`).
+// Issue #7 item 3, STATUS-3 on PostgreSQL (`NOTIFY`).
 #[tokio::test(flavor = "multi_thread")]
-async fn status_4_postgres_long_poll_wakes_across_instances() {
+async fn status_3_postgres_long_poll_wakes_across_instances() {
     run(
         PostgresBackend::open("longpoll").await,
         |backend| async move {
             let first = backend.connect().await;
             let second = backend.connect().await;
             let stores = std::sync::Mutex::new(vec![second, first]);
-            long_poll::long_poll_wakes_across_instances(|| {
-                stores.lock().unwrap().pop().expect("two stores")
-            })
+            long_poll::long_poll_wakes_across_instances(
+                || stores.lock().unwrap().pop().expect("two stores"),
+                false,
+            )
             .await;
         },
     )

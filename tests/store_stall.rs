@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::Extension;
@@ -28,10 +28,8 @@ use support::private_redis::{RedisServer, TempDir};
 use support::{Reply, TestClient, serve};
 use tokio::sync::Notify;
 use tower_fhir_async::redis::AsyncCommands;
-use tower_fhir_async::store::{Cancellations, Changes, Created};
-use tower_fhir_async::{
-    AsyncLayer, JobContext, JobId, JobOutcome, JobRecord, JobStore, RedisStore, StoreError,
-};
+use tower_fhir_async::store::{DelegateStore, Transition};
+use tower_fhir_async::{AsyncLayer, JobContext, JobId, JobStore, RedisStore, StoreError};
 
 const SECOND: Duration = Duration::from_secs(1);
 /// The store deadline of these tests: short, so a stall is noticed at once.
@@ -408,111 +406,23 @@ struct StalledStart {
     stalls: Arc<AtomicUsize>,
 }
 
-impl JobStore for StalledStart {
-    fn create(&self, record: JobRecord) -> impl Future<Output = Result<(), StoreError>> + Send {
-        self.redis.create(record)
+impl DelegateStore for StalledStart {
+    type Inner = RedisStore;
+
+    fn inner(&self) -> &RedisStore {
+        &self.redis
     }
 
-    fn create_once(
-        &self,
-        record: JobRecord,
-        key: &str,
-        now: SystemTime,
-    ) -> impl Future<Output = Result<Created, StoreError>> + Send {
-        self.redis.create_once(record, key, now)
-    }
-
-    fn get(
-        &self,
-        id: &JobId,
-        now: SystemTime,
-    ) -> impl Future<Output = Result<Option<JobRecord>, StoreError>> + Send {
-        self.redis.get(id, now)
-    }
-
-    async fn start(
-        &self,
-        id: &JobId,
-        instance: &str,
-        lease_until: SystemTime,
-    ) -> Result<bool, StoreError> {
-        let stalled = self
-            .stalls
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
+    async fn transition(&self, id: &JobId, transition: Transition<'_>) -> Result<bool, StoreError> {
+        let stalled = matches!(transition, Transition::Start { .. })
+            && self
+                .stalls
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
         if stalled {
             std::future::pending::<()>().await;
         }
-        self.redis.start(id, instance, lease_until).await
-    }
-
-    fn finish(
-        &self,
-        id: &JobId,
-        outcome: JobOutcome,
-        finished_at: SystemTime,
-        expires_at: SystemTime,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
-        self.redis.finish(id, outcome, finished_at, expires_at)
-    }
-
-    fn cancel(
-        &self,
-        id: &JobId,
-        now: SystemTime,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
-        self.redis.cancel(id, now)
-    }
-
-    fn abandon(
-        &self,
-        id: &JobId,
-        now: SystemTime,
-        until: SystemTime,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        self.redis.abandon(id, now, until)
-    }
-
-    fn set_progress(
-        &self,
-        id: &JobId,
-        progress: &str,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        self.redis.set_progress(id, progress)
-    }
-
-    fn renew_leases(
-        &self,
-        instance: &str,
-        ids: &[JobId],
-        lease_until: SystemTime,
-    ) -> impl Future<Output = Result<Vec<JobId>, StoreError>> + Send {
-        self.redis.renew_leases(instance, ids, lease_until)
-    }
-
-    fn fail_lapsed(
-        &self,
-        now: SystemTime,
-        unstarted_before: SystemTime,
-        outcome: JobOutcome,
-        expires_at: SystemTime,
-    ) -> impl Future<Output = Result<Vec<JobId>, StoreError>> + Send {
-        self.redis
-            .fail_lapsed(now, unstarted_before, outcome, expires_at)
-    }
-
-    fn sweep(&self, now: SystemTime) -> impl Future<Output = Result<usize, StoreError>> + Send {
-        self.redis.sweep(now)
-    }
-
-    fn cancellations(
-        &self,
-    ) -> impl Future<Output = Result<Option<Cancellations>, StoreError>> + Send {
-        self.redis.cancellations()
-    }
-
-    fn changes(&self) -> impl Future<Output = Result<Option<Changes>, StoreError>> + Send {
-        self.redis.changes()
+        self.redis.transition(id, transition).await
     }
 }
 

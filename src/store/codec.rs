@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 
-use super::StoreError;
-use crate::job::StoredResponse;
+use super::{Change, StoreError};
+use crate::job::{JobId, StoredResponse};
 
 /// The first byte of every encoding, so a later format can be told apart.
 const VERSION: u8 = 1;
@@ -109,6 +109,27 @@ pub(crate) fn from_millis(millis: i64) -> SystemTime {
     }
 }
 
+/// The text form of a [`Change`] on a pub/sub channel or in a `NOTIFY` payload:
+/// `cancelled {id}` or `updated {id}`. The cancel scripts write the first form themselves.
+#[cfg(any(test, feature = "redis"))]
+pub(super) fn encode_change(change: Change) -> String {
+    match change {
+        Change::Cancelled(id) => format!("cancelled {id}"),
+        Change::Updated(id) => format!("updated {id}"),
+    }
+}
+
+/// Reads [`encode_change`]'s form; `None` for anything else.
+pub(super) fn decode_change(text: &str) -> Option<Change> {
+    let (kind, id) = text.split_once(' ')?;
+    let id = JobId::parse(id)?;
+    match kind {
+        "cancelled" => Some(Change::Cancelled(id)),
+        "updated" => Some(Change::Updated(id)),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +181,28 @@ mod tests {
     fn millis_round_trip_both_sides_of_the_epoch() {
         for ms in [0i64, 1, 1_772_444_466_123, -1, -86_400_000] {
             assert_eq!(to_millis(from_millis(ms)), ms);
+        }
+    }
+
+    // CANCEL-3: a change read back off the feed is the change announced; anything else is no
+    // change at all.
+    #[test]
+    fn changes_round_trip_and_nothing_else_reads_as_one() {
+        let id = JobId::new();
+        for change in [Change::Cancelled(id), Change::Updated(id)] {
+            assert_eq!(decode_change(&encode_change(change)), Some(change));
+        }
+        assert_eq!(
+            decode_change(&format!("cancelled {id}")),
+            Some(Change::Cancelled(id))
+        );
+        for other in [
+            String::new(),
+            id.to_string(),
+            format!("deleted {id}"),
+            "cancelled x".into(),
+        ] {
+            assert_eq!(decode_change(&other), None, "{other:?}");
         }
     }
 }

@@ -1,58 +1,205 @@
 //! The conformance suite every [`JobStore`] must pass (feature `test-util`).
 //!
-//! Each case is a public async function taking the store, so a backend's tests can run them
-//! one by one or all at once with [`run_all`]. Cases use fresh random ids and times of their
-//! own, so they can share a store (and a Redis or PostgreSQL server) with other tests.
+//! [`store_conformance_tests!`](crate::store_conformance_tests) generates one `#[tokio::test]`
+//! per case for a [`Fixture`]: a way to get a store for one case, another handle on the same
+//! jobs (as a second instance sees them, on a connection of its own), and clean-up. Every
+//! backend of this crate runs it the same way; so can yours:
 //!
 //! ```
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() {
-//! use tower_fhir_async::{MemoryStore, store::conformance};
+//! use tower_fhir_async::MemoryStore;
+//! use tower_fhir_async::store::conformance::Fixture;
 //!
-//! conformance::run_all(&MemoryStore::default()).await;
-//! # }
+//! struct Memory;
+//!
+//! impl Fixture for Memory {
+//!     type Store = MemoryStore;
+//!
+//!     async fn store(&self) -> MemoryStore {
+//!         MemoryStore::new()
+//!     }
+//!
+//!     // Clones share their jobs, as instances in one process would.
+//!     async fn handle(&self, store: &MemoryStore) -> MemoryStore {
+//!         store.clone()
+//!     }
+//! }
+//!
+//! // In a test file: one test per case, named after the requirement it proves.
+//! tower_fhir_async::store_conformance_tests!(Memory);
+//! # fn main() {}
 //! ```
+//!
+//! The generated tests use `#[tokio::test(flavor = "multi_thread")]`, so the test crate needs
+//! `tokio` with the `macros` and `rt-multi-thread` features. Cases use fresh random ids and
+//! times of their own; the cases that race run their contenders through several handles.
 
 #![allow(clippy::missing_panics_doc)]
 
+use std::future::Future;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use futures_util::{FutureExt, StreamExt};
 use http::{HeaderName, HeaderValue, StatusCode};
 
-use super::{Created, JobStore, MAX_IDEMPOTENCY_KEY_LEN, StoreError};
+use super::{Change, Changes, Created, JobStore, MAX_IDEMPOTENCY_KEY_LEN, StoreError, Transition};
 use crate::job::{JobId, JobKind, JobOutcome, JobRecord, JobState, StoredResponse};
 
 const SECOND: Duration = Duration::from_secs(1);
 
-/// Runs every case against `store`. Panics with the failing case's message.
-pub async fn run_all<S: JobStore>(store: &S) {
-    create_then_get_returns_the_record(store).await;
-    create_rejects_a_taken_id(store).await;
-    unknown_ids_are_absent(store).await;
-    start_moves_accepted_to_running_once(store).await;
-    finish_first_transition_wins(store).await;
-    finish_from_accepted_is_allowed(store).await;
-    cancel_removes_the_job_and_blocks_later_transitions(store).await;
-    cancel_after_finish_removes_the_result(store).await;
-    expired_records_are_absent_before_any_sweep(store).await;
-    sweep_removes_only_expired_records(store).await;
-    progress_is_kept_until_the_job_ends(store).await;
-    renew_leases_reports_jobs_that_stopped_running_here(store).await;
-    fail_lapsed_fails_only_lapsed_running_jobs(store).await;
-    stored_responses_round_trip_exactly(store).await;
-    create_once_returns_the_existing_job_for_a_repeated_key(store).await;
-    create_once_never_matches_across_owners(store).await;
-    create_once_without_an_owner_always_creates(store).await;
-    create_once_after_cancel_creates_a_new_job(store).await;
-    create_once_after_failure_creates_a_new_job(store).await;
-    create_once_returns_a_completed_job_until_it_expires(store).await;
-    create_once_has_one_winner_among_concurrent_kick_offs(store).await;
-    create_once_supports_the_longest_key(store).await;
-    create_once_rejects_a_taken_id(store).await;
-    abandon_removes_the_job_and_blocks_a_late_create(store).await;
-    abandon_before_create_blocks_the_create(store).await;
-    abandon_frees_the_idempotency_key(store).await;
+/// How long a case waits for an announcement that should come at once.
+const FEED_WAIT: Duration = Duration::from_secs(10);
+
+/// What the suite needs of a backend: stores, handles on them, clean-up.
+pub trait Fixture: Send + Sync + 'static {
+    /// The store under test.
+    type Store: JobStore;
+
+    /// A store for one case. It may hold other cases' jobs (cases use ids of their own), but
+    /// a store of its own (a fresh table or key prefix) makes failures easier to read.
+    fn store(&self) -> impl Future<Output = Self::Store> + Send;
+
+    /// Another handle on the jobs of `store`, as another instance would hold: for a backend
+    /// reached over a network, its own connection. Races and feeds run across handles.
+    fn handle(&self, store: &Self::Store) -> impl Future<Output = Self::Store> + Send;
+
+    /// Whether the store announces changes ([`JobStore::changes`] gives a stream). The feed
+    /// cases check that it does, or, when this is `false`, that it says it does not.
+    fn has_changes(&self) -> bool {
+        true
+    }
+
+    /// Removes what a case left in `store`; runs after every case, passed or failed.
+    fn clean_up(&self, store: Self::Store) -> impl Future<Output = ()> + Send {
+        let _ = store;
+        std::future::ready(())
+    }
+}
+
+/// Shorthands for [`JobStore::transition`], for tests of stores.
+pub trait Transitions: JobStore {
+    /// [`Transition::Start`].
+    fn start(
+        &self,
+        id: &JobId,
+        instance: &str,
+        lease_until: SystemTime,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        self.transition(
+            id,
+            Transition::Start {
+                instance,
+                lease_until,
+            },
+        )
+    }
+
+    /// [`Transition::Finish`].
+    fn finish(
+        &self,
+        id: &JobId,
+        outcome: JobOutcome,
+        finished_at: SystemTime,
+        expires_at: SystemTime,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        self.transition(
+            id,
+            Transition::Finish {
+                outcome,
+                finished_at,
+                expires_at,
+            },
+        )
+    }
+
+    /// [`Transition::Progress`].
+    fn set_progress(
+        &self,
+        id: &JobId,
+        progress: &str,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        self.transition(id, Transition::Progress(progress))
+    }
+}
+
+impl<S: JobStore> Transitions for S {}
+
+/// Generates one `#[tokio::test]` per conformance case for a [`Fixture`]
+/// (`tower_fhir_async::store::conformance::Fixture`), named after the requirement the case
+/// proves. Each test gets a store from the fixture, runs the case, and cleans up whether the
+/// case passed or not. See the [`conformance`](crate::store::conformance) module.
+#[macro_export]
+macro_rules! store_conformance_tests {
+    ($fixture:expr $(,)?) => {
+        $crate::__store_conformance_cases! { $fixture;
+            design_create_then_get_returns_the_record
+            design_create_rejects_a_taken_id
+            status_15_cancel_7_unknown_ids_are_absent
+            design_start_moves_accepted_to_running_once
+            status_14_finish_first_transition_wins
+            design_finish_from_accepted_is_allowed
+            cancel_3_cancel_6_cancel_removes_the_job_and_blocks_later_transitions
+            cancel_5_cancel_after_finish_removes_the_result
+            expire_3_expired_records_are_absent_before_any_sweep
+            expire_1_sweep_removes_only_expired_records
+            status_4_progress_is_kept_until_the_job_ends
+            design_renew_leases_reports_jobs_that_stopped_running_here
+            design_fail_lapsed_fails_only_lapsed_running_jobs
+            status_14_stored_responses_round_trip_exactly
+            kick_9_create_once_returns_the_existing_job_for_a_repeated_key
+            kick_9_create_once_never_matches_across_owners
+            kick_9_create_once_without_an_owner_always_creates
+            kick_9_create_once_after_cancel_creates_a_new_job
+            kick_9_create_once_after_failure_creates_a_new_job
+            kick_9_create_once_returns_a_completed_job_until_it_expires
+            kick_9_create_once_has_one_winner_among_concurrent_kick_offs
+            kick_9_create_once_supports_the_longest_key
+            kick_9_create_once_rejects_a_taken_id
+            kick_9_abandon_removes_the_job_and_blocks_a_late_create
+            kick_9_abandon_before_create_blocks_the_create
+            kick_9_abandon_frees_the_idempotency_key
+            cancel_3_changes_announce_a_cancel_to_every_handle
+            status_4_changes_announce_ends_and_progress_to_every_handle
+            status_14_cancel_6_transitions_racing_across_handles_have_one_winner
+            kick_9_create_once_racing_across_handles_has_one_winner
+        }
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __store_conformance_cases {
+    ($fixture:expr; $($case:ident)*) => {$(
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $case() {
+            $crate::store::conformance::__run(
+                &$fixture,
+                |fixture, store| ::std::boxed::Box::pin(
+                    $crate::store::conformance::$case(fixture, store)
+                ),
+            )
+            .await;
+        }
+    )*};
+}
+
+/// Runs one case on a store from `fixture`, cleans up, and fails as the case did.
+#[doc(hidden)]
+pub async fn __run<F: Fixture>(
+    fixture: &F,
+    case: impl for<'a> FnOnce(
+        &'a F,
+        &'a F::Store,
+    ) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>,
+) {
+    let store = fixture.store().await;
+    let outcome = std::panic::AssertUnwindSafe(case(fixture, &store))
+        .catch_unwind()
+        .await;
+    fixture.clean_up(store).await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
 }
 
 /// The current time, truncated to whole milliseconds: stores must keep times to the millisecond.
@@ -91,7 +238,7 @@ async fn get<S: JobStore>(store: &S, id: &JobId, now: SystemTime) -> Option<JobR
 }
 
 /// `create` then `get` returns an equal record, whatever its kind.
-pub async fn create_then_get_returns_the_record<S: JobStore>(store: &S) {
+pub async fn design_create_then_get_returns_the_record<F: Fixture>(_: &F, store: &F::Store) {
     let now = now_ms();
     let rec = record(now).with_owner(Some("client-7".into()));
     store
@@ -103,21 +250,38 @@ pub async fn create_then_get_returns_the_record<S: JobStore>(store: &S) {
         Some(rec),
         "get returns what create stored"
     );
-    // Every kind round-trips: the kind decides how a completion is rendered.
-    let bulk = JobRecord::new(JobId::new(), JobKind::Bulk, "GET", "/fhir/$export", now);
-    store
-        .create(bulk.clone())
-        .await
-        .expect("create should succeed");
-    assert_eq!(
-        get(store, &bulk.id, now).await.map(|r| r.kind),
-        Some(JobKind::Bulk),
-        "a bulk job is read back as a bulk job"
-    );
+    // Every kind round-trips, running and finished too: the kind decides how a status and a
+    // completion are rendered (a bulk job with a separate status answers with its manifest).
+    for kind in [
+        JobKind::Interaction,
+        JobKind::Bulk,
+        JobKind::BulkSeparateStatus,
+    ] {
+        let job = JobRecord::new(JobId::new(), kind, "GET", "/fhir/$export", now);
+        store
+            .create(job.clone())
+            .await
+            .expect("create should succeed");
+        assert_eq!(get(store, &job.id, now).await.map(|r| r.kind), Some(kind));
+        assert!(store.start(&job.id, "a", now + 30 * SECOND).await.unwrap());
+        assert_eq!(get(store, &job.id, now).await.map(|r| r.kind), Some(kind));
+        let outcome = JobOutcome::Completed(response(200, "{}"));
+        assert!(
+            store
+                .finish(&job.id, outcome, now, now + 60 * SECOND)
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            get(store, &job.id, now).await.map(|r| r.kind),
+            Some(kind),
+            "a {kind:?} job is read back as one when finished"
+        );
+    }
 }
 
 /// A second `create` with the same id is a conflict and changes nothing.
-pub async fn create_rejects_a_taken_id<S: JobStore>(store: &S) {
+pub async fn design_create_rejects_a_taken_id<F: Fixture>(_: &F, store: &F::Store) {
     let now = now_ms();
     let rec = record(now);
     store
@@ -142,7 +306,7 @@ pub async fn create_rejects_a_taken_id<S: JobStore>(store: &S) {
 }
 
 /// Unknown ids are absent for every operation.
-pub async fn unknown_ids_are_absent<S: JobStore>(store: &S) {
+pub async fn status_15_cancel_7_unknown_ids_are_absent<F: Fixture>(_: &F, store: &F::Store) {
     let now = now_ms();
     let id = JobId::new();
     assert_eq!(get(store, &id, now).await, None);
@@ -163,10 +327,10 @@ pub async fn unknown_ids_are_absent<S: JobStore>(store: &S) {
         !store.cancel(&id, now).await.unwrap(),
         "cancel of an unknown job"
     );
-    store
-        .set_progress(&id, "50%")
-        .await
-        .expect("progress of an unknown job is ignored");
+    assert!(
+        !store.set_progress(&id, "50%").await.unwrap(),
+        "progress of an unknown job is ignored"
+    );
     assert_eq!(
         get(store, &id, now).await,
         None,
@@ -175,7 +339,7 @@ pub async fn unknown_ids_are_absent<S: JobStore>(store: &S) {
 }
 
 /// `start` moves `Accepted` to `Running` with the instance and lease, exactly once.
-pub async fn start_moves_accepted_to_running_once<S: JobStore>(store: &S) {
+pub async fn design_start_moves_accepted_to_running_once<F: Fixture>(_: &F, store: &F::Store) {
     let now = now_ms();
     let rec = record(now);
     store.create(rec.clone()).await.unwrap();
@@ -206,7 +370,7 @@ pub async fn start_moves_accepted_to_running_once<S: JobStore>(store: &S) {
 }
 
 /// The first `finish` wins; a later one is refused and changes nothing.
-pub async fn finish_first_transition_wins<S: JobStore>(store: &S) {
+pub async fn status_14_finish_first_transition_wins<F: Fixture>(_: &F, store: &F::Store) {
     let now = now_ms();
     let rec = record(now);
     store.create(rec.clone()).await.unwrap();
@@ -245,7 +409,7 @@ pub async fn finish_first_transition_wins<S: JobStore>(store: &S) {
 }
 
 /// A job that never started can still be failed (e.g. at shutdown).
-pub async fn finish_from_accepted_is_allowed<S: JobStore>(store: &S) {
+pub async fn design_finish_from_accepted_is_allowed<F: Fixture>(_: &F, store: &F::Store) {
     let now = now_ms();
     let rec = record(now);
     store.create(rec.clone()).await.unwrap();
@@ -268,7 +432,10 @@ pub async fn finish_from_accepted_is_allowed<S: JobStore>(store: &S) {
 }
 
 /// Cancel removes the job; later reads are absent and later transitions refused (CANCEL-3, CANCEL-6).
-pub async fn cancel_removes_the_job_and_blocks_later_transitions<S: JobStore>(store: &S) {
+pub async fn cancel_3_cancel_6_cancel_removes_the_job_and_blocks_later_transitions<F: Fixture>(
+    _: &F,
+    store: &F::Store,
+) {
     let now = now_ms();
     let rec = record(now);
     store.create(rec.clone()).await.unwrap();
@@ -310,7 +477,7 @@ pub async fn cancel_removes_the_job_and_blocks_later_transitions<S: JobStore>(st
 }
 
 /// Cancel after completion removes the result (CANCEL-5).
-pub async fn cancel_after_finish_removes_the_result<S: JobStore>(store: &S) {
+pub async fn cancel_5_cancel_after_finish_removes_the_result<F: Fixture>(_: &F, store: &F::Store) {
     let now = now_ms();
     let rec = record(now);
     store.create(rec.clone()).await.unwrap();
@@ -324,7 +491,10 @@ pub async fn cancel_after_finish_removes_the_result<S: JobStore>(store: &S) {
 }
 
 /// Records are absent from the moment they expire, with no sweep (EXPIRE-3).
-pub async fn expired_records_are_absent_before_any_sweep<S: JobStore>(store: &S) {
+pub async fn expire_3_expired_records_are_absent_before_any_sweep<F: Fixture>(
+    _: &F,
+    store: &F::Store,
+) {
     let now = now_ms();
     let rec = record(now);
     store.create(rec.clone()).await.unwrap();
@@ -349,7 +519,7 @@ pub async fn expired_records_are_absent_before_any_sweep<S: JobStore>(store: &S)
 }
 
 /// Sweeping deletes expired records and keeps the rest.
-pub async fn sweep_removes_only_expired_records<S: JobStore>(store: &S) {
+pub async fn expire_1_sweep_removes_only_expired_records<F: Fixture>(_: &F, store: &F::Store) {
     let now = now_ms();
     let expiring = record(now);
     let lasting = record(now);
@@ -387,7 +557,7 @@ pub async fn sweep_removes_only_expired_records<S: JobStore>(store: &S) {
 }
 
 /// Progress is recorded while the job runs and dropped when it ends.
-pub async fn progress_is_kept_until_the_job_ends<S: JobStore>(store: &S) {
+pub async fn status_4_progress_is_kept_until_the_job_ends<F: Fixture>(_: &F, store: &F::Store) {
     let now = now_ms();
     let rec = record(now);
     store.create(rec.clone()).await.unwrap();
@@ -407,7 +577,10 @@ pub async fn progress_is_kept_until_the_job_ends<S: JobStore>(store: &S) {
 }
 
 /// Lease renewal extends this instance's running jobs and names the ones that stopped.
-pub async fn renew_leases_reports_jobs_that_stopped_running_here<S: JobStore>(store: &S) {
+pub async fn design_renew_leases_reports_jobs_that_stopped_running_here<F: Fixture>(
+    _: &F,
+    store: &F::Store,
+) {
     let now = now_ms();
     let [mine, cancelled, finished, elsewhere] =
         [record(now), record(now), record(now), record(now)];
@@ -449,7 +622,10 @@ pub async fn renew_leases_reports_jobs_that_stopped_running_here<S: JobStore>(st
 
 /// Running jobs whose lease lapsed, and accepted jobs never started in time, are failed with
 /// the given outcome; nothing else is.
-pub async fn fail_lapsed_fails_only_lapsed_running_jobs<S: JobStore>(store: &S) {
+pub async fn design_fail_lapsed_fails_only_lapsed_running_jobs<F: Fixture>(
+    _: &F,
+    store: &F::Store,
+) {
     // Far in the past, so that other tests' jobs sharing the store keep their leases.
     let base = SystemTime::UNIX_EPOCH + 1_000_000 * SECOND;
     let [lapsed, renewed, accepted, orphan] = [
@@ -512,7 +688,7 @@ pub async fn fail_lapsed_fails_only_lapsed_running_jobs<S: JobStore>(store: &S) 
 }
 
 /// Status, headers (any bytes), body (any bytes) and every record field survive storage.
-pub async fn stored_responses_round_trip_exactly<S: JobStore>(store: &S) {
+pub async fn status_14_stored_responses_round_trip_exactly<F: Fixture>(_: &F, store: &F::Store) {
     let now = now_ms();
     let mut rec = record(now).with_owner(Some("ünïcode owner".into()));
     rec.target = "/fhir/Patient?name=Zoë&_count=10".into();
@@ -581,7 +757,10 @@ async fn create_once<S: JobStore>(
 
 /// A repeated kick-off with the same owner and key names the first job and creates nothing,
 /// while that job is accepted or running.
-pub async fn create_once_returns_the_existing_job_for_a_repeated_key<S: JobStore>(store: &S) {
+pub async fn kick_9_create_once_returns_the_existing_job_for_a_repeated_key<F: Fixture>(
+    _: &F,
+    store: &F::Store,
+) {
     let now = now_ms();
     let key = fresh_key();
     let first = owned("alice", now);
@@ -625,7 +804,7 @@ pub async fn create_once_returns_the_existing_job_for_a_repeated_key<S: JobStore
 }
 
 /// The same key sent by two owners is two kick-offs: keys are scoped to the caller.
-pub async fn create_once_never_matches_across_owners<S: JobStore>(store: &S) {
+pub async fn kick_9_create_once_never_matches_across_owners<F: Fixture>(_: &F, store: &F::Store) {
     let now = now_ms();
     let key = fresh_key();
     let alice = owned("alice", now);
@@ -665,7 +844,10 @@ pub async fn create_once_never_matches_across_owners<S: JobStore>(store: &S) {
 
 /// A record without an owner is always created: without a caller identity there is no scope
 /// for a key.
-pub async fn create_once_without_an_owner_always_creates<S: JobStore>(store: &S) {
+pub async fn kick_9_create_once_without_an_owner_always_creates<F: Fixture>(
+    _: &F,
+    store: &F::Store,
+) {
     let now = now_ms();
     let key = fresh_key();
     let [first, second] = [record(now), record(now)];
@@ -688,7 +870,10 @@ pub async fn create_once_without_an_owner_always_creates<S: JobStore>(store: &S)
 
 /// A cancelled job does not count: the next kick-off with its key is new, and is the one that
 /// later repeats find.
-pub async fn create_once_after_cancel_creates_a_new_job<S: JobStore>(store: &S) {
+pub async fn kick_9_create_once_after_cancel_creates_a_new_job<F: Fixture>(
+    _: &F,
+    store: &F::Store,
+) {
     let now = now_ms();
     let key = fresh_key();
     let cancelled = owned("alice", now);
@@ -726,7 +911,10 @@ pub async fn create_once_after_cancel_creates_a_new_job<S: JobStore>(store: &S) 
 
 /// A failed job does not count, whether it failed through `finish` or `fail_lapsed`: the next
 /// kick-off is new, and later repeats find that one. The failed job stays readable.
-pub async fn create_once_after_failure_creates_a_new_job<S: JobStore>(store: &S) {
+pub async fn kick_9_create_once_after_failure_creates_a_new_job<F: Fixture>(
+    _: &F,
+    store: &F::Store,
+) {
     let now = now_ms();
     let key = fresh_key();
     let failed = owned("alice", now);
@@ -799,7 +987,10 @@ pub async fn create_once_after_failure_creates_a_new_job<S: JobStore>(store: &S)
 
 /// A completed job counts until it expires; from then on the key starts a new job, which later
 /// repeats find.
-pub async fn create_once_returns_a_completed_job_until_it_expires<S: JobStore>(store: &S) {
+pub async fn kick_9_create_once_returns_a_completed_job_until_it_expires<F: Fixture>(
+    _: &F,
+    store: &F::Store,
+) {
     let now = now_ms();
     let key = fresh_key();
     let done = owned("alice", now);
@@ -840,7 +1031,10 @@ pub async fn create_once_returns_a_completed_job_until_it_expires<S: JobStore>(s
 
 /// Of concurrent kick-offs with the same owner and key, exactly one creates a job and the
 /// others all name it.
-pub async fn create_once_has_one_winner_among_concurrent_kick_offs<S: JobStore>(store: &S) {
+pub async fn kick_9_create_once_has_one_winner_among_concurrent_kick_offs<F: Fixture>(
+    _: &F,
+    store: &F::Store,
+) {
     let now = now_ms();
     let key = fresh_key();
     let records: Vec<JobRecord> = (0..16).map(|_| owned("alice", now)).collect();
@@ -879,7 +1073,7 @@ pub async fn create_once_has_one_winner_among_concurrent_kick_offs<S: JobStore>(
 }
 
 /// Keys of up to [`MAX_IDEMPOTENCY_KEY_LEN`] bytes, of any printable text, work.
-pub async fn create_once_supports_the_longest_key<S: JobStore>(store: &S) {
+pub async fn kick_9_create_once_supports_the_longest_key<F: Fixture>(_: &F, store: &F::Store) {
     let now = now_ms();
     let prefix = fresh_key();
     let mut key = format!("{prefix}:ü/é*?\"x");
@@ -907,7 +1101,7 @@ pub async fn create_once_supports_the_longest_key<S: JobStore>(store: &S) {
 }
 
 /// A taken id is a conflict, as for `create`, and leaves the key free.
-pub async fn create_once_rejects_a_taken_id<S: JobStore>(store: &S) {
+pub async fn kick_9_create_once_rejects_a_taken_id<F: Fixture>(_: &F, store: &F::Store) {
     let now = now_ms();
     let key = fresh_key();
     let taken = owned("alice", now);
@@ -934,7 +1128,10 @@ pub async fn create_once_rejects_a_taken_id<S: JobStore>(store: &S) {
 /// `abandon` after `create`: the job is gone, and the same create arriving again later (a
 /// write delayed in a stalled connection) leaves no job behind (issue: a kick-off answered
 /// `503` still left a job).
-pub async fn abandon_removes_the_job_and_blocks_a_late_create<S: JobStore>(store: &S) {
+pub async fn kick_9_abandon_removes_the_job_and_blocks_a_late_create<F: Fixture>(
+    _: &F,
+    store: &F::Store,
+) {
     let now = now_ms();
     let rec = record(now);
     store.create(rec.clone()).await.unwrap();
@@ -977,7 +1174,7 @@ pub async fn abandon_removes_the_job_and_blocks_a_late_create<S: JobStore>(store
 
 /// `abandon` that reaches the store before the `create` it takes back (the two took different
 /// connections): the create finds the id taken.
-pub async fn abandon_before_create_blocks_the_create<S: JobStore>(store: &S) {
+pub async fn kick_9_abandon_before_create_blocks_the_create<F: Fixture>(_: &F, store: &F::Store) {
     let now = now_ms();
     let rec = owned("alice", now);
     store
@@ -1004,7 +1201,7 @@ pub async fn abandon_before_create_blocks_the_create<S: JobStore>(store: &S) {
 
 /// An idempotent kick-off that was abandoned frees its key: a retry with the same key creates
 /// a new job rather than naming one that will never run.
-pub async fn abandon_frees_the_idempotency_key<S: JobStore>(store: &S) {
+pub async fn kick_9_abandon_frees_the_idempotency_key<F: Fixture>(_: &F, store: &F::Store) {
     let now = now_ms();
     let key = fresh_key();
     let orphan = owned("alice", now);
@@ -1020,4 +1217,247 @@ pub async fn abandon_frees_the_idempotency_key<S: JobStore>(store: &S) {
         "the retry must not name the abandoned job"
     );
     store.cancel(&retry.id, now).await.unwrap();
+}
+
+/// The next announcement on `feed` about `id`, skipping others; fails after [`FEED_WAIT`].
+async fn next_about(feed: &mut Changes, id: JobId, what: &str) -> Change {
+    let wait = async {
+        while let Some(change) = feed.next().await {
+            if change.id() == id {
+                return change;
+            }
+        }
+        panic!("the change feed ended before announcing {what}");
+    };
+    tokio::time::timeout(FEED_WAIT, wait)
+        .await
+        .unwrap_or_else(|_| panic!("no announcement of {what} within {FEED_WAIT:?}"))
+}
+
+/// The change feed of `store`, or `None` if the fixture says it has none (checked).
+async fn feed_of<F: Fixture>(fixture: &F, store: &F::Store) -> Option<Changes> {
+    let feed = store.changes().await.expect("changes should succeed");
+    assert_eq!(
+        feed.is_some(),
+        fixture.has_changes(),
+        "the store has a change feed exactly when the fixture says so"
+    );
+    feed
+}
+
+/// A cancel through one handle is announced as [`Change::Cancelled`] on the feed of another,
+/// so the instance running the job stops it at once; a cancel of an unknown job announces
+/// nothing.
+pub async fn cancel_3_changes_announce_a_cancel_to_every_handle<F: Fixture>(
+    fixture: &F,
+    store: &F::Store,
+) {
+    let elsewhere = fixture.handle(store).await;
+    let Some(mut feed) = feed_of(fixture, &elsewhere).await else {
+        return;
+    };
+    let now = now_ms();
+    let unknown = JobId::new();
+    assert!(!store.cancel(&unknown, now).await.unwrap());
+    let rec = record(now);
+    store.create(rec.clone()).await.unwrap();
+    assert!(store.start(&rec.id, "a", now + 30 * SECOND).await.unwrap());
+    assert!(store.cancel(&rec.id, now).await.unwrap());
+    // Announcements arrive in commit order on one feed, so the unknown job's cancel (earlier)
+    // would have come first.
+    let first = tokio::time::timeout(FEED_WAIT, feed.next())
+        .await
+        .expect("an announcement of the cancel")
+        .expect("the feed stays open");
+    assert_eq!(
+        first,
+        Change::Cancelled(rec.id),
+        "the cancel is announced, and nothing before it"
+    );
+}
+
+/// An end and a progress change through one handle are announced as [`Change::Updated`] on
+/// the feed of another, so long polls held anywhere wake; a progress write that changes
+/// nothing (the same text) is not written.
+pub async fn status_4_changes_announce_ends_and_progress_to_every_handle<F: Fixture>(
+    fixture: &F,
+    store: &F::Store,
+) {
+    let elsewhere = fixture.handle(store).await;
+    let Some(mut feed) = feed_of(fixture, &elsewhere).await else {
+        return;
+    };
+    let now = now_ms();
+    let rec = record(now);
+    store.create(rec.clone()).await.unwrap();
+    assert!(store.start(&rec.id, "a", now + 30 * SECOND).await.unwrap());
+    assert!(store.set_progress(&rec.id, "10%").await.unwrap());
+    assert_eq!(
+        next_about(&mut feed, rec.id, "new progress").await,
+        Change::Updated(rec.id)
+    );
+    assert!(
+        !store.set_progress(&rec.id, "10%").await.unwrap(),
+        "the same progress again changes nothing"
+    );
+    let outcome = JobOutcome::Completed(response(200, "{}"));
+    assert!(
+        store
+            .finish(&rec.id, outcome, now, now + 60 * SECOND)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        next_about(&mut feed, rec.id, "the job's end").await,
+        Change::Updated(rec.id)
+    );
+    // A failure announced by `fail_lapsed` reaches the feed too.
+    let base = SystemTime::UNIX_EPOCH + 3_000_000 * SECOND;
+    let lapsed = record(base);
+    store.create(lapsed.clone()).await.unwrap();
+    assert!(
+        store
+            .start(&lapsed.id, "gone", base + SECOND)
+            .await
+            .unwrap()
+    );
+    let failed = store
+        .fail_lapsed(
+            base + 2 * SECOND,
+            base,
+            JobOutcome::Failed(response(503, "{}")),
+            now + 60 * SECOND,
+        )
+        .await
+        .unwrap();
+    if failed.contains(&lapsed.id) {
+        assert_eq!(
+            next_about(&mut feed, lapsed.id, "a lapsed job's failure").await,
+            Change::Updated(lapsed.id)
+        );
+    } else {
+        assert!(failed.is_empty(), "only lapsed jobs are failed: {failed:?}");
+    }
+}
+
+/// Transitions racing through several handles: exactly one start wins, exactly one finish
+/// wins and its result is kept; a cancel racing a finish leaves no record either way.
+pub async fn status_14_cancel_6_transitions_racing_across_handles_have_one_winner<F: Fixture>(
+    fixture: &F,
+    store: &F::Store,
+) {
+    let mut handles = Vec::new();
+    for _ in 0..4 {
+        handles.push(fixture.handle(store).await);
+    }
+    let now = now_ms();
+    let rec = record(now);
+    store.create(rec.clone()).await.unwrap();
+    let starts = (0..8).map(|n| {
+        let instance = format!("instance-{n}");
+        let handle = &handles[n % handles.len()];
+        async move {
+            handle
+                .start(&rec.id, &instance, now + 30 * SECOND)
+                .await
+                .expect("start should succeed")
+        }
+    });
+    let started = futures_util::future::join_all(starts).await;
+    assert_eq!(
+        started.iter().filter(|won| **won).count(),
+        1,
+        "exactly one start wins: {started:?}"
+    );
+    let finishes = (0..16u16).map(|n| {
+        let handle = &handles[usize::from(n) % handles.len()];
+        let outcome = JobOutcome::Completed(response(200 + n, "{}"));
+        async move {
+            let won = handle
+                .finish(&rec.id, outcome, now, now + 60 * SECOND)
+                .await
+                .expect("finish should succeed");
+            won.then_some(200 + n)
+        }
+    });
+    let winners: Vec<u16> = futures_util::future::join_all(finishes)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(winners.len(), 1, "exactly one finish wins: {winners:?}");
+    let Some(JobState::Completed(kept)) = get(store, &rec.id, now).await.map(|r| r.state) else {
+        panic!("the job is completed");
+    };
+    assert_eq!(
+        kept.status.as_u16(),
+        winners[0],
+        "the winner's result is kept"
+    );
+
+    for round in 0..20 {
+        let rec = record(now);
+        store.create(rec.clone()).await.unwrap();
+        assert!(store.start(&rec.id, "a", now + 30 * SECOND).await.unwrap());
+        let finisher = &handles[round % handles.len()];
+        let canceller = &handles[(round + 1) % handles.len()];
+        let outcome = JobOutcome::Completed(response(200, "{}"));
+        let (finished, cancelled) = futures_util::future::join(
+            finisher.finish(&rec.id, outcome, now, now + 60 * SECOND),
+            canceller.cancel(&rec.id, now),
+        )
+        .await;
+        finished.expect("finish should succeed");
+        assert!(
+            cancelled.expect("cancel should succeed"),
+            "the job was there to cancel, finished or not"
+        );
+        assert_eq!(get(store, &rec.id, now).await, None, "never resurrected");
+    }
+}
+
+/// Kick-offs with the same owner and key racing through several handles (instances) create
+/// exactly one job, and every other one names it.
+pub async fn kick_9_create_once_racing_across_handles_has_one_winner<F: Fixture>(
+    fixture: &F,
+    store: &F::Store,
+) {
+    let mut handles = Vec::new();
+    for _ in 0..4 {
+        handles.push(fixture.handle(store).await);
+    }
+    for _ in 0..5 {
+        let now = now_ms();
+        let key = fresh_key();
+        let records: Vec<JobRecord> = (0..16).map(|_| owned("alice", now)).collect();
+        let kick_offs = records
+            .iter()
+            .enumerate()
+            .map(|(n, rec)| handles[n % handles.len()].create_once(rec.clone(), &key, now));
+        let results: Vec<Created> = futures_util::future::join_all(kick_offs)
+            .await
+            .into_iter()
+            .map(|result| result.expect("create_once should succeed"))
+            .collect();
+        let winners: Vec<JobId> = records
+            .iter()
+            .zip(&results)
+            .filter(|(_, created)| **created == Created::New)
+            .map(|(rec, _)| rec.id)
+            .collect();
+        assert_eq!(winners.len(), 1, "exactly one New: {results:?}");
+        assert!(
+            results
+                .iter()
+                .all(|c| *c == Created::New || *c == Created::Existing(winners[0])),
+            "every other kick-off names the winner: {results:?}"
+        );
+        for rec in &records {
+            assert_eq!(
+                get(store, &rec.id, now).await.is_some(),
+                rec.id == winners[0],
+                "only the winner's record exists"
+            );
+        }
+    }
 }

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
-use super::{Cancellations, Changes, Created, JobStore, StoreError};
+use super::{Changes, Created, JobStore, StoreError, Transition};
 use crate::job::{JobId, JobOutcome, JobRecord};
 
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -23,18 +23,10 @@ pub(crate) trait DynStore: Send + Sync + 'static {
         id: &'a JobId,
         now: SystemTime,
     ) -> BoxFuture<'a, Result<Option<JobRecord>, StoreError>>;
-    fn start<'a>(
+    fn transition<'a>(
         &'a self,
         id: &'a JobId,
-        instance: &'a str,
-        lease_until: SystemTime,
-    ) -> BoxFuture<'a, Result<bool, StoreError>>;
-    fn finish<'a>(
-        &'a self,
-        id: &'a JobId,
-        outcome: JobOutcome,
-        finished_at: SystemTime,
-        expires_at: SystemTime,
+        transition: Transition<'a>,
     ) -> BoxFuture<'a, Result<bool, StoreError>>;
     fn cancel<'a>(
         &'a self,
@@ -48,11 +40,6 @@ pub(crate) trait DynStore: Send + Sync + 'static {
         until: SystemTime,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
     fn sweep(&self, now: SystemTime) -> BoxFuture<'_, Result<usize, StoreError>>;
-    fn set_progress<'a>(
-        &'a self,
-        id: &'a JobId,
-        progress: &'a str,
-    ) -> BoxFuture<'a, Result<(), StoreError>>;
     fn renew_leases<'a>(
         &'a self,
         instance: &'a str,
@@ -66,8 +53,53 @@ pub(crate) trait DynStore: Send + Sync + 'static {
         outcome: JobOutcome,
         expires_at: SystemTime,
     ) -> BoxFuture<'_, Result<Vec<JobId>, StoreError>>;
-    fn cancellations(&self) -> BoxFuture<'_, Result<Option<Cancellations>, StoreError>>;
     fn changes(&self) -> BoxFuture<'_, Result<Option<Changes>, StoreError>>;
+}
+
+/// The transitions by name, for the layer's code.
+impl dyn DynStore {
+    /// [`Transition::Start`].
+    pub(crate) fn start<'a>(
+        &'a self,
+        id: &'a JobId,
+        instance: &'a str,
+        lease_until: SystemTime,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.transition(
+            id,
+            Transition::Start {
+                instance,
+                lease_until,
+            },
+        )
+    }
+
+    /// [`Transition::Finish`].
+    pub(crate) fn finish<'a>(
+        &'a self,
+        id: &'a JobId,
+        outcome: JobOutcome,
+        finished_at: SystemTime,
+        expires_at: SystemTime,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.transition(
+            id,
+            Transition::Finish {
+                outcome,
+                finished_at,
+                expires_at,
+            },
+        )
+    }
+
+    /// [`Transition::Progress`]; whether it was written does not matter to the layer.
+    pub(crate) fn set_progress<'a>(
+        &'a self,
+        id: &'a JobId,
+        progress: &'a str,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.transition(id, Transition::Progress(progress))
+    }
 }
 
 /// A store whose every operation ends within `limit`: a stalled store answers
@@ -123,28 +155,14 @@ impl<S: JobStore> DynStore for Bounded<S> {
         within(self.limit, JobStore::get(&self.store, id, now))
     }
 
-    fn start<'a>(
+    fn transition<'a>(
         &'a self,
         id: &'a JobId,
-        instance: &'a str,
-        lease_until: SystemTime,
+        transition: Transition<'a>,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         within(
             self.limit,
-            JobStore::start(&self.store, id, instance, lease_until),
-        )
-    }
-
-    fn finish<'a>(
-        &'a self,
-        id: &'a JobId,
-        outcome: JobOutcome,
-        finished_at: SystemTime,
-        expires_at: SystemTime,
-    ) -> BoxFuture<'a, Result<bool, StoreError>> {
-        within(
-            self.limit,
-            JobStore::finish(&self.store, id, outcome, finished_at, expires_at),
+            JobStore::transition(&self.store, id, transition),
         )
     }
 
@@ -167,17 +185,6 @@ impl<S: JobStore> DynStore for Bounded<S> {
 
     fn sweep(&self, now: SystemTime) -> BoxFuture<'_, Result<usize, StoreError>> {
         within(self.limit, JobStore::sweep(&self.store, now))
-    }
-
-    fn set_progress<'a>(
-        &'a self,
-        id: &'a JobId,
-        progress: &'a str,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        within(
-            self.limit,
-            JobStore::set_progress(&self.store, id, progress),
-        )
     }
 
     fn renew_leases<'a>(
@@ -205,10 +212,6 @@ impl<S: JobStore> DynStore for Bounded<S> {
         )
     }
 
-    fn cancellations(&self) -> BoxFuture<'_, Result<Option<Cancellations>, StoreError>> {
-        within(self.limit, JobStore::cancellations(&self.store))
-    }
-
     fn changes(&self) -> BoxFuture<'_, Result<Option<Changes>, StoreError>> {
         within(self.limit, JobStore::changes(&self.store))
     }
@@ -218,68 +221,20 @@ impl<S: JobStore> DynStore for Bounded<S> {
 mod tests {
     use super::*;
     use crate::MemoryStore;
+    use crate::store::DelegateStore;
 
     /// A store whose reads never answer: a stalled server.
     struct Stalled(MemoryStore);
 
-    impl JobStore for Stalled {
-        fn create(&self, record: JobRecord) -> impl Future<Output = Result<(), StoreError>> + Send {
-            self.0.create(record)
+    impl DelegateStore for Stalled {
+        type Inner = MemoryStore;
+
+        fn inner(&self) -> &MemoryStore {
+            &self.0
         }
+
         async fn get(&self, _: &JobId, _: SystemTime) -> Result<Option<JobRecord>, StoreError> {
             std::future::pending().await
-        }
-        fn start(
-            &self,
-            id: &JobId,
-            instance: &str,
-            lease_until: SystemTime,
-        ) -> impl Future<Output = Result<bool, StoreError>> + Send {
-            self.0.start(id, instance, lease_until)
-        }
-        fn finish(
-            &self,
-            id: &JobId,
-            outcome: JobOutcome,
-            finished_at: SystemTime,
-            expires_at: SystemTime,
-        ) -> impl Future<Output = Result<bool, StoreError>> + Send {
-            self.0.finish(id, outcome, finished_at, expires_at)
-        }
-        fn cancel(
-            &self,
-            id: &JobId,
-            now: SystemTime,
-        ) -> impl Future<Output = Result<bool, StoreError>> + Send {
-            self.0.cancel(id, now)
-        }
-        fn set_progress(
-            &self,
-            id: &JobId,
-            progress: &str,
-        ) -> impl Future<Output = Result<(), StoreError>> + Send {
-            self.0.set_progress(id, progress)
-        }
-        fn renew_leases(
-            &self,
-            instance: &str,
-            ids: &[JobId],
-            lease_until: SystemTime,
-        ) -> impl Future<Output = Result<Vec<JobId>, StoreError>> + Send {
-            self.0.renew_leases(instance, ids, lease_until)
-        }
-        fn fail_lapsed(
-            &self,
-            now: SystemTime,
-            unstarted_before: SystemTime,
-            outcome: JobOutcome,
-            expires_at: SystemTime,
-        ) -> impl Future<Output = Result<Vec<JobId>, StoreError>> + Send {
-            self.0
-                .fail_lapsed(now, unstarted_before, outcome, expires_at)
-        }
-        fn sweep(&self, now: SystemTime) -> impl Future<Output = Result<usize, StoreError>> + Send {
-            self.0.sweep(now)
         }
     }
 

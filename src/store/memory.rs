@@ -8,7 +8,7 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
 use super::retained::{Caps, Kept, Ledger};
-use super::{Changes, Created, JobStore, StoreError, once_owner};
+use super::{Change, Changes, Created, JobStore, StoreError, Transition, once_owner};
 use crate::job::{JobId, JobKind, JobOutcome, JobRecord, JobState};
 
 /// What a kept result's record costs beyond its response, for the byte cap: the record and its
@@ -91,7 +91,7 @@ pub struct MemoryStore {
 /// The sending side of [`JobStore::changes`]: a broadcast channel; nobody listening costs
 /// nothing but a check.
 #[derive(Debug, Clone)]
-struct Announcer(tokio::sync::broadcast::Sender<JobId>);
+struct Announcer(tokio::sync::broadcast::Sender<Change>);
 
 impl Default for Announcer {
     fn default() -> Self {
@@ -100,9 +100,9 @@ impl Default for Announcer {
 }
 
 impl Announcer {
-    fn announce(&self, id: JobId) {
+    fn announce(&self, change: Change) {
         if self.0.receiver_count() > 0 {
-            let _ = self.0.send(id);
+            let _ = self.0.send(change);
         }
     }
 }
@@ -291,7 +291,7 @@ impl MemoryStore {
             !record.is_expired(now)
         });
         if removed {
-            self.changed.announce(*id);
+            self.changed.announce(Change::Cancelled(*id));
         }
         removed
     }
@@ -406,47 +406,58 @@ impl JobStore for MemoryStore {
         ready(Ok(record))
     }
 
-    fn start(
+    fn transition(
         &self,
         id: &JobId,
-        instance: &str,
-        lease_until: SystemTime,
+        transition: Transition<'_>,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send {
-        let started = self.jobs.get_mut(id).is_some_and(|mut record| {
-            if record.state != JobState::Accepted {
-                return false;
-            }
-            record.state = JobState::Running {
-                instance: instance.to_owned(),
-                lease_until,
-            };
-            true
-        });
-        ready(Ok(started))
-    }
-
-    fn finish(
-        &self,
-        id: &JobId,
-        outcome: JobOutcome,
-        finished_at: SystemTime,
-        expires_at: SystemTime,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
-        let finished = self.jobs.get_mut(id).is_some_and(|mut record| {
-            if record.state.is_finished() {
-                return false;
-            }
-            record.end(outcome.into(), finished_at, expires_at);
-            // Never refused: the caps bound admission, and this result is already computed.
-            if let Some(kept) = record.kept() {
-                self.ledger().keep(kept);
-            }
-            true
-        });
-        if finished {
-            self.changed.announce(*id);
+        // A start is nobody's news: pollers see `Running` as they saw `Accepted`.
+        let news = !matches!(transition, Transition::Start { .. });
+        let applied = self
+            .jobs
+            .get_mut(id)
+            .is_some_and(|mut record| match transition {
+                Transition::Start {
+                    instance,
+                    lease_until,
+                } => {
+                    if record.state != JobState::Accepted {
+                        return false;
+                    }
+                    record.state = JobState::Running {
+                        instance: instance.to_owned(),
+                        lease_until,
+                    };
+                    true
+                }
+                Transition::Finish {
+                    outcome,
+                    finished_at,
+                    expires_at,
+                } => {
+                    if record.state.is_finished() {
+                        return false;
+                    }
+                    record.end(outcome.into(), finished_at, expires_at);
+                    // Never refused: the caps bound admission, and this result is already computed.
+                    if let Some(kept) = record.kept() {
+                        self.ledger().keep(kept);
+                    }
+                    true
+                }
+                Transition::Progress(progress) => {
+                    let changed =
+                        !record.state.is_finished() && record.progress.as_deref() != Some(progress);
+                    if changed {
+                        record.progress = Some(progress.into());
+                    }
+                    changed
+                }
+            });
+        if applied && news {
+            self.changed.announce(Change::Updated(*id));
         }
-        ready(Ok(finished))
+        ready(Ok(applied))
     }
 
     fn cancel(
@@ -466,25 +477,6 @@ impl JobStore for MemoryStore {
         // Writes here cannot arrive late, but the marker keeps every backend's contract alike.
         self.abandoned.insert(*id, until);
         self.remove(id, now);
-        ready(Ok(()))
-    }
-
-    fn set_progress(
-        &self,
-        id: &JobId,
-        progress: &str,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        let changed = self.jobs.get_mut(id).is_some_and(|mut record| {
-            let changed =
-                !record.state.is_finished() && record.progress.as_deref() != Some(progress);
-            if changed {
-                record.progress = Some(progress.into());
-            }
-            changed
-        });
-        if changed {
-            self.changed.announce(*id);
-        }
         ready(Ok(()))
     }
 
@@ -539,7 +531,7 @@ impl JobStore for MemoryStore {
             }
         }
         for id in &failed {
-            self.changed.announce(*id);
+            self.changed.announce(Change::Updated(*id));
         }
         ready(Ok(failed))
     }
@@ -578,6 +570,7 @@ mod tests {
     use super::super::retained::MAX_RETRY_AFTER;
     use super::*;
     use crate::job::StoredResponse;
+    use crate::store::conformance::Transitions;
 
     fn owned(at: SystemTime) -> JobRecord {
         JobRecord::new(JobId::new(), JobKind::Interaction, "POST", "/fhir/x", at)

@@ -143,19 +143,67 @@ impl StdError for StoreError {
 
 /// A place to keep jobs: the embedded [`MemoryStore`], or a shared backend for many instances.
 ///
+/// The core is five operations — [`create`](Self::create), [`get`](Self::get),
+/// [`transition`](Self::transition), [`cancel`](Self::cancel) and [`sweep`](Self::sweep) — and
+/// everything else has a default: idempotency keys ([`create_once`](Self::create_once)), late
+/// writes ([`abandon`](Self::abandon)), the one push feed ([`changes`](Self::changes)) and the
+/// leases that let several instances share the store ([`renew_leases`](Self::renew_leases),
+/// [`fail_lapsed`](Self::fail_lapsed)). A store that keeps the lease defaults serves one
+/// instance.
+///
 /// All times are passed in by the caller, so a store never reads a clock of its own for
 /// decisions; the layer's clock follows tokio's, which lets tests pause time.
 ///
-/// Implementations must make [`start`](Self::start), [`finish`](Self::finish) and
-/// [`cancel`](Self::cancel) atomic compare-and-set operations, and must treat a record whose
-/// `expires_at` is at or before `now` as absent everywhere. The conformance suite
-/// (feature `test-util`) checks all of this.
+/// Implementations must make [`transition`](Self::transition) and [`cancel`](Self::cancel)
+/// atomic compare-and-set operations, and must treat a record whose `expires_at` is at or
+/// before `now` as absent everywhere. The conformance suite ([`store_conformance_tests!`],
+/// feature `test-util`) checks all of this.
+///
+/// To change one operation of an existing store (count it, delay it, fail it), implement
+/// [`DelegateStore`] instead: every operation you do not write is passed on.
+///
+/// [`store_conformance_tests!`]: crate::store_conformance_tests
 pub trait JobStore: Send + Sync + 'static {
     /// Records a newly accepted job. Fails with [`StoreError::Conflict`] if the id is taken, and
     /// with [`StoreError::Full`] if the store refuses new jobs because it keeps as many finished
     /// results as it may ([`MemoryStore`]'s caps); it must never evict an unexpired result to
     /// make room.
     fn create(&self, record: JobRecord) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Reads a job. Unknown, cancelled and expired (at `now`) jobs are `None`.
+    fn get(
+        &self,
+        id: &JobId,
+        now: SystemTime,
+    ) -> impl Future<Output = Result<Option<JobRecord>, StoreError>> + Send;
+
+    /// Applies `transition` to job `id` if the job is in a state it applies to, as one atomic
+    /// compare-and-set; `Ok(false)` when it is not (the job was cancelled, has already ended,
+    /// was started elsewhere, or is unknown), and then nothing changed:
+    ///
+    /// - [`Transition::Start`]: `Accepted → Running` on an instance, holding a lease. `false`
+    ///   means the caller must not run the job.
+    /// - [`Transition::Finish`]: `Accepted | Running → Completed | Failed`, readable until its
+    ///   `expires_at`. The first committed end wins; later ones are dropped.
+    /// - [`Transition::Progress`]: the progress text of an unfinished job (the state stays).
+    ///   `false` also when the text is the one already recorded.
+    fn transition(
+        &self,
+        id: &JobId,
+        transition: Transition<'_>,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Cancels a job in any state: the record and its result are removed. `Ok(true)` when a job
+    /// was there (not expired at `now`), `Ok(false)` otherwise.
+    fn cancel(
+        &self,
+        id: &JobId,
+        now: SystemTime,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Deletes records that expired at `now`; returns how many. Only reclaims space: reads
+    /// already ignore expired records.
+    fn sweep(&self, now: SystemTime) -> impl Future<Output = Result<usize, StoreError>> + Send;
 
     /// Records a newly accepted job, unless the same owner already kicked off a job with the
     /// same idempotency `key` that still counts: then nothing is created and that job's id is
@@ -189,44 +237,6 @@ pub trait JobStore: Send + Sync + 'static {
         async move { created.await.map(|()| Created::New) }
     }
 
-    /// Reads a job. Unknown, cancelled and expired (at `now`) jobs are `None`.
-    fn get(
-        &self,
-        id: &JobId,
-        now: SystemTime,
-    ) -> impl Future<Output = Result<Option<JobRecord>, StoreError>> + Send;
-
-    /// `Accepted → Running` on `instance`, holding a lease until `lease_until`.
-    ///
-    /// `Ok(false)` when the job is not `Accepted` any more (cancelled, or started elsewhere): the
-    /// caller must then not run it.
-    fn start(
-        &self,
-        id: &JobId,
-        instance: &str,
-        lease_until: SystemTime,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
-
-    /// `Accepted | Running → Completed | Failed`, readable until `expires_at`.
-    ///
-    /// `Ok(false)` when the job has already ended, was cancelled, or is unknown: the first
-    /// committed transition wins.
-    fn finish(
-        &self,
-        id: &JobId,
-        outcome: JobOutcome,
-        finished_at: SystemTime,
-        expires_at: SystemTime,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
-
-    /// Cancels a job in any state: the record and its result are removed. `Ok(true)` when a job
-    /// was there (not expired at `now`), `Ok(false)` otherwise.
-    fn cancel(
-        &self,
-        id: &JobId,
-        now: SystemTime,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
-
     /// Takes back job `id` after its kick-off was answered with an error (the store did not
     /// answer in time): the record goes if it was created, its idempotency key with it, and a
     /// `create` or `create_once` of the same id that reaches the store later (a write delayed in
@@ -247,57 +257,298 @@ pub trait JobStore: Send + Sync + 'static {
         async move { cancelled.await.map(|_| ()) }
     }
 
-    /// Records the progress text of an unfinished job. Unknown or finished jobs are left alone.
-    fn set_progress(
-        &self,
-        id: &JobId,
-        progress: &str,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
-
-    /// Extends the leases of `ids`, running on `instance`, to `lease_until`.
+    /// The jobs that change through any handle on this store, announced after each change is
+    /// committed: [`Change::Cancelled`] for a cancel, [`Change::Updated`] for an end or new
+    /// progress. The layer stops a job cancelled through another instance at once (instead of
+    /// at its next lease renewal), and wakes the long polls it holds for a job running
+    /// elsewhere.
     ///
-    /// Returns the ids among them that are no longer running on `instance` (cancelled, finished,
-    /// expired or taken over): their work should stop.
+    /// `None` (the default) when the store has no such feed: the layer then learns of changes
+    /// by reading the store. The stream may end when its connection drops; it is asked for
+    /// again. Announcements may be lost (a dropped connection), never invented.
+    fn changes(&self) -> impl Future<Output = Result<Option<Changes>, StoreError>> + Send {
+        std::future::ready(Ok(None))
+    }
+
+    /// Extends the leases of `ids`, running on `instance`, to `lease_until`, and returns those
+    /// among them that are no longer running on `instance` (cancelled, finished, expired or
+    /// taken over): their work should stop.
+    ///
+    /// The default, for a store that serves one instance, renews nothing and reports nothing:
+    /// that instance learns of its jobs' cancels directly.
     fn renew_leases(
         &self,
         instance: &str,
         ids: &[JobId],
         lease_until: SystemTime,
-    ) -> impl Future<Output = Result<Vec<JobId>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<JobId>, StoreError>> + Send {
+        let _ = (instance, ids, lease_until);
+        std::future::ready(Ok(Vec::new()))
+    }
 
-    /// Fails, with `outcome` readable until `expires_at`, every job whose instance is gone: running
-    /// jobs whose lease lapsed at or before `now`, and jobs still `Accepted` that were created at
-    /// or before `unstarted_before` (recorded, then their instance died before starting them).
-    /// Returns the ids it failed.
+    /// Fails, with `outcome` readable until `expires_at`, every job whose instance is gone:
+    /// running jobs whose lease lapsed at or before `now`, and jobs still `Accepted` that were
+    /// created at or before `unstarted_before` (recorded, then their instance died before
+    /// starting them). Returns the ids it failed.
+    ///
+    /// The default, for a store that serves one instance (and is gone with it), fails nothing.
     fn fail_lapsed(
         &self,
         now: SystemTime,
         unstarted_before: SystemTime,
         outcome: JobOutcome,
         expires_at: SystemTime,
-    ) -> impl Future<Output = Result<Vec<JobId>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<JobId>, StoreError>> + Send {
+        let _ = (now, unstarted_before, outcome, expires_at);
+        std::future::ready(Ok(Vec::new()))
+    }
+}
 
-    /// Deletes records that expired at `now`; returns how many. Only reclaims space: reads
-    /// already ignore expired records.
-    fn sweep(&self, now: SystemTime) -> impl Future<Output = Result<usize, StoreError>> + Send;
+/// A state change [`JobStore::transition`] applies as one compare-and-set.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transition<'a> {
+    /// `Accepted → Running` on `instance`, which holds a lease on the job until `lease_until`.
+    Start {
+        /// The instance that runs the job.
+        instance: &'a str,
+        /// Until when the instance's lease holds, unless renewed.
+        lease_until: SystemTime,
+    },
+    /// `Accepted | Running → Completed | Failed`.
+    Finish {
+        /// The result.
+        outcome: JobOutcome,
+        /// When the job ended.
+        finished_at: SystemTime,
+        /// Until when the result is readable.
+        expires_at: SystemTime,
+    },
+    /// New progress text of an unfinished job.
+    Progress(&'a str),
+}
 
-    /// The ids of jobs cancelled through any instance, as they are cancelled, for stores shared
-    /// by several instances (Redis pub/sub, PostgreSQL `LISTEN`). The layer then stops those
-    /// jobs at once instead of at its next lease renewal. `None` (the default) when the store
-    /// has no such channel; the stream may end when the connection drops, and is asked for again.
-    fn cancellations(
-        &self,
-    ) -> impl Future<Output = Result<Option<Cancellations>, StoreError>> + Send {
-        std::future::ready(Ok(None))
+/// One announcement of [`JobStore::changes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Change {
+    /// The job was cancelled: its record is gone.
+    Cancelled(JobId),
+    /// The job ended (completed or failed) or its progress changed.
+    Updated(JobId),
+}
+
+impl Change {
+    /// The job that changed.
+    #[must_use]
+    pub fn id(&self) -> JobId {
+        match *self {
+            Self::Cancelled(id) | Self::Updated(id) => id,
+        }
+    }
+}
+
+/// A store wrapping another, passing on every operation it does not write itself: implement
+/// this instead of [`JobStore`] to change one operation (count it, delay it, fail it) and keep
+/// the rest. Every `DelegateStore` is a `JobStore`.
+///
+/// ```
+/// use std::sync::atomic::{AtomicUsize, Ordering};
+/// use std::time::SystemTime;
+///
+/// use tower_fhir_async::store::DelegateStore;
+/// use tower_fhir_async::{JobId, JobRecord, JobStore, MemoryStore, StoreError};
+///
+/// /// Counts reads; everything else is the inner store's.
+/// struct CountedReads {
+///     inner: MemoryStore,
+///     reads: AtomicUsize,
+/// }
+///
+/// impl DelegateStore for CountedReads {
+///     type Inner = MemoryStore;
+///
+///     fn inner(&self) -> &MemoryStore {
+///         &self.inner
+///     }
+///
+///     async fn get(&self, id: &JobId, now: SystemTime) -> Result<Option<JobRecord>, StoreError> {
+///         self.reads.fetch_add(1, Ordering::Relaxed);
+///         self.inner.get(id, now).await
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let store = CountedReads { inner: MemoryStore::new(), reads: AtomicUsize::new(0) };
+/// let found = JobStore::get(&store, &JobId::new(), SystemTime::now()).await;
+/// assert!(matches!(found, Ok(None)));
+/// assert_eq!(store.reads.load(Ordering::Relaxed), 1);
+/// # }
+/// ```
+pub trait DelegateStore: Send + Sync + 'static {
+    /// The store the operations go to.
+    type Inner: JobStore;
+
+    /// The wrapped store.
+    fn inner(&self) -> &Self::Inner;
+
+    /// [`JobStore::create`]; by default the inner store's.
+    fn create(&self, record: JobRecord) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.inner().create(record)
     }
 
-    /// The ids of jobs whose state or progress changed through any instance (finished, failed,
-    /// cancelled, progress written), announced after the change is committed, so that a long
-    /// poll held by one instance wakes when the job runs on another. `None` (the default) when
-    /// the store has no such channel; long polls then read the store again periodically. The
-    /// stream may end when the connection drops, and is asked for again.
+    /// [`JobStore::get`]; by default the inner store's.
+    fn get(
+        &self,
+        id: &JobId,
+        now: SystemTime,
+    ) -> impl Future<Output = Result<Option<JobRecord>, StoreError>> + Send {
+        self.inner().get(id, now)
+    }
+
+    /// [`JobStore::transition`]; by default the inner store's.
+    fn transition(
+        &self,
+        id: &JobId,
+        transition: Transition<'_>,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        self.inner().transition(id, transition)
+    }
+
+    /// [`JobStore::cancel`]; by default the inner store's.
+    fn cancel(
+        &self,
+        id: &JobId,
+        now: SystemTime,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        self.inner().cancel(id, now)
+    }
+
+    /// [`JobStore::sweep`]; by default the inner store's.
+    fn sweep(&self, now: SystemTime) -> impl Future<Output = Result<usize, StoreError>> + Send {
+        self.inner().sweep(now)
+    }
+
+    /// [`JobStore::create_once`]; by default the inner store's.
+    fn create_once(
+        &self,
+        record: JobRecord,
+        key: &str,
+        now: SystemTime,
+    ) -> impl Future<Output = Result<Created, StoreError>> + Send {
+        self.inner().create_once(record, key, now)
+    }
+
+    /// [`JobStore::abandon`]; by default the inner store's.
+    fn abandon(
+        &self,
+        id: &JobId,
+        now: SystemTime,
+        until: SystemTime,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.inner().abandon(id, now, until)
+    }
+
+    /// [`JobStore::changes`]; by default the inner store's.
     fn changes(&self) -> impl Future<Output = Result<Option<Changes>, StoreError>> + Send {
-        std::future::ready(Ok(None))
+        self.inner().changes()
+    }
+
+    /// [`JobStore::renew_leases`]; by default the inner store's.
+    fn renew_leases(
+        &self,
+        instance: &str,
+        ids: &[JobId],
+        lease_until: SystemTime,
+    ) -> impl Future<Output = Result<Vec<JobId>, StoreError>> + Send {
+        self.inner().renew_leases(instance, ids, lease_until)
+    }
+
+    /// [`JobStore::fail_lapsed`]; by default the inner store's.
+    fn fail_lapsed(
+        &self,
+        now: SystemTime,
+        unstarted_before: SystemTime,
+        outcome: JobOutcome,
+        expires_at: SystemTime,
+    ) -> impl Future<Output = Result<Vec<JobId>, StoreError>> + Send {
+        self.inner()
+            .fail_lapsed(now, unstarted_before, outcome, expires_at)
+    }
+}
+
+impl<D: DelegateStore> JobStore for D {
+    fn create(&self, record: JobRecord) -> impl Future<Output = Result<(), StoreError>> + Send {
+        DelegateStore::create(self, record)
+    }
+
+    fn get(
+        &self,
+        id: &JobId,
+        now: SystemTime,
+    ) -> impl Future<Output = Result<Option<JobRecord>, StoreError>> + Send {
+        DelegateStore::get(self, id, now)
+    }
+
+    fn transition(
+        &self,
+        id: &JobId,
+        transition: Transition<'_>,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        DelegateStore::transition(self, id, transition)
+    }
+
+    fn cancel(
+        &self,
+        id: &JobId,
+        now: SystemTime,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        DelegateStore::cancel(self, id, now)
+    }
+
+    fn sweep(&self, now: SystemTime) -> impl Future<Output = Result<usize, StoreError>> + Send {
+        DelegateStore::sweep(self, now)
+    }
+
+    fn create_once(
+        &self,
+        record: JobRecord,
+        key: &str,
+        now: SystemTime,
+    ) -> impl Future<Output = Result<Created, StoreError>> + Send {
+        DelegateStore::create_once(self, record, key, now)
+    }
+
+    fn abandon(
+        &self,
+        id: &JobId,
+        now: SystemTime,
+        until: SystemTime,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        DelegateStore::abandon(self, id, now, until)
+    }
+
+    fn changes(&self) -> impl Future<Output = Result<Option<Changes>, StoreError>> + Send {
+        DelegateStore::changes(self)
+    }
+
+    fn renew_leases(
+        &self,
+        instance: &str,
+        ids: &[JobId],
+        lease_until: SystemTime,
+    ) -> impl Future<Output = Result<Vec<JobId>, StoreError>> + Send {
+        DelegateStore::renew_leases(self, instance, ids, lease_until)
+    }
+
+    fn fail_lapsed(
+        &self,
+        now: SystemTime,
+        unstarted_before: SystemTime,
+        outcome: JobOutcome,
+        expires_at: SystemTime,
+    ) -> impl Future<Output = Result<Vec<JobId>, StoreError>> + Send {
+        DelegateStore::fail_lapsed(self, now, unstarted_before, outcome, expires_at)
     }
 }
 
@@ -310,8 +561,5 @@ fn once_owner(record: &JobRecord) -> Option<&str> {
     }
 }
 
-/// A stream of cancelled jobs' ids, from [`JobStore::cancellations`].
-pub type Cancellations = std::pin::Pin<Box<dyn futures_core::Stream<Item = JobId> + Send>>;
-
-/// A stream of changed jobs' ids, from [`JobStore::changes`].
-pub type Changes = std::pin::Pin<Box<dyn futures_core::Stream<Item = JobId> + Send>>;
+/// The stream of [`JobStore::changes`].
+pub type Changes = std::pin::Pin<Box<dyn futures_core::Stream<Item = Change> + Send>>;

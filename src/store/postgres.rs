@@ -9,8 +9,8 @@ use std::time::SystemTime;
 use sqlx::postgres::{PgListener, PgPool, PgRow};
 use sqlx::{AssertSqlSafe, Row, SqlSafeStr, SqlStr};
 
-use super::codec::{decode_response, encode_response, from_millis, to_millis};
-use super::{Cancellations, Changes, Created, JobStore, StoreError, once_owner};
+use super::codec::{decode_change, decode_response, encode_response, from_millis, to_millis};
+use super::{Changes, Created, JobStore, StoreError, Transition, once_owner};
 use crate::job::{JobId, JobKind, JobOutcome, JobRecord, JobState, StoredResponse};
 
 /// How many expired rows one `sweep` statement deletes, so that a large backlog never holds
@@ -43,9 +43,10 @@ const COLUMNS: &str = "id, kind, state, owner, method, target, progress, instanc
 /// the job's row; a partial unique index on `(owner, idempotency_key)` over the rows that are not
 /// failed makes the check and the insert one `INSERT … ON CONFLICT` statement.
 ///
-/// A cancel sends `NOTIFY` on [`cancel_channel`](Self::cancel_channel) with the job's id, in the
-/// same transaction as the delete; [`cancellations`](JobStore::cancellations) listens on it,
-/// holding one connection of the pool for as long as the stream lives.
+/// Every cancel, end and progress change sends `NOTIFY` on
+/// [`changes_channel`](Self::changes_channel), in the same transaction as the change;
+/// [`changes`](JobStore::changes) listens on it, holding one connection of the pool for as long
+/// as the stream lives.
 ///
 /// ```no_run
 /// use tower_fhir_async::store::sqlx::postgres::PgPoolOptions;
@@ -96,8 +97,8 @@ impl PostgresStore {
     /// Keeps jobs in the table `name` instead, in the connection's `search_path` schema; for
     /// instance to give separate deployments sharing a database separate tables.
     ///
-    /// The name is used as written (quoted, so case matters) and is also the
-    /// [`cancel_channel`](Self::cancel_channel).
+    /// The name is used as written (quoted, so case matters), and names the
+    /// [`changes_channel`](Self::changes_channel).
     ///
     /// # Panics
     ///
@@ -129,28 +130,6 @@ impl PostgresStore {
     /// println!("jobs are in {}", store.table());
     /// ```
     pub fn table(&self) -> &str {
-        &self.sql.table
-    }
-
-    /// The `LISTEN`/`NOTIFY` channel on which every cancel is announced, with the job's id (its
-    /// 32 hexadecimal digits) as the payload. It is the table's name, so that deployments with
-    /// separate tables do not hear each other. The notification is sent only if the cancel
-    /// commits.
-    ///
-    /// ```no_run
-    /// use tower_fhir_async::PostgresStore;
-    /// use tower_fhir_async::store::sqlx::postgres::PgListener;
-    ///
-    /// # async fn run(store: PostgresStore, pool: tower_fhir_async::store::sqlx::PgPool)
-    /// # -> Result<(), tower_fhir_async::store::sqlx::Error> {
-    /// let mut listener = PgListener::connect_with(&pool).await?;
-    /// listener.listen(store.cancel_channel()).await?;
-    /// let cancelled = listener.recv().await?;
-    /// println!("job {} was cancelled", cancelled.payload());
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub fn cancel_channel(&self) -> &str {
         &self.sql.table
     }
 
@@ -429,7 +408,7 @@ impl Statements {
                 "WITH done AS (UPDATE {t} SET state = $2, response = $3, progress = NULL, \
                  instance = NULL, lease_until_ms = NULL, finished_ms = $4, expires_ms = $5 \
                  WHERE id = $1 AND state IN ('accepted', 'running') RETURNING id) \
-                 SELECT id, pg_notify($6, id) FROM done"
+                 SELECT id, pg_notify($6, 'updated ' || id) FROM done"
             )),
             // One statement, so one transaction: the notification goes out only if the delete
             // commits. An expired row is deleted too, but reported as absent and not announced.
@@ -437,14 +416,14 @@ impl Statements {
                 "WITH gone AS (DELETE FROM {t} WHERE id = $1 \
                  RETURNING state, (expires_ms IS NULL OR expires_ms > $2) AS live) \
                  SELECT live, \
-                 CASE WHEN live AND state IN ('accepted', 'running') THEN pg_notify($3, $1) END \
+                 CASE WHEN live THEN pg_notify($3, 'cancelled ' || $1) END \
                  FROM gone"
             )),
             set_progress: sql(format!(
                 "WITH done AS (UPDATE {t} SET progress = $2 \
                  WHERE id = $1 AND state IN ('accepted', 'running') \
                  AND progress IS DISTINCT FROM $2 RETURNING id) \
-                 SELECT id, pg_notify($3, id) FROM done"
+                 SELECT id, pg_notify($3, 'updated ' || id) FROM done"
             )),
             renew_leases: sql(format!(
                 "UPDATE {t} SET lease_until_ms = $3 \
@@ -466,7 +445,7 @@ impl Statements {
                  WHERE (state = 'running' AND lease_until_ms <= $1) \
                  OR (state = 'accepted' AND created_ms <= $2) \
                  RETURNING id) \
-                 SELECT id, pg_notify($6, id) FROM done"
+                 SELECT id, pg_notify($6, 'updated ' || id) FROM done"
             )),
             // `ctid = ANY(ARRAY(..))` is a TID scan (`ctid IN (..)` would scan the whole table);
             // `SKIP LOCKED` lets instances sweep at the same time without waiting on each other;
@@ -651,48 +630,26 @@ impl JobStore for PostgresStore {
             .map_err(|e| self.error(e))
     }
 
-    async fn start(
-        &self,
-        id: &JobId,
-        instance: &str,
-        lease_until: SystemTime,
-    ) -> Result<bool, StoreError> {
-        let done = sqlx::query(self.sql.start.clone())
-            .bind(id.to_string())
-            .bind(instance)
-            .bind(to_millis(lease_until))
-            .execute(&self.pool)
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn finish(
-        &self,
-        id: &JobId,
-        outcome: JobOutcome,
-        finished_at: SystemTime,
-        expires_at: SystemTime,
-    ) -> Result<bool, StoreError> {
-        let (state, response) = outcome_columns(&outcome);
-        let done = sqlx::query(self.sql.finish.clone())
-            .bind(id.to_string())
-            .bind(state)
-            .bind(response)
-            .bind(to_millis(finished_at))
-            .bind(to_millis(expires_at))
-            .bind(self.changes_channel())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(done.is_some())
+    async fn transition(&self, id: &JobId, transition: Transition<'_>) -> Result<bool, StoreError> {
+        match transition {
+            Transition::Start {
+                instance,
+                lease_until,
+            } => self.start(id, instance, lease_until).await,
+            Transition::Finish {
+                outcome,
+                finished_at,
+                expires_at,
+            } => self.finish(id, outcome, finished_at, expires_at).await,
+            Transition::Progress(progress) => self.set_progress(id, progress).await,
+        }
     }
 
     async fn cancel(&self, id: &JobId, now: SystemTime) -> Result<bool, StoreError> {
         let row = sqlx::query(self.sql.cancel.clone())
             .bind(id.to_string())
             .bind(to_millis(now))
-            .bind(self.cancel_channel())
+            .bind(self.changes_channel())
             .fetch_optional(&self.pool)
             .await
             .map_err(|e| self.error(e))?;
@@ -714,17 +671,6 @@ impl JobStore for PostgresStore {
             .bind(to_millis(until))
             .bind(JobKind::Interaction.as_str())
             .execute(&self.pool)
-            .await
-            .map_err(|e| self.error(e))?;
-        Ok(())
-    }
-
-    async fn set_progress(&self, id: &JobId, progress: &str) -> Result<(), StoreError> {
-        sqlx::query(self.sql.set_progress.clone())
-            .bind(id.to_string())
-            .bind(progress)
-            .bind(self.changes_channel())
-            .fetch_optional(&self.pool)
             .await
             .map_err(|e| self.error(e))?;
         Ok(())
@@ -802,29 +748,87 @@ impl JobStore for PostgresStore {
         }
     }
 
-    async fn cancellations(&self) -> Result<Option<Cancellations>, StoreError> {
-        self.listen(self.cancel_channel()).await
-    }
-
     async fn changes(&self) -> Result<Option<Changes>, StoreError> {
-        self.listen(&self.changes_channel()).await
+        self.listen().await
     }
 }
 
 impl PostgresStore {
-    /// The `LISTEN`/`NOTIFY` channel on which changed jobs (finished, failed, progress written)
-    /// are announced, with their ids: `{table}_changed`. Long polls held by other instances wake
-    /// on it (see [`JobStore::changes`]).
+    /// The `LISTEN`/`NOTIFY` channel on which changed jobs are announced, in the transaction of
+    /// the change: `cancelled {id}` for a cancel, `updated {id}` for an end or a progress
+    /// change; ids in their 32-digit text form. The channel is `{table}_changed`, so that
+    /// deployments with separate tables do not hear each other; see [`JobStore::changes`].
+    ///
+    /// ```no_run
+    /// use tower_fhir_async::PostgresStore;
+    /// use tower_fhir_async::store::sqlx::postgres::PgListener;
+    ///
+    /// # async fn run(store: PostgresStore, pool: tower_fhir_async::store::sqlx::PgPool)
+    /// # -> Result<(), tower_fhir_async::store::sqlx::Error> {
+    /// let mut listener = PgListener::connect_with(&pool).await?;
+    /// listener.listen(&store.changes_channel()).await?;
+    /// let change = listener.recv().await?;
+    /// println!("{}", change.payload()); // e.g. "cancelled 4f9c…"
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn changes_channel(&self) -> String {
         format!("{}_changed", self.sql.table)
     }
-
-    /// A stream of the job ids notified on `channel`, on a connection of its own.
-    async fn listen(
+    /// [`Transition::Start`].
+    async fn start(
         &self,
-        channel: &str,
-    ) -> Result<Option<std::pin::Pin<Box<dyn futures_core::Stream<Item = JobId> + Send>>>, StoreError>
-    {
+        id: &JobId,
+        instance: &str,
+        lease_until: SystemTime,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(self.sql.start.clone())
+            .bind(id.to_string())
+            .bind(instance)
+            .bind(to_millis(lease_until))
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// [`Transition::Finish`], announced.
+    async fn finish(
+        &self,
+        id: &JobId,
+        outcome: JobOutcome,
+        finished_at: SystemTime,
+        expires_at: SystemTime,
+    ) -> Result<bool, StoreError> {
+        let (state, response) = outcome_columns(&outcome);
+        let done = sqlx::query(self.sql.finish.clone())
+            .bind(id.to_string())
+            .bind(state)
+            .bind(response)
+            .bind(to_millis(finished_at))
+            .bind(to_millis(expires_at))
+            .bind(self.changes_channel())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(done.is_some())
+    }
+
+    /// [`Transition::Progress`], announced when it changed anything.
+    async fn set_progress(&self, id: &JobId, progress: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query(self.sql.set_progress.clone())
+            .bind(id.to_string())
+            .bind(progress)
+            .bind(self.changes_channel())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(done.is_some())
+    }
+
+    /// The changes notified on [`changes_channel`](Self::changes_channel), on a connection of
+    /// its own.
+    async fn listen(&self) -> Result<Option<Changes>, StoreError> {
         let mut listener = PgListener::connect_with(&self.pool)
             .await
             .map_err(|e| self.error(e))?;
@@ -832,17 +836,20 @@ impl PostgresStore {
         // background: the layer asks again, and catches up through lease renewal (cancels) or
         // store reads (long polls).
         listener.eager_reconnect(false);
-        listener.listen(channel).await.map_err(|e| self.error(e))?;
+        listener
+            .listen(&self.changes_channel())
+            .await
+            .map_err(|e| self.error(e))?;
         let ids = futures_util::stream::unfold(listener, |mut listener| async move {
             loop {
                 match listener.try_recv().await {
                     Ok(Some(notification)) => {
-                        if let Some(id) = JobId::parse(notification.payload()) {
-                            return Some((id, listener));
+                        if let Some(change) = decode_change(notification.payload()) {
+                            return Some((change, listener));
                         }
                         tracing::debug!(
                             payload = notification.payload(),
-                            "ignoring a notification that is not a job id"
+                            "ignoring a notification that is not a job change"
                         );
                     }
                     Ok(None) => {

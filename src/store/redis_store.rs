@@ -11,7 +11,7 @@
 //! | `{prefix}accepted` | sorted set | ids of `Accepted` jobs, scored by creation time |
 //! | `{prefix}running` | sorted set | ids of `Running` jobs, scored by lease end |
 //! | `{prefix}expiring` | sorted set | ids of finished jobs, scored by expiry |
-//! | `{prefix}cancel` | pub/sub channel | the id of each job as it is cancelled |
+//! | `{prefix}changed` | pub/sub channel | `cancelled {id}` as a job is cancelled, `updated {id}` as it ends or its progress changes |
 //!
 //! Times are Unix milliseconds in decimal; `response` is the binary encoding of the stored
 //! response. Every state change is one Lua script, so it is atomic and keeps the sorted sets in
@@ -30,8 +30,10 @@ use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, ErrorKind, RedisError, Script, Value};
 
-use super::codec::{decode_response, encode_response, from_millis, to_millis};
-use super::{Cancellations, Changes, Created, JobStore, StoreError, once_owner};
+use super::codec::{
+    decode_change, decode_response, encode_change, encode_response, from_millis, to_millis,
+};
+use super::{Change, Changes, Created, JobStore, StoreError, Transition, once_owner};
 use crate::job::{JobId, JobKind, JobOutcome, JobRecord, JobState, StoredResponse};
 
 /// At most this many index entries are visited by one script run of `fail_lapsed` or `sweep`,
@@ -41,7 +43,7 @@ const BATCH: usize = 128;
 /// At most this many jobs are renewed by one script run of `renew_leases`.
 const RENEW_BATCH: usize = 256;
 
-/// How long `cancellations` may take to connect and subscribe before the store is unavailable.
+/// How long `changes` may take to connect and subscribe before the store is unavailable.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Jobs in Redis, shared by every instance of the layer that uses the same server and prefix.
@@ -52,9 +54,10 @@ const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// reclaims their space itself; reads also compare the stored expiry with the caller's `now`, so
 /// a record is absent from the moment it expires even before Redis removes it.
 ///
-/// A cancel publishes the job's id on [`cancel_channel`](Self::cancel_channel) in the same
-/// script; [`cancellations`](JobStore::cancellations) subscribes to it (on a connection of its
-/// own), so the instance running a job cancelled through another one stops it at once.
+/// A cancel publishes the job's id on [`changes_channel`](Self::changes_channel) in the same
+/// script, and every end or progress change after it is committed; [`changes`](JobStore::changes)
+/// subscribes to it (on a connection of its own), so the instance running a job cancelled
+/// through another one stops it at once, and long polls wake wherever they are held.
 ///
 /// Needs a standalone Redis server (or a primary with replicas; tested with Redis 7). Redis
 /// Cluster is not supported: the scripts reach jobs named by the sorted sets, which may live on
@@ -74,7 +77,7 @@ const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone)]
 pub struct RedisStore {
     manager: ConnectionManager,
-    /// Opens the pub/sub connection of [`JobStore::cancellations`]; a `ConnectionManager` cannot.
+    /// Opens the pub/sub connection of [`JobStore::changes`]; a `ConnectionManager` cannot.
     pubsub: Option<Client>,
     prefix: Arc<str>,
 }
@@ -89,9 +92,9 @@ impl RedisStore {
 
     /// A store using `manager`'s connection, with the default prefix.
     ///
-    /// A store built this way publishes cancels but does not subscribe to them (its
-    /// [`cancellations`](JobStore::cancellations) is `None`, and the layer learns of cancels
-    /// through another instance at its next lease renewal) unless
+    /// A store built this way publishes cancels but does not subscribe to changes (its
+    /// [`changes`](JobStore::changes) is `None`: the layer learns of cancels through another
+    /// instance at its next lease renewal, and long polls read the store again) unless
     /// [`with_pubsub`](Self::with_pubsub) gives it a client. [`connect`](Self::connect) does both.
     ///
     /// Build the manager with [`manager_config`](Self::manager_config) (or settings like it), so
@@ -150,8 +153,8 @@ impl RedisStore {
         Ok(Self::new(manager).with_pubsub(client))
     }
 
-    /// Subscribes to cancels through `client`, which opens a connection of its own for each
-    /// [`cancellations`](JobStore::cancellations) stream (pub/sub needs a dedicated RESP2
+    /// Subscribes to changes through `client`, which opens a connection of its own for each
+    /// [`changes`](JobStore::changes) stream (pub/sub needs a dedicated RESP2
     /// connection). Use the client the manager was built from.
     ///
     /// ```no_run
@@ -230,24 +233,19 @@ impl RedisStore {
         &self.prefix
     }
 
-    /// The pub/sub channel on which every cancel publishes the cancelled job's id (its 32-digit
-    /// text form): `{prefix}cancel`.
+    /// The pub/sub channel on which changed jobs are announced: `cancelled {id}` by every
+    /// cancel (in the cancelling script), `updated {id}` after a job ends or its progress
+    /// changes; ids in their 32-digit text form. The channel is `{prefix}changed`; see
+    /// [`JobStore::changes`].
     ///
     /// ```no_run
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), tower_fhir_async::StoreError> {
     /// let store = tower_fhir_async::RedisStore::connect("redis://127.0.0.1:6379").await?;
-    /// assert_eq!(store.cancel_channel(), "tower-fhir-async:cancel");
+    /// assert_eq!(store.changes_channel(), "tower-fhir-async:changed");
     /// # Ok(())
     /// # }
     /// ```
-    pub fn cancel_channel(&self) -> String {
-        format!("{}cancel", self.prefix)
-    }
-
-    /// The pub/sub channel on which changed jobs (finished, failed, progress written) are
-    /// announced, with their ids: `{prefix}changed`. Long polls held by other instances wake on
-    /// it (see [`JobStore::changes`]).
     pub fn changes_channel(&self) -> String {
         format!("{}changed", self.prefix)
     }
@@ -391,7 +389,7 @@ return 1
 });
 
 /// `KEYS`: job, accepted, running, expiring. `ARGV`: id, now, channel. 1 when a job (unexpired
-/// at `now`) was removed, and then its id is published on the channel. Its idempotency key goes
+/// at `now`) was removed, and then `cancelled {id}` is published on the channel. Its idempotency key goes
 /// too, if it still names the job.
 static CANCEL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -403,7 +401,7 @@ local expires = tonumber(job[1])
 if job[2] and redis.call('GET', job[2]) == ARGV[1] then redis.call('DEL', job[2]) end
 redis.call('DEL', KEYS[1])
 if expires and expires <= tonumber(ARGV[2]) then return 0 end
-redis.call('PUBLISH', ARGV[3], ARGV[1])
+redis.call('PUBLISH', ARGV[3], 'cancelled ' .. ARGV[1])
 return 1
 ",
     )
@@ -431,9 +429,10 @@ return 1
 static SET_PROGRESS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local state = redis.call('HGET', KEYS[1], 'state')
-if state == 'accepted' or state == 'running' then
+local job = redis.call('HMGET', KEYS[1], 'state', 'progress')
+if (job[1] == 'accepted' or job[1] == 'running') and job[2] ~= ARGV[1] then
   redis.call('HSET', KEYS[1], 'progress', ARGV[1])
+  return 1
 end
 return 0
 ",
@@ -621,51 +620,19 @@ impl JobStore for RedisStore {
         decode_record(*id, values, now)
     }
 
-    async fn start(
-        &self,
-        id: &JobId,
-        instance: &str,
-        lease_until: SystemTime,
-    ) -> Result<bool, StoreError> {
-        let started: i64 = START
-            .key(self.job_key(id))
-            .key(self.index_key(ACCEPTED))
-            .key(self.index_key(RUNNING))
-            .arg(id.to_string())
-            .arg(instance)
-            .arg(to_millis(lease_until))
-            .invoke_async(&mut self.connection())
-            .await
-            .map_err(store_error)?;
-        Ok(started == 1)
-    }
-
-    async fn finish(
-        &self,
-        id: &JobId,
-        outcome: JobOutcome,
-        finished_at: SystemTime,
-        expires_at: SystemTime,
-    ) -> Result<bool, StoreError> {
-        let (state, response) = outcome_parts(&outcome);
-        let finished: i64 = FINISH
-            .key(self.job_key(id))
-            .key(self.index_key(ACCEPTED))
-            .key(self.index_key(RUNNING))
-            .key(self.index_key(EXPIRING))
-            .arg(id.to_string())
-            .arg(state)
-            .arg(encode_response(response))
-            .arg(to_millis(finished_at))
-            .arg(to_millis(expires_at))
-            .arg(ttl_millis(finished_at, expires_at))
-            .invoke_async(&mut self.connection())
-            .await
-            .map_err(store_error)?;
-        if finished == 1 {
-            self.announce(&[*id]).await?;
+    async fn transition(&self, id: &JobId, transition: Transition<'_>) -> Result<bool, StoreError> {
+        match transition {
+            Transition::Start {
+                instance,
+                lease_until,
+            } => self.start(id, instance, lease_until).await,
+            Transition::Finish {
+                outcome,
+                finished_at,
+                expires_at,
+            } => self.finish(id, outcome, finished_at, expires_at).await,
+            Transition::Progress(progress) => self.set_progress(id, progress).await,
         }
-        Ok(finished == 1)
     }
 
     async fn cancel(&self, id: &JobId, now: SystemTime) -> Result<bool, StoreError> {
@@ -676,7 +643,7 @@ impl JobStore for RedisStore {
             .key(self.index_key(EXPIRING))
             .arg(id.to_string())
             .arg(to_millis(now))
-            .arg(self.cancel_channel())
+            .arg(self.changes_channel())
             .invoke_async(&mut self.connection())
             .await
             .map_err(store_error)?;
@@ -700,16 +667,6 @@ impl JobStore for RedisStore {
             .await
             .map_err(store_error)?;
         Ok(())
-    }
-
-    async fn set_progress(&self, id: &JobId, progress: &str) -> Result<(), StoreError> {
-        let _: i64 = SET_PROGRESS
-            .key(self.job_key(id))
-            .arg(progress)
-            .invoke_async(&mut self.connection())
-            .await
-            .map_err(store_error)?;
-        self.announce(&[*id]).await
     }
 
     async fn renew_leases(
@@ -801,23 +758,79 @@ impl JobStore for RedisStore {
         }
     }
 
-    async fn cancellations(&self) -> Result<Option<Cancellations>, StoreError> {
-        self.subscribe(self.cancel_channel()).await
-    }
-
     async fn changes(&self) -> Result<Option<Changes>, StoreError> {
-        self.subscribe(self.changes_channel()).await
+        self.subscribe().await
     }
 }
 
 impl RedisStore {
-    /// A stream of the job ids published on `channel`, on a pub/sub connection of its own;
-    /// `None` without a pub/sub client.
-    async fn subscribe(
+    /// [`Transition::Start`].
+    async fn start(
         &self,
-        channel: String,
-    ) -> Result<Option<std::pin::Pin<Box<dyn futures_core::Stream<Item = JobId> + Send>>>, StoreError>
-    {
+        id: &JobId,
+        instance: &str,
+        lease_until: SystemTime,
+    ) -> Result<bool, StoreError> {
+        let started: i64 = START
+            .key(self.job_key(id))
+            .key(self.index_key(ACCEPTED))
+            .key(self.index_key(RUNNING))
+            .arg(id.to_string())
+            .arg(instance)
+            .arg(to_millis(lease_until))
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(store_error)?;
+        Ok(started == 1)
+    }
+
+    /// [`Transition::Finish`], announced.
+    async fn finish(
+        &self,
+        id: &JobId,
+        outcome: JobOutcome,
+        finished_at: SystemTime,
+        expires_at: SystemTime,
+    ) -> Result<bool, StoreError> {
+        let (state, response) = outcome_parts(&outcome);
+        let finished: i64 = FINISH
+            .key(self.job_key(id))
+            .key(self.index_key(ACCEPTED))
+            .key(self.index_key(RUNNING))
+            .key(self.index_key(EXPIRING))
+            .arg(id.to_string())
+            .arg(state)
+            .arg(encode_response(response))
+            .arg(to_millis(finished_at))
+            .arg(to_millis(expires_at))
+            .arg(ttl_millis(finished_at, expires_at))
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(store_error)?;
+        if finished == 1 {
+            self.announce(&[*id]).await?;
+        }
+        Ok(finished == 1)
+    }
+
+    /// [`Transition::Progress`], announced when it changed anything.
+    async fn set_progress(&self, id: &JobId, progress: &str) -> Result<bool, StoreError> {
+        let changed: i64 = SET_PROGRESS
+            .key(self.job_key(id))
+            .arg(progress)
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(store_error)?;
+        if changed == 1 {
+            self.announce(&[*id]).await?;
+        }
+        Ok(changed == 1)
+    }
+
+    /// The changes published on [`changes_channel`](Self::changes_channel), on a pub/sub
+    /// connection of its own; `None` without a pub/sub client.
+    async fn subscribe(&self) -> Result<Option<Changes>, StoreError> {
+        let channel = self.changes_channel();
         let Some(client) = &self.pubsub else {
             return Ok(None);
         };
@@ -841,14 +854,14 @@ impl RedisStore {
         // at its next lease renewal (cancels) or store read (long polls).
         let ids = pubsub.into_on_message().filter_map(|message| {
             let payload = message.get_payload_bytes();
-            let id = std::str::from_utf8(payload).ok().and_then(JobId::parse);
-            if id.is_none() {
+            let change = std::str::from_utf8(payload).ok().and_then(decode_change);
+            if change.is_none() {
                 tracing::debug!(
                     payload = %String::from_utf8_lossy(payload),
-                    "ignoring a pub/sub message that is not a job id"
+                    "ignoring a pub/sub message that is not a job change"
                 );
             }
-            ready(id)
+            ready(change)
         });
         Ok(Some(Box::pin(ids)))
     }
@@ -864,7 +877,7 @@ impl RedisStore {
         for id in ids {
             pipe.cmd("PUBLISH")
                 .arg(&channel)
-                .arg(id.to_string())
+                .arg(encode_change(Change::Updated(*id)))
                 .ignore();
         }
         pipe.query_async::<()>(&mut self.connection())
