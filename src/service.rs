@@ -71,6 +71,8 @@ impl<S: fmt::Debug> fmt::Debug for AsyncService<S> {
     }
 }
 
+// The bounds are spelled out rather than written `S: Inner<ReqB>`: a crate-private trait in a
+// public impl would show in the docs as a name users cannot look up (and trips `private_bounds`).
 impl<S, ReqB, ResB> Service<Request<ReqB>> for AsyncService<S>
 where
     S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
