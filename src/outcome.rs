@@ -254,6 +254,43 @@ mod tests {
         }
     }
 
+    // STATUS-15, AMB-31: `405` names the methods the route takes, in the body and in `Allow`.
+    #[test]
+    fn status_15_method_not_allowed_names_the_allowed_methods() {
+        let response = method_not_allowed(&Method::PUT, "a job status URL", "GET, HEAD, DELETE");
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(response.headers()[ALLOW], "GET, HEAD, DELETE");
+        let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+        assert_eq!(body["issue"][0]["code"], "not-supported");
+        assert_eq!(
+            body["issue"][0]["diagnostics"],
+            "PUT is not supported on a job status URL; use one of GET, HEAD, DELETE."
+        );
+    }
+
+    // SEC-10: another caller's job is the very `404` of no job, unless `403` is configured.
+    #[test]
+    fn sec_10_a_foreign_job_looks_like_no_job() {
+        let hidden = foreign_job(StatusCode::NOT_FOUND);
+        assert_eq!(hidden.status(), StatusCode::NOT_FOUND);
+        assert_eq!(hidden.body(), job_not_found().body());
+        assert_eq!(
+            foreign_job(StatusCode::FORBIDDEN).status(),
+            StatusCode::FORBIDDEN
+        );
+    }
+
+    // STATUS-11: a store outage is `503` + `transient` + `Retry-After`, never the job's failure.
+    #[test]
+    fn status_11_store_outages_are_transient_with_retry_after() {
+        for response in [job_store_unavailable("poll"), file_store_unavailable()] {
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(response.headers()[RETRY_AFTER], "5");
+            let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+            assert_eq!(body["issue"][0]["code"], "transient");
+        }
+    }
+
     #[test]
     fn retry_after_is_delta_seconds_at_least_one() {
         assert_eq!(delta_seconds(Duration::ZERO), "1");
