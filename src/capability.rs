@@ -24,12 +24,12 @@ use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
-use tower_service::Service;
 
 use crate::BoxError;
-use crate::body::OwnBody;
+use crate::body::{OwnBody, RequestBody};
 use crate::config::{Config, RequestHead};
 use crate::future::add_vary_prefer;
+use crate::inner::{BytesBody, Inner};
 use crate::media;
 use crate::state::Shared;
 
@@ -56,16 +56,14 @@ pub(crate) fn is_declared(config: &Config, is_get_or_head: bool, path: &str) -> 
 /// Calls the inner service with `GET`/`HEAD [base]/metadata` and declares the layer in its
 /// answer. The inner service's error is returned as it is; everything else about the answer is
 /// kept but the body (and the headers that describe it).
-pub(crate) async fn declare<S, R, B>(
+pub(crate) async fn declare<S, ReqB>(
     shared: Arc<Shared>,
     mut inner: S,
-    request: Request<R>,
+    request: Request<RequestBody<ReqB>>,
     vary: bool,
 ) -> Result<Response<OwnBody>, S::Error>
 where
-    S: Service<Request<R>, Response = Response<B>>,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
+    S: Inner<ReqB>,
 {
     let is_head = request.method() == Method::HEAD;
     poll_fn(|cx| inner.poll_ready(cx)).await?;
@@ -136,11 +134,7 @@ fn forget_representation(headers: &mut HeaderMap) {
 
 /// The whole body, or, when it is over the limit, ends with trailers or fails, a body that
 /// replays what was read and then the rest, unchanged.
-async fn read_bounded<B>(mut body: Pin<Box<B>>) -> Result<Bytes, OwnBody>
-where
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
+async fn read_bounded<B: BytesBody>(mut body: Pin<Box<B>>) -> Result<Bytes, OwnBody> {
     let mut chunks = Vec::new();
     let mut length = 0;
     loop {
@@ -183,11 +177,7 @@ pin_project! {
     }
 }
 
-impl<B> Replay<B>
-where
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
+impl<B: BytesBody> Replay<B> {
     fn body(read: Vec<Result<Frame<Bytes>, BoxError>>, rest: Option<B>) -> OwnBody {
         let replay = Self {
             read: read.into(),

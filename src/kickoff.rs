@@ -7,12 +7,9 @@ use bytes::Bytes;
 use http::header::{self, CACHE_CONTROL, CONTENT_LOCATION, RETRY_AFTER};
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
-use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::sync::oneshot;
-use tower_service::Service;
 
-use crate::BoxError;
 use crate::admission::Refusal;
 use crate::audit::{self, Action};
 use crate::body::RequestBody;
@@ -20,6 +17,7 @@ use crate::bulk::{self, export::ExportSpec};
 use crate::config::RequestHead;
 use crate::context::{JobContext, JobShared};
 use crate::future::add_vary_prefer;
+use crate::inner::{BytesBody, Inner};
 use crate::job::{JobId, JobKind, JobRecord, JobState};
 use crate::media;
 use crate::outcome::{self, IssueCode, NO_STORE, error_response};
@@ -34,20 +32,15 @@ const KICK_OFF_RETRY: Duration = Duration::from_secs(5);
 
 /// Takes an eligible `respond-async` request: either `202` with a status URL, or a synchronous
 /// refusal with an OperationOutcome (KICK-5). Either way, one audit event.
-pub(crate) async fn kick_off<S, ReqB, ResB>(
+pub(crate) async fn kick_off<S, ReqB>(
     shared: Arc<Shared>,
     inner: S,
     request: Request<ReqB>,
     preferences: AsyncPreferences,
 ) -> Response<Bytes>
 where
-    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    ReqB: Body<Data = Bytes> + Send + 'static,
-    ReqB::Error: Into<BoxError>,
-    ResB: Body<Data = Bytes> + Send + 'static,
-    ResB::Error: Into<BoxError>,
+    S: Inner<ReqB>,
+    ReqB: BytesBody,
 {
     watcher::ensure(&shared);
     let (parts, body) = request.into_parts();
@@ -71,7 +64,7 @@ fn refuse(response: Response<Bytes>, why: &'static str) -> Refused {
     Refused { response, why }
 }
 
-async fn start<S, ReqB, ResB>(
+async fn start<S, ReqB>(
     shared: &Arc<Shared>,
     inner: S,
     mut parts: Parts,
@@ -80,13 +73,8 @@ async fn start<S, ReqB, ResB>(
     preferences: AsyncPreferences,
 ) -> Result<(Response<Bytes>, JobId), Refused>
 where
-    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    ReqB: Body<Data = Bytes> + Send + 'static,
-    ReqB::Error: Into<BoxError>,
-    ResB: Body<Data = Bytes> + Send + 'static,
-    ResB::Error: Into<BoxError>,
+    S: Inner<ReqB>,
+    ReqB: BytesBody,
 {
     let config = &shared.config;
     let runner = &shared.runner;
@@ -544,11 +532,11 @@ fn query_values<'a>(uri: &'a Uri, name: &'a str) -> impl Iterator<Item = String>
 }
 
 /// Reads the whole request body under `limit` bytes; `413` over it, `400` if reading fails.
-async fn buffer<B>(body: B, headers: &HeaderMap, limit: usize) -> Result<Bytes, Refused>
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
+async fn buffer<B: BytesBody>(
+    body: B,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<Bytes, Refused> {
     let too_large = || {
         let why = format!(
             "The request body is larger than the {limit} bytes accepted for asynchronous requests."

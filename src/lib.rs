@@ -61,6 +61,7 @@ mod clock;
 mod config;
 mod context;
 mod future;
+mod inner;
 mod job;
 mod kickoff;
 mod layer;

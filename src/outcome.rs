@@ -3,12 +3,16 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
-use http::{HeaderValue, Response, StatusCode};
+use http::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderValue, Method, Response, StatusCode};
 use serde_json::json;
 
 pub(crate) const FHIR_JSON: HeaderValue = HeaderValue::from_static("application/fhir+json");
 pub(crate) const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
+
+/// How long a client should wait before retrying when the job store or the file store is
+/// unavailable.
+pub(crate) const STORE_RETRY: Duration = Duration::from_secs(5);
 
 /// FHIR `IssueType` codes the layer uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +106,74 @@ pub(crate) fn job_not_found() -> Response<Bytes> {
     )
 }
 
+/// The answer to another caller's request for a job (SEC-10): `403` when the layer is configured
+/// so (`foreign_status`), else the same `404` as for no job at all.
+pub(crate) fn foreign_job(foreign_status: StatusCode) -> Response<Bytes> {
+    if foreign_status == StatusCode::FORBIDDEN {
+        error_response(
+            StatusCode::FORBIDDEN,
+            IssueCode::Forbidden,
+            "This asynchronous job belongs to another caller.",
+        )
+    } else {
+        job_not_found()
+    }
+}
+
+/// `404` for the route prefix itself, which names no job.
+pub(crate) fn no_job_named() -> Response<Bytes> {
+    error_response(
+        StatusCode::NOT_FOUND,
+        IssueCode::NotFound,
+        "This is the prefix of asynchronous job status URLs; use the full URL from `Content-Location`.",
+    )
+}
+
+/// `404` for a bulk data file that does not exist, or no longer (CANCEL-7, EXPIRE-3).
+pub(crate) fn file_not_found() -> Response<Bytes> {
+    error_response(
+        StatusCode::NOT_FOUND,
+        IssueCode::NotFound,
+        "No such bulk data file: the job is unknown, not complete, expired or deleted, or the file is not one of \
+         its files.",
+    )
+}
+
+/// `405` + `Allow` for a method `target` (e.g. "a job status URL") does not take (STATUS-15,
+/// AMB-31).
+pub(crate) fn method_not_allowed(
+    method: &Method,
+    target: &str,
+    allow: &'static str,
+) -> Response<Bytes> {
+    let mut response = error_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        IssueCode::NotSupported,
+        &format!("{method} is not supported on {target}; use one of {allow}."),
+    );
+    response
+        .headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    response
+}
+
+/// `503` + `transient` + `Retry-After`: the job store cannot be reached; the client should
+/// `retry` (e.g. "poll") again later.
+pub(crate) fn job_store_unavailable(retry: &str) -> Response<Bytes> {
+    unavailable(
+        &format!("The job store is temporarily unavailable; {retry} again later."),
+        STORE_RETRY,
+    )
+}
+
+/// `503` + `transient` + `Retry-After`: the store of bulk data files cannot be read.
+pub(crate) fn file_store_unavailable() -> Response<Bytes> {
+    unavailable(
+        "The file store is temporarily unavailable; request the file again later.",
+        STORE_RETRY,
+    )
+}
+
 /// `503 Service Unavailable` with a `transient` issue and `Retry-After` in delta seconds.
 pub(crate) fn unavailable(diagnostics: &str, retry_after: Duration) -> Response<Bytes> {
     let mut response = error_response(
@@ -179,6 +251,43 @@ mod tests {
         for (status, code) in cases {
             let status = StatusCode::from_u16(status).unwrap();
             assert_eq!(IssueCode::for_status(status).as_str(), code, "{status}");
+        }
+    }
+
+    // STATUS-15, AMB-31: `405` names the methods the route takes, in the body and in `Allow`.
+    #[test]
+    fn status_15_method_not_allowed_names_the_allowed_methods() {
+        let response = method_not_allowed(&Method::PUT, "a job status URL", "GET, HEAD, DELETE");
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(response.headers()[ALLOW], "GET, HEAD, DELETE");
+        let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+        assert_eq!(body["issue"][0]["code"], "not-supported");
+        assert_eq!(
+            body["issue"][0]["diagnostics"],
+            "PUT is not supported on a job status URL; use one of GET, HEAD, DELETE."
+        );
+    }
+
+    // SEC-10: another caller's job is the very `404` of no job, unless `403` is configured.
+    #[test]
+    fn sec_10_a_foreign_job_looks_like_no_job() {
+        let hidden = foreign_job(StatusCode::NOT_FOUND);
+        assert_eq!(hidden.status(), StatusCode::NOT_FOUND);
+        assert_eq!(hidden.body(), job_not_found().body());
+        assert_eq!(
+            foreign_job(StatusCode::FORBIDDEN).status(),
+            StatusCode::FORBIDDEN
+        );
+    }
+
+    // STATUS-11: a store outage is `503` + `transient` + `Retry-After`, never the job's failure.
+    #[test]
+    fn status_11_store_outages_are_transient_with_retry_after() {
+        for response in [job_store_unavailable("poll"), file_store_unavailable()] {
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(response.headers()[RETRY_AFTER], "5");
+            let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+            assert_eq!(body["issue"][0]["code"], "transient");
         }
     }
 

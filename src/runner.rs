@@ -17,7 +17,6 @@ use std::future::Future;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower_service::Service;
 use tracing::Instrument;
 
 use crate::BoxError;
@@ -27,6 +26,7 @@ use crate::bulk::{self, export::ExportSpec};
 use crate::clock::{Clock, later};
 use crate::config::Config;
 use crate::context::JobShared;
+use crate::inner::Inner;
 use crate::job::{JobId, JobOutcome, JobRecord, JobState, StoredResponse};
 use crate::meters;
 use crate::outcome::{IssueCode, synthesized};
@@ -237,7 +237,7 @@ pub(crate) struct NewJob {
 /// Spawns a registered job: the task records it, reports the store's answer on `recorded`, and
 /// runs it only if recording succeeded. Recording inside the task means a kick-off that is dropped
 /// (the client went away) can never leave a recorded job that nobody runs.
-pub(crate) fn spawn<S, ReqB, ResB>(
+pub(crate) fn spawn<S, ReqB>(
     runner: Arc<Runner>,
     job: Arc<JobShared>,
     new: NewJob,
@@ -245,12 +245,8 @@ pub(crate) fn spawn<S, ReqB, ResB>(
     inner: S,
     request: Request<RequestBody<ReqB>>,
 ) where
-    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
+    S: Inner<ReqB>,
     ReqB: Send + 'static,
-    ResB: Body<Data = Bytes> + Send + 'static,
-    ResB::Error: Into<BoxError>,
 {
     let NewJob {
         record,
@@ -325,17 +321,14 @@ impl Drop for Registered {
 }
 
 /// One job, from start to its recorded outcome.
-async fn run<S, ReqB, ResB>(
+async fn run<S, ReqB>(
     runner: Arc<Runner>,
     job: Arc<JobShared>,
     inner: S,
     request: Request<RequestBody<ReqB>>,
     work: Work,
 ) where
-    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
-    S::Error: Into<BoxError>,
-    ResB: Body<Data = Bytes>,
-    ResB::Error: Into<BoxError>,
+    S: Inner<ReqB>,
 {
     let config = &runner.config;
     let id = job.id;
@@ -504,17 +497,14 @@ fn finished(outcome: &'static str, started: tokio::time::Instant) {
 }
 
 /// Calls the inner service and keeps its response; every failure becomes a [`JobOutcome`].
-async fn execute<S, ReqB, ResB>(
+async fn execute<S, ReqB>(
     job: &JobShared,
     mut inner: S,
     request: Request<RequestBody<ReqB>>,
     result_limit: usize,
 ) -> JobOutcome
 where
-    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
-    S::Error: Into<BoxError>,
-    ResB: Body<Data = Bytes>,
-    ResB::Error: Into<BoxError>,
+    S: Inner<ReqB>,
 {
     // Waiting for readiness is part of the job: a concurrency limit around the inner service
     // queues jobs, and a cancel stops a job that is still waiting.

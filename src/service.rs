@@ -17,7 +17,7 @@ use crate::config::{BulkWithoutPrefer, RequestHead};
 use crate::future::ResponseFuture;
 use crate::kickoff::kick_off;
 use crate::prefer::{self, AsyncPreferences};
-use crate::routes;
+use crate::routes::{self, OwnRoute};
 use crate::state::Shared;
 
 /// The service [`AsyncLayer`](crate::AsyncLayer) makes: the FHIR service `S` with the
@@ -71,6 +71,8 @@ impl<S: fmt::Debug> fmt::Debug for AsyncService<S> {
     }
 }
 
+// The bounds are spelled out rather than written `S: Inner<ReqB>`: a crate-private trait in a
+// public impl would show in the docs as a name users cannot look up (and trips `private_bounds`).
 impl<S, ReqB, ResB> Service<Request<ReqB>> for AsyncService<S>
 where
     S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
@@ -95,9 +97,11 @@ where
     fn call(&mut self, request: Request<ReqB>) -> Self::Future {
         let config = &self.shared.config;
         // SEL-7: the layer's own routes are answered here and never reach the inner service.
-        if config.own_route(request.uri().path()).is_some() {
+        // The path is parsed here, once; the routes take the parsed route.
+        if let Some(route) = OwnRoute::of(config, request.uri().path()) {
             let (parts, _body) = request.into_parts();
-            return ResponseFuture::own(Box::pin(routes::handle(self.shared.clone(), parts)));
+            let shared = self.shared.clone();
+            return ResponseFuture::own(Box::pin(routes::handle(shared, route, parts)));
         }
 
         let mut preferences = if prefer::has_prefer(request.headers())

@@ -22,6 +22,7 @@ use crate::body::RequestBody;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::context::JobShared;
+use crate::inner::Inner;
 use crate::job::{JobOutcome, StoredResponse};
 use crate::media;
 use crate::outcome::synthesized;
@@ -44,7 +45,7 @@ pub(crate) struct ExportSpec {
 
 /// Runs one export to its outcome: the manifest (`200`, `application/json`, BULK-8), or a
 /// failure as status + OperationOutcome (BULK-6).
-pub(crate) async fn execute<S, ReqB, ResB>(
+pub(crate) async fn execute<S, ReqB>(
     layer: &Config,
     clock: Clock,
     job: &JobShared,
@@ -53,10 +54,7 @@ pub(crate) async fn execute<S, ReqB, ResB>(
     request: Request<RequestBody<ReqB>>,
 ) -> JobOutcome
 where
-    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
-    S::Error: Into<BoxError>,
-    ResB: Body<Data = Bytes>,
-    ResB::Error: Into<BoxError>,
+    S: Inner<ReqB>,
 {
     let config = &layer.bulk;
     // BULK-9: the time the query runs; the wrapped service answers from here on.
@@ -116,17 +114,14 @@ enum Format {
 impl Export<'_> {
     /// Pages through the result. `Err` fails the whole job; problems after the first page are
     /// written to the error file instead (partial success, BULK-7).
-    async fn run<S, ReqB, ResB>(
+    async fn run<S, ReqB>(
         &mut self,
         mut inner: S,
         request: Request<RequestBody<ReqB>>,
         origins: &Origins<'_>,
     ) -> Result<(), StoredResponse>
     where
-        S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>>,
-        S::Error: Into<BoxError>,
-        ResB: Body<Data = Bytes>,
-        ResB::Error: Into<BoxError>,
+        S: Inner<ReqB>,
     {
         // Later pages are GETs with the kick-off's headers (its credentials) and extensions.
         let mut headers = request.headers().clone();

@@ -1,32 +1,29 @@
-//! The layer's own routes under `{base}{status path}/`: status (`GET`/`HEAD`), cancel
-//! (`DELETE`) and bulk data files (`GET`/`HEAD {id}/file/{name}`).
+//! A job's status URL and result URL: `GET`/`HEAD` polls (STATUS-3…7, STATUS-17), the long
+//! poll (`Prefer: wait`), the weak `ETag` and `304`, the completion (a `batch-response` Bundle,
+//! a bulk manifest or failure, or `303` to the result in redirect mode), and `{id}/result`
+//! (FUT-2).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{
-    ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ETAG, EXPIRES, IF_NONE_MATCH, LOCATION,
-    RETRY_AFTER,
+    CACHE_CONTROL, CONTENT_TYPE, ETAG, EXPIRES, IF_NONE_MATCH, LOCATION, RETRY_AFTER,
 };
 use http::request::Parts;
 use http::{HeaderName, HeaderValue, Method, Response, StatusCode};
 
+use super::lookup::{foreign, read};
 use crate::audit::{self, Action};
-use crate::body::OwnBody;
-use crate::bulk::{self, files};
+use crate::bulk;
 use crate::bundle;
 use crate::config::{CompletionMode, RequestHead};
 use crate::job::{JobId, JobKind, JobRecord, JobState};
-use crate::outcome::{
-    self, FHIR_JSON, IssueCode, NO_STORE, delta_seconds, error_response, job_not_found,
-};
+use crate::outcome::{self, FHIR_JSON, NO_STORE, delta_seconds, job_not_found};
 use crate::prefer;
 use crate::state::Shared;
-use crate::watcher;
 
 /// The `X-Progress` response header (STATUS-4).
-pub(crate) const X_PROGRESS: HeaderName = HeaderName::from_static("x-progress");
+const X_PROGRESS: HeaderName = HeaderName::from_static("x-progress");
 
 /// The `X-Export-Status` response header (STATUS-17).
 const X_EXPORT_STATUS: HeaderName = HeaderName::from_static("x-export-status");
@@ -39,166 +36,11 @@ const REMOTE_RECHECK: Duration = Duration::from_millis(250);
 /// lost (a dropped pub/sub connection).
 const PUSH_BACKSTOP: Duration = Duration::from_secs(5);
 
-/// How long a client should wait before retrying when the store is unavailable.
-const STORE_RETRY: Duration = Duration::from_secs(5);
-
-/// Answers a request under the layer's route prefix. A `HEAD` gets the headers of the `GET`
-/// answer, with no body.
-pub(crate) async fn handle(shared: Arc<Shared>, parts: Parts) -> Response<OwnBody> {
-    // An instance that only answers polls must still notice jobs of lost instances.
-    watcher::ensure(&shared);
-    let rest = shared
-        .config
-        .own_route(parts.uri.path())
-        .unwrap_or_default();
-    if let Some((id, name)) = file_route(rest) {
-        return file(&shared, &parts, id, name).await;
-    }
-    let mut response = route(&shared, &parts).await;
-    if parts.method == Method::HEAD {
-        let length = response.body().len();
-        response
-            .headers_mut()
-            .insert(CONTENT_LENGTH, HeaderValue::from(length));
-        *response.body_mut() = Bytes::new();
-    }
-    response.map(OwnBody::from)
-}
-
-/// `/{id}/file/{name}`: the job id and file name of a file request.
-fn file_route(rest: &str) -> Option<(&str, &str)> {
-    let (id, tail) = rest.strip_prefix('/')?.split_once('/')?;
-    Some((id, tail.strip_prefix("file/")?))
-}
-
-/// `GET`/`HEAD` of a bulk data file (BULK-13…15, BULK-18): streamed, gzip when asked; the
-/// caller checks of the status route apply when `requiresAccessToken` is true (BULK-14).
-async fn file(shared: &Shared, parts: &Parts, id: &str, name: &str) -> Response<OwnBody> {
-    let caller = shared.config.caller_of(&RequestHead::of(parts));
-    let parsed = JobId::parse(id);
-    let (mut response, outcome) = serve_file(shared, parts, parsed, name, caller.as_deref()).await;
-    audit::event(Action::File, parsed, caller.as_deref(), outcome);
-    // A served file's HEAD already has its headers and no body; errors lose their body here.
-    if parts.method == Method::HEAD && response.status() != StatusCode::OK {
-        if let OwnBody::Full(body) = response.body_mut() {
-            let length = body.len();
-            *body = Bytes::new();
-            response
-                .headers_mut()
-                .insert(CONTENT_LENGTH, HeaderValue::from(length));
-        }
-    }
-    response
-}
-
-async fn serve_file(
-    shared: &Shared,
-    parts: &Parts,
-    id: Option<JobId>,
-    name: &str,
-    caller: Option<&str>,
-) -> (Response<OwnBody>, &'static str) {
-    let bytes = |response: Response<Bytes>| response.map(OwnBody::from);
-    if !matches!(parts.method, Method::GET | Method::HEAD) {
-        let response = not_allowed(&parts.method, "a bulk data file", "GET, HEAD");
-        return (bytes(response), "method-not-allowed");
-    }
-    // Only names this layer writes reach the store: no `..`, no slashes, no encodings.
-    let Some(id) = id.filter(|_| files::is_file_name(name)) else {
-        return (bytes(file_not_found()), "not-found");
-    };
-    let record = match read(shared, id, "request the file").await {
-        Ok(Some(record)) => record,
-        Ok(None) => return (bytes(file_not_found()), "not-found"),
-        Err(reply) => return (bytes(reply), "store-unavailable"),
-    };
-    let bulk = &shared.config.bulk;
-    if bulk.requires_access_token && !shared.config.may_access(record.owner.as_deref(), caller) {
-        return (bytes(foreign(shared)), "denied");
-    }
-    if !record.kind.is_bulk() || !matches!(record.state, JobState::Completed(_)) {
-        return (bytes(file_not_found()), "not-found");
-    }
-    let head_only = parts.method == Method::HEAD;
-    match files::serve(bulk, &id, name, &parts.headers, head_only).await {
-        Ok(Some(response)) => (response, "served"),
-        Ok(None) => (bytes(file_not_found()), "not-found"),
-        Err(error) => {
-            tracing::warn!(job.id = %id, %error, "reading a bulk data file failed");
-            let reply = outcome::unavailable(
-                "The file store is temporarily unavailable; request the file again later.",
-                STORE_RETRY,
-            );
-            (bytes(reply), "file-store-unavailable")
-        }
-    }
-}
-
-/// STATUS-15, AMB-31: `405` + `Allow` for a method `route` does not take.
-fn not_allowed(method: &Method, route: &str, allow: &'static str) -> Response<Bytes> {
-    let mut response = error_response(
-        StatusCode::METHOD_NOT_ALLOWED,
-        IssueCode::NotSupported,
-        &format!("{method} is not supported on {route}; use one of {allow}."),
-    );
-    response
-        .headers_mut()
-        .insert(ALLOW, HeaderValue::from_static(allow));
-    response
-}
-
-/// CANCEL-7, EXPIRE-3: no such file, or no longer.
-fn file_not_found() -> Response<Bytes> {
-    error_response(
-        StatusCode::NOT_FOUND,
-        IssueCode::NotFound,
-        "No such bulk data file: the job is unknown, not complete, expired or deleted, or the file is not one of \
-         its files.",
-    )
-}
-
-async fn route(shared: &Shared, parts: &Parts) -> Response<Bytes> {
-    let rest = shared
-        .config
-        .own_route(parts.uri.path())
-        .unwrap_or_default();
-    let Some(rest) = rest.strip_prefix('/').filter(|r| !r.is_empty()) else {
-        return error_response(
-            StatusCode::NOT_FOUND,
-            IssueCode::NotFound,
-            "This is the prefix of asynchronous job status URLs; use the full URL from `Content-Location`.",
-        );
-    };
-    if let Some(id) = rest.strip_suffix("/result") {
-        return result(shared, parts, id).await;
-    }
-    if !matches!(parts.method, Method::GET | Method::HEAD | Method::DELETE) {
-        return not_allowed(&parts.method, "a job status URL", "GET, HEAD, DELETE");
-    }
-    let action = if parts.method == Method::DELETE {
-        Action::Cancel
-    } else {
-        Action::Status
-    };
-    let caller = shared.config.caller_of(&RequestHead::of(parts));
-    // A malformed id, or anything below an id, never reaches the store.
-    let Some(id) = JobId::parse(rest) else {
-        audit::event(action, None, caller.as_deref(), "malformed-id");
-        return job_not_found();
-    };
-    let (response, outcome) = match action {
-        Action::Cancel => cancel(shared, id, caller.as_deref()).await,
-        _ => status(shared, id, parts, caller.as_deref()).await,
-    };
-    audit::event(action, Some(id), caller.as_deref(), outcome);
-    response
-}
-
 /// `GET` on a status URL: 202 while running, 200 + Bundle when done (STATUS-3…5, BUNDLE-1),
 /// the manifest or the failure of a bulk job (BULK-5…8), `303` to the result in redirect mode
 /// (FUT-1); `304` when `If-None-Match` names the current state, and a long poll with
 /// `Prefer: wait=N`. With the outcome for the audit trail.
-async fn status(
+pub(super) async fn status(
     shared: &Shared,
     id: JobId,
     parts: &Parts,
@@ -240,32 +82,6 @@ async fn status(
     let (mut reply, outcome) = render(shared, &record, progress.as_deref(), parts);
     reply.headers_mut().insert(ETAG, tag);
     (reply, outcome)
-}
-
-/// Reads a job; `Err` is the answer when the store is unavailable, telling the client to
-/// `retry` (e.g. "poll") later.
-async fn read(
-    shared: &Shared,
-    id: JobId,
-    retry: &str,
-) -> Result<Option<JobRecord>, Response<Bytes>> {
-    let runner = &shared.runner;
-    runner
-        .store
-        .get(&id, runner.clock.now())
-        .await
-        .map_err(|error| {
-            tracing::warn!(%error, "reading a job failed");
-            store_unavailable(retry)
-        })
-}
-
-/// `503` + `transient` + `Retry-After`: the job store cannot be reached; `retry` later.
-fn store_unavailable(retry: &str) -> Response<Bytes> {
-    outcome::unavailable(
-        &format!("The job store is temporarily unavailable; {retry} again later."),
-        STORE_RETRY,
-    )
 }
 
 /// A status response for the job as it is now.
@@ -511,14 +327,14 @@ fn unchanged(
 
 /// `GET {status URL}/result` in redirect mode (FUT-2): exactly what the synchronous call would
 /// have answered, as often as asked until the job expires.
-async fn result(shared: &Shared, parts: &Parts, id: &str) -> Response<Bytes> {
+pub(super) async fn result(shared: &Shared, parts: &Parts, id: Option<JobId>) -> Response<Bytes> {
     let caller = shared.config.caller_of(&RequestHead::of(parts));
-    let id = JobId::parse(id);
     let (reply, outcome) = match id {
         _ if shared.config.completion != CompletionMode::Redirect => (job_not_found(), "not-found"),
         None => (job_not_found(), "malformed-id"),
         Some(_) if !matches!(parts.method, Method::GET | Method::HEAD) => {
-            let reply = not_allowed(&parts.method, "a job's result URL", "GET, HEAD");
+            let reply =
+                outcome::method_not_allowed(&parts.method, "a job's result URL", "GET, HEAD");
             (reply, "method-not-allowed")
         }
         Some(id) => match read(shared, id, "request the result").await {
@@ -550,19 +366,6 @@ fn insert_expires(headers: &mut http::HeaderMap, expires_at: Option<std::time::S
         if let Ok(value) = HeaderValue::from_str(&httpdate::fmt_http_date(expires)) {
             headers.insert(EXPIRES, value);
         }
-    }
-}
-
-/// The answer to another caller's request for a job (SEC-10).
-fn foreign(shared: &Shared) -> Response<Bytes> {
-    if shared.config.foreign_status == StatusCode::FORBIDDEN {
-        error_response(
-            StatusCode::FORBIDDEN,
-            IssueCode::Forbidden,
-            "This asynchronous job belongs to another caller.",
-        )
-    } else {
-        job_not_found()
     }
 }
 
@@ -609,42 +412,273 @@ fn insert_poll_hints(
     }
 }
 
-/// `DELETE` on a status URL: 202, and the job is gone (CANCEL-1…7); with the outcome for the
-/// audit trail.
-async fn cancel(
-    shared: &Shared,
-    id: JobId,
-    caller: Option<&str>,
-) -> (Response<Bytes>, &'static str) {
-    const RETRY: &str = "send the DELETE";
-    let runner = &shared.runner;
-    if shared.config.caller.is_some() {
-        // The owner never changes, so reading it first leaves no window to exploit.
-        match read(shared, id, RETRY).await {
-            Ok(Some(record)) if shared.config.may_access(record.owner.as_deref(), caller) => {}
-            Ok(Some(_)) => return (foreign(shared), "denied"),
-            Ok(None) => return (job_not_found(), "not-found"),
-            Err(reply) => return (reply, "store-unavailable"),
-        }
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use http::header::{ALLOW, CONTENT_TYPE};
+
+    use super::super::fixture::{self, ID};
+    use super::*;
+    use crate::job::StoredResponse;
+
+    fn id() -> JobId {
+        JobId::parse(ID).unwrap()
     }
-    match runner.store.cancel(&id, runner.clock.now()).await {
-        Ok(true) => {
-            let stopped = runner.cancel_local(&id);
-            // CANCEL-5: a bulk job's files go with it.
-            files::remove_job(&shared.config.bulk, &id).await;
-            if let Some(polls) = &shared.polls {
-                polls.forget(&id);
-            }
-            tracing::info!(job.id = %id, stopped, "asynchronous job cancelled");
-            let mut reply = Response::new(Bytes::new());
-            *reply.status_mut() = StatusCode::ACCEPTED;
-            reply.headers_mut().insert(CACHE_CONTROL, NO_STORE);
-            (reply, "cancelled")
+
+    fn get() -> Parts {
+        fixture::parts(Method::GET, ID)
+    }
+
+    /// A layer holding the test job in `state`.
+    async fn with_job(
+        configure: impl FnOnce(crate::AsyncLayerBuilder) -> crate::AsyncLayerBuilder,
+        kind: JobKind,
+        state: JobState,
+        progress: Option<&str>,
+    ) -> Arc<Shared> {
+        let shared = fixture::shared(configure);
+        let mut record = fixture::record(&shared, kind, state);
+        record.progress = progress.map(str::to_owned);
+        fixture::put(&shared, record).await;
+        shared
+    }
+
+    fn json(reply: &Response<Bytes>) -> serde_json::Value {
+        serde_json::from_slice(reply.body()).unwrap()
+    }
+
+    fn done() -> JobState {
+        JobState::Completed(fixture::stored(
+            StatusCode::CREATED,
+            r#"{"resourceType":"Patient","id":"1"}"#,
+        ))
+    }
+
+    fn failed_export(status: StatusCode) -> JobState {
+        JobState::Failed(fixture::stored(
+            status,
+            r#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"transient"}]}"#,
+        ))
+    }
+
+    // STATUS-3…5, STATUS-16: an unfinished job is `202`, no body, `Retry-After` in delta
+    // seconds, its progress in `X-Progress`, `no-store`.
+    #[tokio::test]
+    async fn status_3_an_unfinished_job_is_202_with_hints() {
+        let shared = with_job(|b| b, JobKind::Interaction, JobState::Accepted, Some("40%")).await;
+        let (reply, outcome) = status(&shared, id(), &get(), None).await;
+        assert_eq!(reply.status(), StatusCode::ACCEPTED);
+        assert_eq!(outcome, "in-progress");
+        assert!(reply.body().is_empty());
+        assert_eq!(reply.headers()[RETRY_AFTER], "1");
+        assert_eq!(reply.headers()[X_PROGRESS], "40%");
+        assert_eq!(reply.headers()[CACHE_CONTROL], "no-store");
+        assert!(reply.headers()[ETAG].to_str().unwrap().starts_with("W/\""));
+    }
+
+    // BUNDLE-1, STATUS-14: a finished interaction is `200` + a `batch-response` Bundle wrapping
+    // the inner response, with `Expires`; the same answer on every poll.
+    #[tokio::test]
+    async fn bundle_1_a_finished_job_is_a_batch_response() {
+        let shared = with_job(|b| b, JobKind::Interaction, done(), None).await;
+        let (reply, outcome) = status(&shared, id(), &get(), None).await;
+        assert_eq!(reply.status(), StatusCode::OK);
+        assert_eq!(outcome, "completed");
+        assert_eq!(reply.headers()[CONTENT_TYPE], "application/fhir+json");
+        assert!(reply.headers().contains_key(EXPIRES));
+        let bundle = json(&reply);
+        assert_eq!(bundle["resourceType"], "Bundle");
+        assert_eq!(bundle["type"], "batch-response");
+        assert_eq!(bundle["entry"][0]["response"]["status"], "201 Created");
+        let (again, _) = status(&shared, id(), &get(), None).await;
+        assert_eq!(again.body(), reply.body());
+        assert_eq!(again.headers()[ETAG], reply.headers()[ETAG]);
+    }
+
+    // A poll naming the current state in `If-None-Match` is `304`, no body, the same `ETag`;
+    // another tag (or a changed progress) gets the full answer.
+    #[tokio::test]
+    async fn if_none_match_of_the_current_state_is_304() {
+        let shared = with_job(|b| b, JobKind::Interaction, JobState::Accepted, Some("1")).await;
+        let (first, _) = status(&shared, id(), &get(), None).await;
+        let tag = first.headers()[ETAG].clone();
+        let mut parts = get();
+        parts.headers.insert(IF_NONE_MATCH, tag.clone());
+        let (reply, outcome) = status(&shared, id(), &parts, None).await;
+        assert_eq!(reply.status(), StatusCode::NOT_MODIFIED);
+        assert_eq!(outcome, "not-modified");
+        assert!(reply.body().is_empty());
+        assert_eq!(reply.headers()[ETAG], tag);
+        assert_eq!(reply.headers()[X_PROGRESS], "1");
+        parts.headers.insert(
+            IF_NONE_MATCH,
+            HeaderValue::from_static("W/\"0000000000000000\""),
+        );
+        let (reply, _) = status(&shared, id(), &parts, None).await;
+        assert_eq!(reply.status(), StatusCode::ACCEPTED);
+
+        let record = fixture::record(&shared, JobKind::Interaction, JobState::Accepted);
+        let other = etag(&record, Some("2"));
+        assert_ne!(other, tag);
+        assert_eq!(etag(&record, Some("1")), tag);
+    }
+
+    // STATUS-15: a job nobody has is `404` + OperationOutcome `not-found`.
+    #[tokio::test]
+    async fn status_15_an_unknown_job_is_404() {
+        let shared = fixture::shared(|b| b);
+        let (reply, outcome) = status(&shared, id(), &get(), None).await;
+        assert_eq!(reply.status(), StatusCode::NOT_FOUND);
+        assert_eq!(outcome, "not-found");
+        assert_eq!(json(&reply)["issue"][0]["code"], "not-found");
+    }
+
+    // BULK-8: a finished export's status is its manifest, `application/json`, with `Expires`.
+    #[tokio::test]
+    async fn bulk_8_a_finished_export_is_its_manifest() {
+        let manifest = JobState::Completed(StoredResponse {
+            status: StatusCode::OK,
+            headers: Vec::new(),
+            body: Bytes::from_static(br#"{"output":[]}"#),
+        });
+        let shared = with_job(|b| b, JobKind::Bulk, manifest, None).await;
+        let (reply, _) = status(&shared, id(), &get(), None).await;
+        assert_eq!(reply.status(), StatusCode::OK);
+        assert_eq!(reply.headers()[CONTENT_TYPE], "application/json");
+        assert!(reply.headers().contains_key(EXPIRES));
+        assert_eq!(reply.body().as_ref(), br#"{"output":[]}"#);
+    }
+
+    // BULK-6, STATUS-11: a failed export answers with its failure's status and a final
+    // (non-transient) OperationOutcome.
+    #[tokio::test]
+    async fn bulk_6_a_failed_export_answers_its_failure() {
+        let state = failed_export(StatusCode::SERVICE_UNAVAILABLE);
+        let shared = with_job(|b| b, JobKind::Bulk, state, None).await;
+        let (reply, outcome) = status(&shared, id(), &get(), None).await;
+        assert_eq!(reply.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(outcome, "failed");
+        assert_eq!(reply.headers()[CONTENT_TYPE], "application/fhir+json");
+        assert_ne!(json(&reply)["issue"][0]["code"], "transient");
+    }
+
+    // STATUS-17: with `separate-export-status` the poll itself is `200`; the job's status is in
+    // `X-Export-Status`.
+    #[tokio::test]
+    async fn status_17_separate_export_status_moves_the_status_to_a_header() {
+        let state = failed_export(StatusCode::BAD_REQUEST);
+        let shared = with_job(|b| b, JobKind::BulkSeparateStatus, state, None).await;
+        let (reply, _) = status(&shared, id(), &get(), None).await;
+        assert_eq!(reply.status(), StatusCode::OK);
+        assert_eq!(reply.headers()[X_EXPORT_STATUS], "400 Bad Request");
+    }
+
+    // SEC-10: another caller's job is no job at all.
+    #[tokio::test]
+    async fn sec_10_another_callers_job_is_not_found() {
+        let shared = fixture::shared(|b| b.caller_from_header(http::header::AUTHORIZATION));
+        let owner = shared.config.caller_key.digest("alice");
+        let record = fixture::record(&shared, JobKind::Interaction, done()).with_owner(Some(owner));
+        fixture::put(&shared, record).await;
+        let stranger = shared.config.caller_key.digest("mallory");
+        let (reply, outcome) = status(&shared, id(), &get(), Some(&stranger)).await;
+        assert_eq!(reply.status(), StatusCode::NOT_FOUND);
+        assert_eq!(outcome, "denied");
+    }
+
+    // STATUS-6: a second poll inside `min_poll_interval` is `429` + `Retry-After` in delta
+    // seconds; the first is answered.
+    #[tokio::test]
+    async fn status_6_too_fast_a_poll_is_429() {
+        let shared = with_job(
+            |b| b.min_poll_interval(Duration::from_secs(30)),
+            JobKind::Interaction,
+            JobState::Accepted,
+            None,
+        )
+        .await;
+        assert_eq!(
+            status(&shared, id(), &get(), None).await.0.status(),
+            StatusCode::ACCEPTED
+        );
+        let (reply, outcome) = status(&shared, id(), &get(), None).await;
+        assert_eq!(reply.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(outcome, "throttled");
+        let seconds: u64 = reply.headers()[RETRY_AFTER]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=30).contains(&seconds), "{seconds}");
+    }
+
+    // PREFER-8: a long poll waits as long as asked, at most `max_wait`, and only when asked.
+    #[test]
+    fn prefer_8_a_long_poll_is_capped_by_max_wait() {
+        let shared = fixture::shared(|b| b.max_wait(Duration::from_secs(3)));
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(long_poll(&shared, &headers), None);
+        headers.insert(
+            http::header::HeaderName::from_static("prefer"),
+            HeaderValue::from_static("wait=2"),
+        );
+        assert_eq!(long_poll(&shared, &headers), Some(Duration::from_secs(2)));
+        headers.insert(
+            http::header::HeaderName::from_static("prefer"),
+            HeaderValue::from_static("wait=60"),
+        );
+        assert_eq!(long_poll(&shared, &headers), Some(Duration::from_secs(3)));
+        let off = fixture::shared(|b| b.max_wait(Duration::ZERO));
+        assert_eq!(long_poll(&off, &headers), None);
+    }
+
+    // FUT-1: in redirect mode a finished job's status is `303` to `{status URL}/result`.
+    #[tokio::test]
+    async fn fut_1_redirect_mode_answers_303_to_the_result() {
+        let shared = with_job(
+            |b| b.completion(CompletionMode::Redirect),
+            JobKind::Interaction,
+            done(),
+            None,
+        )
+        .await;
+        let (reply, _) = status(&shared, id(), &get(), None).await;
+        assert_eq!(reply.status(), StatusCode::SEE_OTHER);
+        assert_eq!(
+            reply.headers()[LOCATION],
+            format!("https://fhir.example.org/fhir/_async/{ID}/result").as_str()
+        );
+        assert!(reply.body().is_empty());
+    }
+
+    // FUT-2: the result URL answers exactly the inner response, as often as asked; only in
+    // redirect mode, only `GET`/`HEAD`.
+    #[tokio::test]
+    async fn fut_2_the_result_is_the_inner_response() {
+        let shared = with_job(
+            |b| b.completion(CompletionMode::Redirect),
+            JobKind::Interaction,
+            done(),
+            None,
+        )
+        .await;
+        for _ in 0..2 {
+            let reply = result(&shared, &get(), Some(id())).await;
+            assert_eq!(reply.status(), StatusCode::CREATED);
+            assert_eq!(
+                reply.body().as_ref(),
+                br#"{"resourceType":"Patient","id":"1"}"#
+            );
         }
-        Ok(false) => (job_not_found(), "not-found"),
-        Err(error) => {
-            tracing::warn!(%error, "cancelling a job failed");
-            (store_unavailable(RETRY), "store-unavailable")
-        }
+        let reply = result(&shared, &fixture::parts(Method::POST, ID), Some(id())).await;
+        assert_eq!(reply.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(reply.headers()[ALLOW], "GET, HEAD");
+        let reply = result(&shared, &get(), None).await;
+        assert_eq!(reply.status(), StatusCode::NOT_FOUND);
+
+        let bundled = with_job(|b| b, JobKind::Interaction, done(), None).await;
+        let reply = result(&bundled, &get(), Some(id())).await;
+        assert_eq!(reply.status(), StatusCode::NOT_FOUND);
     }
 }
