@@ -17,6 +17,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 
 pub mod bulk;
+pub mod gated;
 pub mod private_postgres;
 pub mod private_redis;
 
