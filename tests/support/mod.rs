@@ -42,6 +42,12 @@ pub fn job_id(status_url: &str) -> &str {
     status_url.rsplit('/').next().unwrap_or_default()
 }
 
+/// The job id at the end of a status URL (or path), parsed; panics when there is none.
+pub fn parse_job_id(status_url: &str) -> tower_fhir_async::JobId {
+    tower_fhir_async::JobId::parse(job_id(status_url))
+        .unwrap_or_else(|| panic!("no job id at the end of {status_url:?}"))
+}
+
 /// A response of `status` with `body` as `application/fhir+json`, as a FHIR server answers.
 pub fn fhir_json(status: StatusCode, body: &Value) -> axum::response::Response {
     axum::response::Response::builder()
