@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use axum::routing::post;
 use axum::{Extension, Router};
 use http::{Method, StatusCode};
-use support::{Reply, TestClient, serve};
+use support::{BOUND, TestClient, assert_not_found, serve, within};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tower_fhir_async::store::conformance::Transitions;
 use tower_fhir_async::store::{DelegateStore, Transition};
@@ -19,15 +19,6 @@ use tower_fhir_async::{
     AsyncLayer, JobContext, JobId, JobKind, JobOutcome, JobRecord, JobStore, MemoryStore,
     StoreError, StoredResponse,
 };
-
-/// The bound on waiting for something a test expects to happen; never a timing assertion.
-const BOUND: Duration = Duration::from_secs(10);
-
-async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
-    tokio::time::timeout(BOUND, fut)
-        .await
-        .unwrap_or_else(|_| panic!("{what} did not happen within {BOUND:?}"))
-}
 
 /// Sends a drop notice when the handler future that owns it is dropped.
 struct DropGuard(Option<oneshot::Sender<()>>);
@@ -40,26 +31,16 @@ impl Drop for DropGuard {
     }
 }
 
-/// Kicks off `POST {path}` with `Prefer: respond-async`; returns the status URL.
-async fn kick_off(client: &TestClient, base: &str, path: &str) -> String {
-    let reply = client
-        .send(
+/// KICK-2, KICK-3: kicks off `POST {base}/$reindex` with a Parameters body; the status URL.
+async fn reindex(client: &TestClient, base: &str) -> String {
+    client
+        .kick_off(
             Method::POST,
-            &format!("{base}{path}"),
-            &[
-                ("prefer", "respond-async"),
-                ("content-type", "application/fhir+json"),
-            ],
+            &format!("{base}/$reindex"),
+            &[("content-type", "application/fhir+json")],
             r#"{"resourceType":"Parameters"}"#,
         )
-        .await;
-    assert_eq!(reply.status, StatusCode::ACCEPTED, "kick-off: {reply:?}");
-    reply.header("content-location").to_owned()
-}
-
-fn assert_not_found(reply: &Reply, what: &str) {
-    assert_eq!(reply.status, StatusCode::NOT_FOUND, "{what}: {reply:?}");
-    reply.assert_outcome("not-found");
+        .await
 }
 
 /// A handler that reports it started, then never finishes; its future owns a [`DropGuard`].
@@ -94,7 +75,7 @@ async fn cancel_1_cancel_2_cancel_3_cancel_7_delete_while_running_then_404() {
     let base = format!("http://{}/fhir", serve(app).await);
     let client = TestClient::default();
 
-    let status_url = kick_off(&client, &base, "/$reindex").await;
+    let status_url = reindex(&client, &base).await;
     within("the handler starting", started.recv()).await;
     let running = client.get(&status_url).await;
     assert_eq!(running.status, StatusCode::ACCEPTED, "{running:?}");
@@ -123,7 +104,7 @@ async fn cancel_6_delete_drops_the_running_handler_future() {
     let base = format!("http://{}/fhir", serve(app).await);
     let client = TestClient::default();
 
-    let status_url = kick_off(&client, &base, "/$reindex").await;
+    let status_url = reindex(&client, &base).await;
     within("the handler starting", started.recv()).await;
     assert_eq!(client.get(&status_url).await.status, StatusCode::ACCEPTED);
     assert!(
@@ -169,7 +150,7 @@ async fn cancel_6_work_watching_job_context_sees_cancellation() {
     let base = format!("http://{}/fhir", serve(app).await);
     let client = TestClient::default();
 
-    let status_url = kick_off(&client, &base, "/$reindex").await;
+    let status_url = reindex(&client, &base).await;
     let job = within("the handler starting", contexts.recv())
         .await
         .expect("the channel is open")
@@ -256,7 +237,7 @@ async fn cancel_3_cancel_6_cancel_racing_completion_never_resurrects_the_job() {
     let base = format!("http://{}/fhir", serve(app).await);
     let client = TestClient::default();
 
-    let status_url = kick_off(&client, &base, "/$reindex").await;
+    let status_url = reindex(&client, &base).await;
     within("the handler starting", started.recv()).await;
     release.notify_one();
     let cancelled = client.delete(&status_url).await;
@@ -283,7 +264,7 @@ async fn cancel_5_delete_after_completion_removes_the_result() {
     let base = format!("http://{}/fhir", serve(app).await);
     let client = TestClient::default();
 
-    let status_url = kick_off(&client, &base, "/$reindex").await;
+    let status_url = reindex(&client, &base).await;
     let done = client.poll_until_done(&status_url, 250).await;
     assert_eq!(done.status, StatusCode::OK, "{done:?}");
     assert_eq!(done.json()["entry"][0]["response"]["status"], "201 Created");
@@ -307,7 +288,7 @@ async fn cancel_7_delete_of_unknown_or_malformed_id_is_404() {
     let base = format!("http://{}/fhir", serve(app).await);
     let client = TestClient::default();
 
-    let status_url = kick_off(&client, &base, "/$reindex").await;
+    let status_url = reindex(&client, &base).await;
     let (status_prefix, real_id) = status_url.rsplit_once('/').unwrap();
     let real_id = real_id.to_owned();
     for id in [
@@ -351,7 +332,7 @@ async fn cancel_6_cancel_before_start_never_calls_the_inner_service() {
     let base = format!("http://{}/fhir", serve(app).await);
     let client = TestClient::default();
 
-    let status_url = kick_off(&client, &base, "/$reindex").await;
+    let status_url = reindex(&client, &base).await;
     within("the job reaching its start", reached.notified()).await;
     let cancelled = client.delete(&status_url).await;
     assert_eq!(cancelled.status, StatusCode::ACCEPTED, "{cancelled:?}");

@@ -95,15 +95,15 @@ fn retry_after(reply: &Reply) -> u64 {
         .unwrap_or_else(|_| panic!("Retry-After is not delta seconds: {reply:?}"))
 }
 
-/// Kicks off a `$reindex` that runs for ten minutes, as `token` when given; its status URL.
-async fn kick_off(client: &TestClient, demo: &Demo, token: Option<&str>) -> Reply {
+/// Kicks off a `$reindex` that runs for ten minutes, as `token` when given; the reply.
+async fn reindex(client: &TestClient, demo: &Demo, token: Option<&str>) -> Reply {
     let bearer = token.map(|t| format!("Bearer {t}"));
-    let mut headers = vec![("prefer", "respond-async")];
-    if let Some(bearer) = &bearer {
-        headers.push(("authorization", bearer.as_str()));
-    }
+    let headers: Vec<(&str, &str)> = bearer
+        .iter()
+        .map(|bearer| ("authorization", bearer.as_str()))
+        .collect();
     client
-        .send(
+        .send_async(
             Method::POST,
             &format!("{}/$reindex", demo.base),
             &headers,
@@ -120,7 +120,7 @@ async fn status_6_tight_polling_gets_429_and_polite_polling_never_does() {
     let demo = Demo::start(&["--patients", "20", "--reindex-secs", "600"]);
     let client = TestClient::default();
 
-    let tight = kick_off(&client, &demo, None).await;
+    let tight = reindex(&client, &demo, None).await;
     assert_eq!(tight.status, StatusCode::ACCEPTED, "{tight:?}");
     let tight = tight.header("content-location").to_owned();
     let mut throttled = 0;
@@ -138,7 +138,7 @@ async fn status_6_tight_polling_gets_429_and_polite_polling_never_does() {
     }
     assert!(throttled > 0, "20 back-to-back polls were all answered 202");
 
-    let polite = kick_off(&client, &demo, None).await;
+    let polite = reindex(&client, &demo, None).await;
     assert_eq!(polite.status, StatusCode::ACCEPTED, "{polite:?}");
     let polite = polite.header("content-location").to_owned();
     let mut statuses = Vec::new();
@@ -176,14 +176,14 @@ async fn sec_13_per_client_job_quota_is_on_and_adjustable() {
         "2",
     ]);
     for n in 1..=2 {
-        let reply = kick_off(&client, &demo, Some("token-a")).await;
+        let reply = reindex(&client, &demo, Some("token-a")).await;
         assert_eq!(reply.status, StatusCode::ACCEPTED, "job {n}: {reply:?}");
     }
-    let refused = kick_off(&client, &demo, Some("token-a")).await;
+    let refused = reindex(&client, &demo, Some("token-a")).await;
     assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS, "{refused:?}");
     refused.assert_outcome("throttled");
     assert!(retry_after(&refused) >= 1);
-    let other = kick_off(&client, &demo, Some("token-b")).await;
+    let other = reindex(&client, &demo, Some("token-b")).await;
     assert_eq!(
         other.status,
         StatusCode::ACCEPTED,
@@ -201,7 +201,7 @@ async fn sec_13_per_client_job_quota_is_on_and_adjustable() {
         "off",
     ]);
     for n in 1..=12 {
-        let reply = kick_off(&client, &demo, Some("token-a")).await;
+        let reply = reindex(&client, &demo, Some("token-a")).await;
         assert_eq!(
             reply.status,
             StatusCode::ACCEPTED,
@@ -230,7 +230,7 @@ async fn sec_12_demo_logs_carry_no_query_string_or_token() {
         )
         .await;
     assert_eq!(search.status, StatusCode::OK, "{search:?}");
-    let kick = kick_off(&client, &demo, Some(TOKEN)).await;
+    let kick = reindex(&client, &demo, Some(TOKEN)).await;
     assert_eq!(kick.status, StatusCode::ACCEPTED, "{kick:?}");
     let status_url = kick.header("content-location").to_owned();
     let own = client

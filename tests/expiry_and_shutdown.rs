@@ -14,7 +14,7 @@ use axum::Router;
 use axum::routing::post;
 use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
-use support::Reply;
+use support::{Reply, assert_not_found};
 use tokio::sync::{Notify, oneshot};
 use tower::ServiceExt;
 use tower_fhir_async::{AsyncLayer, AsyncLayerBuilder, MemoryStore};
@@ -100,11 +100,6 @@ async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T 
     tokio::time::timeout(24 * HOUR, fut)
         .await
         .unwrap_or_else(|_| panic!("{what} never finished"))
-}
-
-fn assert_not_found(reply: &Reply, what: &str) {
-    assert_eq!(reply.status, StatusCode::NOT_FOUND, "{what}: {reply:?}");
-    reply.assert_outcome("not-found");
 }
 
 /// An app whose `$create` answers 201 with a resource at once.

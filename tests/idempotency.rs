@@ -11,8 +11,11 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::post;
 use http::{HeaderName, Method, StatusCode};
-use support::{Reply, TestClient, serve};
+use support::{Reply, TestClient, serve, within};
 use tower_fhir_async::{AsyncLayer, AsyncLayerBuilder, MemoryStore};
+
+/// How long (on the paused clock) the layer is left to run once the expected work has started.
+const SETTLE: Duration = Duration::from_secs(60);
 
 /// A server whose `$count` answers at once and `$hang` never does; `calls` counts both.
 async fn start(layer: AsyncLayerBuilder) -> (String, Arc<AtomicUsize>) {
@@ -63,16 +66,20 @@ fn location(reply: &Reply) -> String {
     reply.header("content-location").to_owned()
 }
 
-/// Waits (bounded) until the work ran `want` times, then checks that it did not run more often.
+/// Waits (bounded) until the work ran `want` times, then checks that it ran no more often.
+///
+/// The tests run on tokio's paused clock: a sleep ends only when no task can make progress, and
+/// then jumps to the next timer. So once the count is reached, a long sleep lets every job the
+/// kick-offs spawned — and every timer of the layer within a minute — run to where it waits;
+/// a second run of any job's work would have been counted by then, whatever the machine's speed.
 async fn ran(calls: &AtomicUsize, want: usize) {
-    for _ in 0..1000 {
-        if calls.load(Ordering::SeqCst) >= want {
-            break;
+    within("the jobs' work starting", async {
+        while calls.load(Ordering::SeqCst) < want {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    // A job that should not run would have started by now as well.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    })
+    .await;
+    tokio::time::sleep(SETTLE).await;
     assert_eq!(
         calls.load(Ordering::SeqCst),
         want,
@@ -95,7 +102,7 @@ async fn poll(client: &TestClient, url: &str, caller: &str) -> Reply {
 
 // KICK-9, issue #7 item 6: a repeated kick-off with the same key and caller names the first job,
 // running or completed, and the work runs once; another caller's same key is its own job.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn idempotency_key_is_scoped_to_the_caller() {
     let (base, calls) = start(layer()).await;
     let client = TestClient::default();
@@ -127,7 +134,7 @@ async fn idempotency_key_is_scoped_to_the_caller() {
 }
 
 // CANCEL-3, issue #7 item 6: a cancelled job is never named again; the key starts a new one.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_cancelled_job_is_not_reused() {
     let (base, _) = start(layer()).await;
     let client = TestClient::default();
@@ -146,7 +153,7 @@ async fn a_cancelled_job_is_not_reused() {
 }
 
 // Issue #7 item 6: a failed job (here: stopped at its run-time limit) is never named again.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_failed_job_is_not_reused() {
     let (base, calls) = start(layer().max_run_time(Duration::from_millis(100))).await;
     let client = TestClient::default();
@@ -165,7 +172,7 @@ async fn a_failed_job_is_not_reused() {
 
 // SEC-10: without caller binding the key is ignored (a guessed key would otherwise reveal
 // another client's status URL).
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn without_caller_binding_the_key_is_ignored() {
     let (base, calls) = start(AsyncLayer::builder(MemoryStore::default()).base_path("/fhir")).await;
     let client = TestClient::default();
@@ -177,7 +184,7 @@ async fn without_caller_binding_the_key_is_ignored() {
 }
 
 // KICK-5: an unusable key is refused at kick-off with 400 + OperationOutcome, and no job runs.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn bad_keys_are_refused() {
     let (base, calls) = start(layer()).await;
     let client = TestClient::default();

@@ -19,7 +19,7 @@ use http::{Method, Request, Uri};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use serde_json::{Value, json};
-use support::{Reply, TestClient, serve, serve_hyper};
+use support::{Reply, TestClient, job_id, serve, serve_hyper};
 use tokio::sync::Notify;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_fhir_async::{AsyncLayer, JobContext, MemoryStore, RequestBody, ResponseBody};
@@ -97,26 +97,11 @@ fn default_layer() -> AsyncLayer {
     AsyncLayer::builder(MemoryStore::default()).build()
 }
 
-/// Sends a kick-off, asserts the `202`, and returns the status URL.
-async fn kick_off(
-    client: &TestClient,
-    method: Method,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> String {
-    let reply = client.send(method, url, headers, body).await;
-    assert_eq!(
-        reply.status,
-        StatusCode::ACCEPTED,
-        "kick-off {url}: {reply:?}"
-    );
-    reply.header("content-location").to_owned()
-}
-
 /// Kicks off `method url` with only `Prefer: respond-async` and polls it to the end.
 async fn run_to_completion(client: &TestClient, method: Method, url: &str) -> Reply {
-    let location = kick_off(client, method, url, &[("prefer", "respond-async")], "").await;
+    let location = client
+        .kick_off(method, url, &[("prefer", "respond-async")], "")
+        .await;
     let done = client.poll_until_done(&location, 150).await;
     assert_eq!(done.status, StatusCode::OK, "completion of {url}: {done:?}");
     done
@@ -132,11 +117,6 @@ fn only_entry(done: &Reply) -> Value {
         .unwrap_or_else(|| panic!("no entry array: {bundle}"));
     assert_eq!(entries.len(), 1, "{bundle}");
     entries[0].clone()
-}
-
-/// The job id: the last path segment of a status URL.
-fn job_id(location: &str) -> &str {
-    location.rsplit('/').next().unwrap_or_default()
 }
 
 /// A `Retry-After` value in delta seconds (STATUS-5 also allows an HTTP-date, which this layer does
@@ -229,14 +209,14 @@ async fn status_4_poll_while_running_gives_202_with_progress_and_retry_after() {
         .layer(default_layer());
     let addr = serve(app).await;
     let client = TestClient::default();
-    let location = kick_off(
-        &client,
-        Method::POST,
-        &format!("http://{addr}/fhir/$reindex"),
-        &[("prefer", "respond-async")],
-        "",
-    )
-    .await;
+    let location = client
+        .kick_off(
+            Method::POST,
+            &format!("http://{addr}/fhir/$reindex"),
+            &[("prefer", "respond-async")],
+            "",
+        )
+        .await;
     tokio::time::timeout(Duration::from_secs(10), progress_set.notified())
         .await
         .expect("the inner handler ran within 10 s");
@@ -294,17 +274,17 @@ async fn bundle_9_created_resource_with_location_etag_and_last_modified() {
     let client = TestClient::default();
     let sent =
         json!({"resourceType": "Observation", "status": "final", "code": {"text": "Body weight"}});
-    let location = kick_off(
-        &client,
-        Method::POST,
-        &format!("http://{addr}/fhir/Observation"),
-        &[
-            ("prefer", "respond-async, return=representation"),
-            ("content-type", FHIR),
-        ],
-        &sent.to_string(),
-    )
-    .await;
+    let location = client
+        .kick_off(
+            Method::POST,
+            &format!("http://{addr}/fhir/Observation"),
+            &[
+                ("prefer", "respond-async, return=representation"),
+                ("content-type", FHIR),
+            ],
+            &sent.to_string(),
+        )
+        .await;
     let done = client.poll_until_done(&location, 150).await;
     assert_eq!(done.status, StatusCode::OK, "{done:?}");
     assert_eq!(media_type(&done), FHIR);
@@ -341,17 +321,17 @@ async fn prefer_9_return_minimal_reaches_the_server_and_leaves_no_resource() {
         .layer(default_layer());
     let addr = serve(app).await;
     let client = TestClient::default();
-    let location = kick_off(
-        &client,
-        Method::POST,
-        &format!("http://{addr}/fhir/Observation"),
-        &[
-            ("prefer", "respond-async, return=minimal"),
-            ("content-type", FHIR),
-        ],
-        r#"{"resourceType":"Observation","status":"final"}"#,
-    )
-    .await;
+    let location = client
+        .kick_off(
+            Method::POST,
+            &format!("http://{addr}/fhir/Observation"),
+            &[
+                ("prefer", "respond-async, return=minimal"),
+                ("content-type", FHIR),
+            ],
+            r#"{"resourceType":"Observation","status":"final"}"#,
+        )
+        .await;
     let done = client.poll_until_done(&location, 150).await;
     assert_eq!(done.status, StatusCode::OK, "{done:?}");
     let entry = only_entry(&done);
@@ -701,18 +681,18 @@ async fn prefer_9_forwarded_prefer_drops_only_respond_async_and_wait() {
         .layer(default_layer());
     let addr = serve(app).await;
     let client = TestClient::default();
-    let location = kick_off(
-        &client,
-        Method::POST,
-        &format!("http://{addr}/fhir/Observation"),
-        // Two lines (PREFER-2), mixed case (PREFER-3).
-        &[
-            ("prefer", "respond-async, wait=10, return=minimal"),
-            ("prefer", "handling=lenient, Respond-Async"),
-        ],
-        "",
-    )
-    .await;
+    let location = client
+        .kick_off(
+            Method::POST,
+            &format!("http://{addr}/fhir/Observation"),
+            // Two lines (PREFER-2), mixed case (PREFER-3).
+            &[
+                ("prefer", "respond-async, wait=10, return=minimal"),
+                ("prefer", "handling=lenient, Respond-Async"),
+            ],
+            "",
+        )
+        .await;
     let done = client.poll_until_done(&location, 150).await;
     let entry = only_entry(&done);
     let seen = entry["resource"]["prefer"]
@@ -787,21 +767,21 @@ async fn kick_1_replayed_request_arrives_unchanged() {
     let addr = serve(app).await;
     let client = TestClient::default();
     let body = r#"{"resourceType":"Patient","id":"p-1","active":true}"#;
-    let location = kick_off(
-        &client,
-        Method::PUT,
-        &format!("http://{addr}/fhir/Patient/p-1?_pretty=true&name=a%20b"),
-        &[
-            ("prefer", "respond-async"),
-            ("x-custom", "kept as is"),
-            ("content-type", "application/fhir+json; charset=utf-8"),
-            ("authorization", "Bearer eyJ.test.token"),
-            ("accept", FHIR),
-            ("if-match", "W/\"3\""),
-        ],
-        body,
-    )
-    .await;
+    let location = client
+        .kick_off(
+            Method::PUT,
+            &format!("http://{addr}/fhir/Patient/p-1?_pretty=true&name=a%20b"),
+            &[
+                ("prefer", "respond-async"),
+                ("x-custom", "kept as is"),
+                ("content-type", "application/fhir+json; charset=utf-8"),
+                ("authorization", "Bearer eyJ.test.token"),
+                ("accept", FHIR),
+                ("if-match", "W/\"3\""),
+            ],
+            body,
+        )
+        .await;
     let done = client.poll_until_done(&location, 150).await;
     let seen = only_entry(&done)["resource"].clone();
     assert_eq!(seen["method"], "PUT", "{seen}");
@@ -829,14 +809,14 @@ async fn status_14_repeated_polls_of_a_completed_job_are_identical() {
         .layer(default_layer());
     let addr = serve(app).await;
     let client = TestClient::default();
-    let location = kick_off(
-        &client,
-        Method::POST,
-        &format!("http://{addr}/fhir/Observation"),
-        &[("prefer", "respond-async"), ("content-type", FHIR)],
-        r#"{"resourceType":"Observation","status":"final"}"#,
-    )
-    .await;
+    let location = client
+        .kick_off(
+            Method::POST,
+            &format!("http://{addr}/fhir/Observation"),
+            &[("prefer", "respond-async"), ("content-type", FHIR)],
+            r#"{"resourceType":"Observation","status":"final"}"#,
+        )
+        .await;
     let first = client.poll_until_done(&location, 150).await;
     assert_eq!(first.status, StatusCode::OK, "{first:?}");
     assert!(!first.body.is_empty());
@@ -869,14 +849,14 @@ async fn sec_9_fifty_kick_offs_give_fifty_distinct_opaque_ids() {
     let client = TestClient::default();
     let mut ids = HashSet::new();
     for _ in 0..50 {
-        let location = kick_off(
-            &client,
-            Method::GET,
-            &format!("http://{addr}/fhir/Patient/p-1"),
-            &[("prefer", "respond-async")],
-            "",
-        )
-        .await;
+        let location = client
+            .kick_off(
+                Method::GET,
+                &format!("http://{addr}/fhir/Patient/p-1"),
+                &[("prefer", "respond-async")],
+                "",
+            )
+            .await;
         assert!(
             location.starts_with(&format!("http://{addr}/_async/")),
             "{location}"
@@ -910,14 +890,14 @@ async fn kick_9_first_poll_right_after_the_202_never_404s() {
     let addr = serve(app).await;
     let client = TestClient::default();
     for _ in 0..20 {
-        let location = kick_off(
-            &client,
-            Method::POST,
-            &format!("http://{addr}/fhir/$instant"),
-            &[("prefer", "respond-async")],
-            "",
-        )
-        .await;
+        let location = client
+            .kick_off(
+                Method::POST,
+                &format!("http://{addr}/fhir/$instant"),
+                &[("prefer", "respond-async")],
+                "",
+            )
+            .await;
         let first = client.get(&location).await;
         assert!(
             first.status == StatusCode::ACCEPTED || first.status == StatusCode::OK,
@@ -946,14 +926,14 @@ async fn bundle_4_status_url_answers_200_whatever_the_inner_status() {
     let addr = serve(app).await;
     let client = TestClient::default();
     for code in [201u16, 400, 500] {
-        let location = kick_off(
-            &client,
-            Method::POST,
-            &format!("http://{addr}/fhir/Answer/{code}"),
-            &[("prefer", "respond-async")],
-            "",
-        )
-        .await;
+        let location = client
+            .kick_off(
+                Method::POST,
+                &format!("http://{addr}/fhir/Answer/{code}"),
+                &[("prefer", "respond-async")],
+                "",
+            )
+            .await;
         let done = client.poll_until_done(&location, 150).await;
         assert_eq!(done.status, StatusCode::OK, "inner {code}: {done:?}");
         let entry = only_entry(&done);

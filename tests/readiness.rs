@@ -2,13 +2,15 @@
 //! job, none for the layer's own routes, readiness left for the requests that need it, and
 //! pass-through requests delivered unchanged.
 
-use std::future::Future;
+mod support;
+
 use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
+use support::within;
 use tower::{Layer, Service, ServiceExt};
 use tower_fhir_async::{AsyncLayer, AsyncService, JobContext, JobId, MemoryStore, RequestBody};
 use tower_test::mock;
@@ -19,15 +21,6 @@ type Mock = mock::Mock<InnerRequest, InnerResponse>;
 type Handle = mock::Handle<InnerRequest, InnerResponse>;
 
 const BASE: &str = "http://fhir.test/fhir";
-/// The bound on waiting for something a test expects to happen; never a timing assertion.
-const BOUND: Duration = Duration::from_secs(10);
-
-async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
-    tokio::time::timeout(BOUND, fut)
-        .await
-        .unwrap_or_else(|_| panic!("{what} did not happen within {BOUND:?}"))
-}
-
 fn layered() -> (AsyncService<Mock>, Handle) {
     let (inner, handle) = mock::pair::<InnerRequest, InnerResponse>();
     let layer = AsyncLayer::builder(MemoryStore::default())

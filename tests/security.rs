@@ -8,7 +8,6 @@ mod support;
 
 use support::Captured;
 
-use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -22,21 +21,12 @@ use bytes::Bytes;
 use http::header::{AUTHORIZATION, HeaderName};
 use http::{HeaderMap, Method, StatusCode};
 use http_body_util::BodyExt;
-use support::{Reply, TestClient, send_stalling, serve};
+use support::{Reply, TestClient, parse_job_id, send_stalling, serve, within};
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
 use tower_fhir_async::{AsyncLayer, AsyncLayerBuilder, JobContext, JobId, JobStore, MemoryStore};
 
-/// The bound on waiting for something a test expects to happen; never a timing assertion.
-const BOUND: Duration = Duration::from_secs(10);
-
 const FHIR_JSON: [(HeaderName, &str); 1] = [(http::header::CONTENT_TYPE, "application/fhir+json")];
-
-async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
-    tokio::time::timeout(BOUND, fut)
-        .await
-        .unwrap_or_else(|_| panic!("{what} did not happen within {BOUND:?}"))
-}
 
 /// What the authentication middleware puts into each request's extensions.
 #[derive(Debug, Clone)]
@@ -239,14 +229,6 @@ fn bound_to_callers(builder: AsyncLayerBuilder) -> AsyncLayerBuilder {
     builder.caller_from_extension(|caller: &CallerId| caller.0.clone())
 }
 
-fn job_id(status_url: &str) -> JobId {
-    status_url
-        .rsplit('/')
-        .next()
-        .and_then(JobId::parse)
-        .unwrap_or_else(|| panic!("no job id at the end of {status_url}"))
-}
-
 fn assert_status(reply: &Reply, status: StatusCode, what: &str) {
     assert_eq!(reply.status, status, "{what}: {reply:?}");
 }
@@ -427,7 +409,7 @@ async fn sec_10_caller_from_header_binds_jobs_to_the_header_value() {
     assert_eq!(
         server
             .store
-            .get(&job_id(&url), SystemTime::now())
+            .get(&parse_job_id(&url), SystemTime::now())
             .await
             .unwrap()
             .unwrap()
@@ -686,7 +668,7 @@ async fn status_7_throttled_job_goes_on_and_answers_after_the_interval() {
         .strip_prefix("http://fhir.test")
         .unwrap()
         .to_owned();
-    let id = job_id(&url);
+    let id = parse_job_id(&url);
 
     let first = send_in_process(&app, Method::GET, &url, false).await;
     assert_status(&first, StatusCode::ACCEPTED, "first poll");
@@ -759,7 +741,7 @@ async fn sec_11_no_credential_reaches_the_job_record() {
         .await;
     assert_status(&kick, StatusCode::ACCEPTED, "kick-off");
     let status_url = kick.header("content-location").to_owned();
-    let id = job_id(&status_url);
+    let id = parse_job_id(&status_url);
 
     let running = server
         .store
@@ -817,7 +799,7 @@ async fn sec_11_percent_encoded_access_token_reaches_neither_the_store_nor_the_m
         let status_url = kick.header("content-location").to_owned();
         let record = server
             .store
-            .get(&job_id(&status_url), SystemTime::now())
+            .get(&parse_job_id(&status_url), SystemTime::now())
             .await
             .unwrap()
             .expect("recorded");
@@ -954,7 +936,7 @@ async fn audit_trail_records_kick_offs_polls_and_cancels_without_credentials() {
         .await;
     assert_status(&held, StatusCode::ACCEPTED, "alice's kick-off");
     let held = held.header("content-location").to_owned();
-    let held_id = job_id(&held).to_string();
+    let held_id = parse_job_id(&held).to_string();
     assert_status(
         &server.kick("/$quick", alice).await,
         StatusCode::TOO_MANY_REQUESTS,
@@ -986,7 +968,7 @@ async fn audit_trail_records_kick_offs_polls_and_cancels_without_credentials() {
         "alice cancels",
     );
     let quick = server.kick_accepted("/$quick", alice).await;
-    let quick_id = job_id(&quick).to_string();
+    let quick_id = parse_job_id(&quick).to_string();
     assert_status(
         &server.poll_until_done(&quick, alice).await,
         StatusCode::OK,

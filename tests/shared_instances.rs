@@ -49,7 +49,7 @@ use tower_fhir_async::{
 };
 
 use demo::Demo;
-use support::{Reply, TestClient};
+use support::{Reply, TestClient, parse_job_id};
 
 /// The public base every instance shares, as behind one load balancer.
 const BASE: &str = "http://fhir.test/fhir";
@@ -506,12 +506,6 @@ fn instant_app(layer: AsyncLayer) -> Router {
         .layer(layer)
 }
 
-async fn kick_off(client: &TestClient, url: &str) -> Reply {
-    client
-        .send(Method::POST, url, &[("prefer", "respond-async")], "")
-        .await
-}
-
 /// The path of a status URL (`Content-Location`), to send to any instance.
 fn status_path(reply: &Reply) -> String {
     assert_eq!(reply.status, StatusCode::ACCEPTED, "kick-off: {reply:?}");
@@ -522,11 +516,6 @@ fn status_path(reply: &Reply) -> String {
         .unwrap_or_else(|| panic!("Content-Location {location:?} is not an absolute URL"));
     assert!(path.starts_with("/fhir/_async/"), "{location}");
     path.to_owned()
-}
-
-fn job_id(path: &str) -> JobId {
-    let id = path.rsplit('/').next().unwrap_or_default();
-    JobId::parse(id).unwrap_or_else(|| panic!("no job id at the end of {path:?}"))
 }
 
 /// Polls `url` every `every` until it answers `202` with `X-Progress: {progress}`; every poll
@@ -599,7 +588,11 @@ async fn cancel_through_another_instance<B: Backend>(
     .await;
     let b = serve(hold_app(layer(backend.connect().await, "b", lease), None)).await;
 
-    let path = status_path(&kick_off(&client, &a.url("/fhir/$hold")).await);
+    let path = status_path(
+        &client
+            .send_async(Method::POST, &a.url("/fhir/$hold"), &[], "")
+            .await,
+    );
     // A's watcher (started by the kick-off) subscribes to cancels; B's has not started yet, so
     // this is A's subscription, and no cancel can be sent before it is in place.
     wait_for_listeners(&*backend, 1, "instance A subscribed to cancels").await;
@@ -668,7 +661,11 @@ async fn cancel_through_another_instance<B: Backend>(
 async fn results_survive_a_restart<B: Backend>(backend: Arc<B>) {
     let client = TestClient::default();
     let a = serve(instant_app(layer(backend.connect().await, "a", None))).await;
-    let path = status_path(&kick_off(&client, &a.url("/fhir/$instant")).await);
+    let path = status_path(
+        &client
+            .send_async(Method::POST, &a.url("/fhir/$instant"), &[], "")
+            .await,
+    );
     let done = client.poll_until_done(&a.url(&path), 500).await;
     assert_eq!(done.status, StatusCode::OK, "{done:?}");
     let bundle = done.json();
@@ -784,7 +781,7 @@ async fn bulk_files_through_another_instance<B: Backend>(backend: Arc<B>) {
         )
         .await;
     let path = status_path(&kicked);
-    backend.track(job_id(&path));
+    backend.track(parse_job_id(&path));
     let done = client.poll_until_done(&b.url(&path), 500).await;
     assert_eq!(
         done.status,
@@ -884,7 +881,7 @@ async fn jobs_of_a_killed_instance_fail<B: Backend>(backend: Arc<B>, label: &str
         )
         .await;
     let path = status_path(&kicked);
-    let id = job_id(&path);
+    let id = parse_job_id(&path);
     backend.track(id);
     let running = client.get(&demo.url(&path)).await;
     assert_eq!(

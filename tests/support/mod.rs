@@ -16,8 +16,54 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 use tokio::net::TcpListener;
 
+pub mod bulk;
+pub mod gated;
 pub mod private_postgres;
 pub mod private_redis;
+
+/// The bound on waiting for something a test expects to happen; never a timing assertion.
+pub const BOUND: Duration = Duration::from_secs(10);
+
+/// Awaits `fut`, panicking with `what` if it has not happened within [`BOUND`].
+pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(BOUND, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not happen within {BOUND:?}"))
+}
+
+/// STATUS-15, CANCEL-3, EXPIRE-3: `404` with an OperationOutcome `not-found`.
+pub fn assert_not_found(reply: &Reply, what: &str) {
+    assert_eq!(reply.status, StatusCode::NOT_FOUND, "{what}: {reply:?}");
+    reply.assert_outcome("not-found");
+}
+
+/// The job id: the last segment of a status URL (or path).
+pub fn job_id(status_url: &str) -> &str {
+    status_url.rsplit('/').next().unwrap_or_default()
+}
+
+/// The job id at the end of a status URL (or path), parsed; panics when there is none.
+pub fn parse_job_id(status_url: &str) -> tower_fhir_async::JobId {
+    tower_fhir_async::JobId::parse(job_id(status_url))
+        .unwrap_or_else(|| panic!("no job id at the end of {status_url:?}"))
+}
+
+/// A response of `status` with `body` as `application/fhir+json`, as a FHIR server answers.
+pub fn fhir_json(status: StatusCode, body: &Value) -> axum::response::Response {
+    axum::response::Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "application/fhir+json")
+        .body(axum::body::Body::from(body.to_string()))
+        .expect("a response")
+}
+
+/// Serves `inner` behind `layer` as one tower service (`ServiceBuilder`, the way a whole FHIR
+/// server is wrapped) on 127.0.0.1:0; the address.
+pub async fn serve_behind(layer: tower_fhir_async::AsyncLayer, inner: Router) -> SocketAddr {
+    let service = tower::ServiceBuilder::new().layer(layer).service(inner);
+    // `axum::serve` wants `Response<axum::body::Body>`; an outer Router takes any body.
+    serve(Router::new().fallback_service(service)).await
+}
 
 /// A port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
@@ -189,6 +235,47 @@ impl TestClient {
 
     pub async fn delete(&self, url: &str) -> Reply {
         self.send(Method::DELETE, url, &[], "").await
+    }
+
+    /// [`send`](Self::send) with `Prefer: respond-async` added, unless `headers` has a `Prefer`.
+    pub async fn send_async(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Reply {
+        let mut all = headers.to_vec();
+        if !headers
+            .iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case("prefer"))
+        {
+            all.push(("prefer", "respond-async"));
+        }
+        self.send(method, url, &all, body).await
+    }
+
+    /// KICK-2, KICK-3: a kick-off ([`send_async`](Self::send_async)) that must be accepted:
+    /// `202` with an absolute `Content-Location`; returns that status URL.
+    pub async fn kick_off(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> String {
+        let reply = self.send_async(method.clone(), url, headers, body).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::ACCEPTED,
+            "kick-off {method} {url}: {reply:?}"
+        );
+        let location = reply.header("content-location").to_owned();
+        assert!(
+            location.starts_with("http://") || location.starts_with("https://"),
+            "Content-Location {location} is not absolute"
+        );
+        location
     }
 
     /// Polls `url` until it stops answering 202; at most `limit` polls, 20 ms apart.
