@@ -83,6 +83,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub use body::{RequestBody, ResponseBody};
 pub use builder::{AsyncLayerBuilder, BuildError};
+#[cfg(feature = "bulk")]
 pub use bulk::ManifestFormat;
 pub use caller::caller_digest;
 pub use config::{BulkWithoutPrefer, CompletionMode, RequestHead};
@@ -91,7 +92,8 @@ pub use future::ResponseFuture;
 pub use job::{InvalidJobId, JobId, JobKind, JobOutcome, JobRecord, JobState, StoredResponse};
 pub use layer::AsyncLayer;
 /// The `object_store` crate bulk data files are kept with, so that a store you build yourself
-/// (`LocalFileSystem`, S3, …) is of the matching version.
+/// (`LocalFileSystem`, S3, …) is of the matching version. With the `bulk` feature.
+#[cfg(feature = "bulk")]
 pub use object_store;
 pub use service::AsyncService;
 pub use shutdown::{ShutdownHandle, ShutdownReport};

@@ -1,4 +1,5 @@
-//! The bulk pattern's settings, fixed when the layer is built.
+//! The bulk pattern's settings: as the builder collects them ([`BulkSettings`]) and as the
+//! layer keeps them once checked ([`BulkConfig`]).
 
 use std::fmt;
 use std::sync::Arc;
@@ -43,5 +44,76 @@ impl fmt::Debug for BulkConfig {
             .field("max_file_resources", &self.max_file_resources)
             .field("manifest", &self.manifest)
             .finish_non_exhaustive()
+    }
+}
+
+/// The bulk settings of [`AsyncLayerBuilder`](crate::AsyncLayerBuilder), as set; see its
+/// setters for what each means and its default.
+pub(crate) struct BulkSettings {
+    pub(crate) enabled: bool,
+    pub(crate) operations: Vec<String>,
+    pub(crate) file_store: Option<Arc<dyn ObjectStore>>,
+    pub(crate) file_prefix: String,
+    pub(crate) max_file_size: u64,
+    pub(crate) max_file_resources: u64,
+    pub(crate) file_part_size: usize,
+    pub(crate) max_open_files: usize,
+    pub(crate) manifest_format: ManifestFormat,
+    pub(crate) requires_access_token: bool,
+}
+
+impl Default for BulkSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            operations: vec!["$export".to_owned()],
+            file_store: None,
+            file_prefix: "fhir-async".to_owned(),
+            max_file_size: 64 * 1024 * 1024,
+            max_file_resources: 100_000,
+            file_part_size: 5 * 1024 * 1024,
+            max_open_files: 4,
+            manifest_format: ManifestFormat::Stu2,
+            requires_access_token: true,
+        }
+    }
+}
+
+impl BulkSettings {
+    /// Checks the settings; the error names the setting that is wrong.
+    pub(crate) fn check(self) -> Result<BulkConfig, String> {
+        for (name, value) in [
+            ("max_file_size", self.max_file_size),
+            ("max_file_resources", self.max_file_resources),
+            ("file_part_size", self.file_part_size as u64),
+            ("max_open_files", self.max_open_files as u64),
+        ] {
+            if value == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
+        let prefix = Path::parse(self.file_prefix.trim_matches('/'))
+            .ok()
+            .filter(|prefix| prefix.parts().count() > 0)
+            .ok_or_else(|| {
+                format!(
+                    "file_prefix must be a non-empty object store path, not {:?}",
+                    self.file_prefix
+                )
+            })?;
+        Ok(BulkConfig {
+            enabled: self.enabled,
+            operations: self.operations,
+            files: self
+                .file_store
+                .unwrap_or_else(|| Arc::new(object_store::memory::InMemory::new())),
+            prefix,
+            max_file_size: self.max_file_size,
+            max_file_resources: self.max_file_resources,
+            part_size: self.file_part_size,
+            open_files: self.max_open_files,
+            manifest: self.manifest_format,
+            requires_access_token: self.requires_access_token,
+        })
     }
 }
