@@ -47,6 +47,15 @@
 //! - [`ManifestFormat`] and the `file_store` settings of [`AsyncLayerBuilder`]: the bulk data
 //!   pattern.
 //!
+//! ## Features
+//!
+//! - `bulk` (default): the bulk data pattern, its builder settings, [`ManifestFormat`] and the
+//!   [`object_store`] re-export. Without it the layer does not recognise bulk requests:
+//!   `$export` and requests with `_outputFormat` pass through, or run as interaction jobs with
+//!   `Prefer: respond-async`, like any other request.
+//! - `redis`, `postgres`: `RedisStore` and `PostgresStore`, jobs shared by many instances.
+//! - `test-util`: the store conformance suite (`store::conformance`).
+//!
 //! [tower]: https://docs.rs/tower
 
 mod admission;
@@ -103,7 +112,7 @@ pub use store::{JobStore, MemoryStore, StoreError};
 #[cfg(feature = "redis")]
 pub use store::{RedisStore, redis};
 
-// The README's examples compile as doc tests.
-#[cfg(doctest)]
+// The README's examples compile as doc tests (several configure the bulk pattern).
+#[cfg(all(doctest, feature = "bulk"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;

@@ -20,7 +20,7 @@ pub(crate) struct BulkConfig {
 
 /// The builder's bulk settings: there are none without the feature.
 #[derive(Debug, Default)]
-pub(crate) struct BulkSettings;
+pub(crate) struct BulkSettings {}
 
 impl BulkSettings {
     /// Always succeeds: nothing to check.
