@@ -5,10 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{StatusCode, Uri};
+#[cfg(feature = "bulk")]
 use object_store::ObjectStore;
 
 use crate::admission::Quotas;
-use crate::bulk::{BulkConfig, ManifestFormat};
+use crate::bulk::BulkSettings;
+#[cfg(feature = "bulk")]
+use crate::bulk::ManifestFormat;
 use crate::caller::{self, CallerKey};
 use crate::clock::Clock;
 use crate::config::{BulkWithoutPrefer, CompletionMode, Config, Identify, Predicate, RequestHead};
@@ -78,6 +81,10 @@ pub(crate) type MakeStore = Box<dyn FnOnce(Duration) -> Arc<dyn DynStore> + Send
 /// | [`manifest_format`](Self::manifest_format) | [`ManifestFormat::Stu2`] |
 /// | [`requires_access_token`](Self::requires_access_token) | `true` |
 ///
+/// [`kickoff_wait`](Self::kickoff_wait), [`bulk_without_prefer`](Self::bulk_without_prefer) and
+/// the settings from [`bulk`](Self::bulk) on belong to the bulk data pattern: they exist with
+/// the `bulk` feature, which is on by default.
+///
 /// [`try_build`](Self::try_build) says which setting is invalid; [`build`](Self::build) panics
 /// with the same message.
 #[must_use]
@@ -105,16 +112,7 @@ pub struct AsyncLayerBuilder {
     body_timeout: Duration,
     max_wait: Duration,
     completion: CompletionMode,
-    bulk: bool,
-    bulk_operations: Vec<String>,
-    file_store: Option<Arc<dyn ObjectStore>>,
-    file_prefix: String,
-    max_file_size: u64,
-    max_file_resources: u64,
-    file_part_size: usize,
-    max_open_files: usize,
-    manifest_format: ManifestFormat,
-    requires_access_token: bool,
+    bulk: BulkSettings,
     store_timeout: Duration,
     kickoff_wait: Duration,
     bulk_without_prefer: BulkWithoutPrefer,
@@ -146,16 +144,7 @@ impl AsyncLayerBuilder {
             body_timeout: Duration::from_secs(60),
             max_wait: Duration::ZERO,
             completion: CompletionMode::Bundle,
-            bulk: true,
-            bulk_operations: vec!["$export".to_owned()],
-            file_store: None,
-            file_prefix: "fhir-async".to_owned(),
-            max_file_size: 64 * 1024 * 1024,
-            max_file_resources: 100_000,
-            file_part_size: 5 * 1024 * 1024,
-            max_open_files: 4,
-            manifest_format: ManifestFormat::Stu2,
-            requires_access_token: true,
+            bulk: BulkSettings::default(),
             store_timeout: STORE_TIMEOUT,
             kickoff_wait: KICKOFF_WAIT,
             bulk_without_prefer: BulkWithoutPrefer::RunAsync,
@@ -247,32 +236,6 @@ impl AsyncLayerBuilder {
     /// client should not wait through a stall to learn it should come back later.
     pub fn store_timeout(mut self, timeout: Duration) -> Self {
         self.store_timeout = timeout;
-        self
-    }
-
-    /// How long a bulk kick-off waits for the wrapped service's first response head before it
-    /// answers `202`. When the service has answered `4xx` by then (an unknown `_type`, a bad
-    /// `_since`, a parameter it refuses under `handling=strict`), that answer is the kick-off's,
-    /// and no job is kept: a client learns of the mistake at once rather than at its first poll
-    /// (KICK-5). Every other answer, and one that comes later, is the job's as usual.
-    ///
-    /// Interaction-pattern kick-offs never wait: their completion Bundle carries the inner
-    /// answer, errors included (BUNDLE-4).
-    ///
-    /// Default 50 ms: a kick-off whose first page takes longer is answered that much later,
-    /// and errors a service reports before doing any work are caught (see BENCHMARKS.md).
-    /// [`Duration::ZERO`] turns it off. At most 10 s.
-    pub fn kickoff_wait(mut self, wait: Duration) -> Self {
-        self.kickoff_wait = wait;
-        self
-    }
-
-    /// What a bulk operation (one of [`bulk_operations`](Self::bulk_operations), e.g.
-    /// `$export`) sent without `Prefer: respond-async` gets. The Bulk Data IG allows two
-    /// answers: process it as if `respond-async` had been sent (the default,
-    /// [`BulkWithoutPrefer::RunAsync`]), or refuse it with `400` ([`BulkWithoutPrefer::Refuse`]).
-    pub fn bulk_without_prefer(mut self, answer: BulkWithoutPrefer) -> Self {
-        self.bulk_without_prefer = answer;
         self
     }
 
@@ -501,114 +464,6 @@ impl AsyncLayerBuilder {
         self
     }
 
-    /// Whether the bulk data pattern is offered (SEL-3). When it is not, a kick-off with
-    /// `_outputFormat` is refused with `400` + `not-supported` (SEL-4), and bulk operations such
-    /// as `$export` run as interaction requests. Default: on.
-    pub fn bulk(mut self, enabled: bool) -> Self {
-        self.bulk = enabled;
-        self
-    }
-
-    /// The operations that take the bulk pattern even without `_outputFormat`, by name as the
-    /// last path segment (`$export` matches `[base]/$export`, `[base]/Patient/$export` and
-    /// `[base]/Group/{id}/$export`). Default: `$export`.
-    ///
-    /// ```
-    /// use tower_fhir_async::{AsyncLayer, MemoryStore};
-    ///
-    /// let layer = AsyncLayer::builder(MemoryStore::default())
-    ///     .bulk_operations(["$export", "$everything"])
-    ///     .build();
-    /// # drop(layer);
-    /// ```
-    pub fn bulk_operations<I, N>(mut self, names: I) -> Self
-    where
-        I: IntoIterator<Item = N>,
-        N: Into<String>,
-    {
-        self.bulk_operations = names.into_iter().map(Into::into).collect();
-        self
-    }
-
-    /// Where bulk data files are kept: any [`object_store::ObjectStore`] — a
-    /// `LocalFileSystem`, S3, Azure, GCS… Default: an in-memory store of this layer's own,
-    /// which keeps whole exports in memory and is not shared between instances; give every
-    /// instance behind a load balancer the same store.
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use tower_fhir_async::object_store::local::LocalFileSystem;
-    /// use tower_fhir_async::{AsyncLayer, MemoryStore};
-    ///
-    /// # let dir = std::env::temp_dir();
-    /// // Automatic cleanup: removed exports leave no empty folders behind.
-    /// let files = LocalFileSystem::new_with_prefix(&dir)
-    ///     .expect("an existing folder")
-    ///     .with_automatic_cleanup(true);
-    /// let layer = AsyncLayer::builder(MemoryStore::default())
-    ///     .file_store(Arc::new(files))
-    ///     .build();
-    /// # drop(layer);
-    /// ```
-    pub fn file_store(mut self, store: Arc<dyn ObjectStore>) -> Self {
-        self.file_store = Some(store);
-        self
-    }
-
-    /// The folder in the [`file_store`](Self::file_store) that the layer keeps to itself:
-    /// files are `{prefix}/{job id}/{name}`, and the sweeper removes folders of jobs that no
-    /// longer exist. Default `fhir-async`.
-    pub fn file_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.file_prefix = prefix.into();
-        self
-    }
-
-    /// The largest bulk data file, in bytes; a client's `_maximumFileSize` can only lower it
-    /// (BULK-3). A single resource larger than this gets a file of its own. Default 64 MiB.
-    pub fn max_file_size(mut self, bytes: u64) -> Self {
-        self.max_file_size = bytes;
-        self
-    }
-
-    /// The most resources in one bulk data file. Default 100 000.
-    pub fn max_file_resources(mut self, count: u64) -> Self {
-        self.max_file_resources = count;
-        self
-    }
-
-    /// The size of the parts files are uploaded in (multipart uploads, so no file is ever held
-    /// whole in memory). S3 needs at least 5 MiB. Default 5 MiB.
-    pub fn file_part_size(mut self, bytes: usize) -> Self {
-        self.file_part_size = bytes;
-        self
-    }
-
-    /// The most files one export writes at once. When a result interleaves more resource types
-    /// than this, the least recently written file is closed and a later one of its type begun.
-    /// Memory per export is about this × 3 × [`file_part_size`](Self::file_part_size) at most.
-    /// Default 4.
-    pub fn max_open_files(mut self, count: usize) -> Self {
-        self.max_open_files = count;
-        self
-    }
-
-    /// The form of the completion manifest (BULK-9). Default [`ManifestFormat::Stu2`], the form
-    /// every published bulk data client reads.
-    pub fn manifest_format(mut self, format: ManifestFormat) -> Self {
-        self.manifest_format = format;
-        self
-    }
-
-    /// The manifest's `requiresAccessToken` (BULK-14). With `true` (the default) file requests
-    /// pass the same authentication as any other request, and with [`caller`](Self::caller)
-    /// only the job's caller gets its files. With `false` the file URLs are capability URLs:
-    /// their 128 random bits are the key, no caller check applies, and the
-    /// [`retention`](Self::retention) should be short.
-    pub fn requires_access_token(mut self, required: bool) -> Self {
-        self.requires_access_token = required;
-        self
-    }
-
     /// Checks every setting and assembles the parts the layer shares (see
     /// [`try_build`](Self::try_build), in `layer`, which wraps them).
     pub(crate) fn assemble(self) -> Result<Arc<Shared>, BuildError> {
@@ -690,39 +545,7 @@ impl AsyncLayerBuilder {
                 humantime::format_duration(self.lease)
             )));
         }
-        for (name, value) in [
-            ("max_file_size", self.max_file_size),
-            ("max_file_resources", self.max_file_resources),
-            ("file_part_size", self.file_part_size as u64),
-            ("max_open_files", self.max_open_files as u64),
-        ] {
-            if value == 0 {
-                return Err(BuildError(format!("{name} must be at least 1")));
-            }
-        }
-        let file_prefix = object_store::path::Path::parse(self.file_prefix.trim_matches('/'))
-            .ok()
-            .filter(|prefix| prefix.parts().count() > 0)
-            .ok_or_else(|| {
-                BuildError(format!(
-                    "file_prefix must be a non-empty object store path, not {:?}",
-                    self.file_prefix
-                ))
-            })?;
-        let bulk = BulkConfig {
-            enabled: self.bulk,
-            operations: self.bulk_operations,
-            files: self
-                .file_store
-                .unwrap_or_else(|| Arc::new(object_store::memory::InMemory::new())),
-            prefix: file_prefix,
-            max_file_size: self.max_file_size,
-            max_file_resources: self.max_file_resources,
-            part_size: self.file_part_size,
-            open_files: self.max_open_files,
-            manifest: self.manifest_format,
-            requires_access_token: self.requires_access_token,
-        };
+        let bulk = self.bulk.check().map_err(BuildError)?;
         let instance = match self.instance_id {
             Some(id) if id.trim().is_empty() => {
                 return Err(BuildError("instance_id must not be empty".to_owned()));
@@ -790,6 +613,146 @@ impl AsyncLayerBuilder {
             quotas,
             polls,
         }))
+    }
+}
+
+/// The settings of the bulk data pattern, with the `bulk` feature (on by default). Without
+/// it the layer has no bulk pattern: `$export` and requests with `_outputFormat` are ordinary
+/// requests, passed through or run as interaction jobs.
+#[cfg(feature = "bulk")]
+impl AsyncLayerBuilder {
+    /// How long a bulk kick-off waits for the wrapped service's first response head before it
+    /// answers `202`. When the service has answered `4xx` by then (an unknown `_type`, a bad
+    /// `_since`, a parameter it refuses under `handling=strict`), that answer is the kick-off's,
+    /// and no job is kept: a client learns of the mistake at once rather than at its first poll
+    /// (KICK-5). Every other answer, and one that comes later, is the job's as usual.
+    ///
+    /// Interaction-pattern kick-offs never wait: their completion Bundle carries the inner
+    /// answer, errors included (BUNDLE-4).
+    ///
+    /// Default 50 ms: a kick-off whose first page takes longer is answered that much later,
+    /// and errors a service reports before doing any work are caught (see BENCHMARKS.md).
+    /// [`Duration::ZERO`] turns it off. At most 10 s.
+    pub fn kickoff_wait(mut self, wait: Duration) -> Self {
+        self.kickoff_wait = wait;
+        self
+    }
+
+    /// What a bulk operation (one of [`bulk_operations`](Self::bulk_operations), e.g.
+    /// `$export`) sent without `Prefer: respond-async` gets. The Bulk Data IG allows two
+    /// answers: process it as if `respond-async` had been sent (the default,
+    /// [`BulkWithoutPrefer::RunAsync`]), or refuse it with `400` ([`BulkWithoutPrefer::Refuse`]).
+    pub fn bulk_without_prefer(mut self, answer: BulkWithoutPrefer) -> Self {
+        self.bulk_without_prefer = answer;
+        self
+    }
+
+    /// Whether the bulk data pattern is offered (SEL-3). When it is not, a kick-off with
+    /// `_outputFormat` is refused with `400` + `not-supported` (SEL-4), and bulk operations such
+    /// as `$export` run as interaction requests. Default: on.
+    pub fn bulk(mut self, enabled: bool) -> Self {
+        self.bulk.enabled = enabled;
+        self
+    }
+
+    /// The operations that take the bulk pattern even without `_outputFormat`, by name as the
+    /// last path segment (`$export` matches `[base]/$export`, `[base]/Patient/$export` and
+    /// `[base]/Group/{id}/$export`). Default: `$export`.
+    ///
+    /// ```
+    /// use tower_fhir_async::{AsyncLayer, MemoryStore};
+    ///
+    /// let layer = AsyncLayer::builder(MemoryStore::default())
+    ///     .bulk_operations(["$export", "$everything"])
+    ///     .build();
+    /// # drop(layer);
+    /// ```
+    pub fn bulk_operations<I, N>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = N>,
+        N: Into<String>,
+    {
+        self.bulk.operations = names.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Where bulk data files are kept: any [`object_store::ObjectStore`] — a
+    /// `LocalFileSystem`, S3, Azure, GCS… Default: an in-memory store of this layer's own,
+    /// which keeps whole exports in memory and is not shared between instances; give every
+    /// instance behind a load balancer the same store.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use tower_fhir_async::object_store::local::LocalFileSystem;
+    /// use tower_fhir_async::{AsyncLayer, MemoryStore};
+    ///
+    /// # let dir = std::env::temp_dir();
+    /// // Automatic cleanup: removed exports leave no empty folders behind.
+    /// let files = LocalFileSystem::new_with_prefix(&dir)
+    ///     .expect("an existing folder")
+    ///     .with_automatic_cleanup(true);
+    /// let layer = AsyncLayer::builder(MemoryStore::default())
+    ///     .file_store(Arc::new(files))
+    ///     .build();
+    /// # drop(layer);
+    /// ```
+    pub fn file_store(mut self, store: Arc<dyn ObjectStore>) -> Self {
+        self.bulk.file_store = Some(store);
+        self
+    }
+
+    /// The folder in the [`file_store`](Self::file_store) that the layer keeps to itself:
+    /// files are `{prefix}/{job id}/{name}`, and the sweeper removes folders of jobs that no
+    /// longer exist. Default `fhir-async`.
+    pub fn file_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.bulk.file_prefix = prefix.into();
+        self
+    }
+
+    /// The largest bulk data file, in bytes; a client's `_maximumFileSize` can only lower it
+    /// (BULK-3). A single resource larger than this gets a file of its own. Default 64 MiB.
+    pub fn max_file_size(mut self, bytes: u64) -> Self {
+        self.bulk.max_file_size = bytes;
+        self
+    }
+
+    /// The most resources in one bulk data file. Default 100 000.
+    pub fn max_file_resources(mut self, count: u64) -> Self {
+        self.bulk.max_file_resources = count;
+        self
+    }
+
+    /// The size of the parts files are uploaded in (multipart uploads, so no file is ever held
+    /// whole in memory). S3 needs at least 5 MiB. Default 5 MiB.
+    pub fn file_part_size(mut self, bytes: usize) -> Self {
+        self.bulk.file_part_size = bytes;
+        self
+    }
+
+    /// The most files one export writes at once. When a result interleaves more resource types
+    /// than this, the least recently written file is closed and a later one of its type begun.
+    /// Memory per export is about this × 3 × [`file_part_size`](Self::file_part_size) at most.
+    /// Default 4.
+    pub fn max_open_files(mut self, count: usize) -> Self {
+        self.bulk.max_open_files = count;
+        self
+    }
+
+    /// The form of the completion manifest (BULK-9). Default [`ManifestFormat::Stu2`], the form
+    /// every published bulk data client reads.
+    pub fn manifest_format(mut self, format: ManifestFormat) -> Self {
+        self.bulk.manifest_format = format;
+        self
+    }
+
+    /// The manifest's `requiresAccessToken` (BULK-14). With `true` (the default) file requests
+    /// pass the same authentication as any other request, and with [`caller`](Self::caller)
+    /// only the job's caller gets its files. With `false` the file URLs are capability URLs:
+    /// their 128 random bits are the key, no caller check applies, and the
+    /// [`retention`](Self::retention) should be short.
+    pub fn requires_access_token(mut self, required: bool) -> Self {
+        self.bulk.requires_access_token = required;
+        self
     }
 }
 

@@ -169,7 +169,7 @@ pub enum CompletionMode {
 }
 
 /// What a bulk operation sent without `Prefer: respond-async` gets (see
-/// [`AsyncLayerBuilder::bulk_without_prefer`](crate::AsyncLayerBuilder::bulk_without_prefer)).
+/// `AsyncLayerBuilder::bulk_without_prefer`, with the `bulk` feature).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum BulkWithoutPrefer {

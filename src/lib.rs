@@ -47,6 +47,15 @@
 //! - [`ManifestFormat`] and the `file_store` settings of [`AsyncLayerBuilder`]: the bulk data
 //!   pattern.
 //!
+//! ## Features
+//!
+//! - `bulk` (default): the bulk data pattern, its builder settings, [`ManifestFormat`] and the
+//!   [`object_store`] re-export. Without it the layer does not recognise bulk requests:
+//!   `$export` and requests with `_outputFormat` pass through, or run as interaction jobs with
+//!   `Prefer: respond-async`, like any other request.
+//! - `redis`, `postgres`: `RedisStore` and `PostgresStore`, jobs shared by many instances.
+//! - `test-util`: the store conformance suite (`store::conformance`).
+//!
 //! [tower]: https://docs.rs/tower
 
 mod admission;
@@ -84,6 +93,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub use body::{RequestBody, ResponseBody};
 pub use builder::{AsyncLayerBuilder, BuildError};
+#[cfg(feature = "bulk")]
 pub use bulk::ManifestFormat;
 pub use caller::caller_digest;
 pub use config::{BulkWithoutPrefer, CompletionMode, RequestHead};
@@ -92,7 +102,8 @@ pub use future::ResponseFuture;
 pub use job::{InvalidJobId, JobId, JobKind, JobOutcome, JobRecord, JobState, StoredResponse};
 pub use layer::AsyncLayer;
 /// The `object_store` crate bulk data files are kept with, so that a store you build yourself
-/// (`LocalFileSystem`, S3, …) is of the matching version.
+/// (`LocalFileSystem`, S3, …) is of the matching version. With the `bulk` feature.
+#[cfg(feature = "bulk")]
 pub use object_store;
 pub use service::AsyncService;
 pub use shutdown::{ShutdownHandle, ShutdownReport};
@@ -102,7 +113,7 @@ pub use store::{JobStore, MemoryStore, StoreError};
 #[cfg(feature = "redis")]
 pub use store::{RedisStore, redis};
 
-// The README's examples compile as doc tests.
-#[cfg(doctest)]
+// The README's examples compile as doc tests (several configure the bulk pattern).
+#[cfg(all(doctest, feature = "bulk"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;

@@ -19,9 +19,11 @@ use object_store::{ObjectStore, ObjectStoreExt};
 use tokio::io::AsyncWriteExt;
 use tokio_util::io::{ReaderStream, StreamReader};
 
-use super::{BulkConfig, ExportParams, FileEntry, NDJSON};
 use crate::BoxError;
 use crate::body::OwnBody;
+use crate::bulk::config::BulkConfig;
+use crate::bulk::manifest::{FileEntry, NDJSON};
+use crate::bulk::select::ExportParams;
 use crate::job::JobId;
 use crate::media;
 use crate::outcome::NO_STORE;
@@ -409,7 +411,7 @@ pub(crate) async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bulk::ManifestFormat;
+    use crate::bulk::manifest::ManifestFormat;
     use object_store::memory::InMemory;
 
     fn config(

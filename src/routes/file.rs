@@ -70,7 +70,7 @@ async fn serve(
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "bulk"))]
 mod tests {
     use http::StatusCode;
     use http::header::{ALLOW, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};

@@ -108,8 +108,8 @@ fn render(
         }
         JobState::Failed(failure) if record.kind.is_bulk() => {
             // BULK-6: the failure's own status + OperationOutcome, with final issue codes.
-            let mut reply = Response::new(bulk::export::final_outcome(&failure.body));
-            *reply.status_mut() = bulk::export::final_status(failure.status);
+            let mut reply = Response::new(bulk::status::final_outcome(&failure.body));
+            *reply.status_mut() = bulk::status::final_status(failure.status);
             let headers = reply.headers_mut();
             headers.insert(CONTENT_TYPE, FHIR_JSON);
             headers.insert(CACHE_CONTROL, NO_STORE);

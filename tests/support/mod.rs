@@ -16,6 +16,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 use tokio::net::TcpListener;
 
+#[cfg(feature = "bulk")]
 pub mod bulk;
 pub mod gated;
 pub mod private_postgres;
