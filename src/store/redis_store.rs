@@ -621,18 +621,57 @@ impl JobStore for RedisStore {
     }
 
     async fn transition(&self, id: &JobId, transition: Transition<'_>) -> Result<bool, StoreError> {
-        match transition {
+        let (applied, news): (i64, bool) = match transition {
             Transition::Start {
                 instance,
                 lease_until,
-            } => self.start(id, instance, lease_until).await,
+            } => {
+                let started = START
+                    .key(self.job_key(id))
+                    .key(self.index_key(ACCEPTED))
+                    .key(self.index_key(RUNNING))
+                    .arg(id.to_string())
+                    .arg(instance)
+                    .arg(to_millis(lease_until))
+                    .invoke_async(&mut self.connection())
+                    .await;
+                // A start is nobody's news: pollers see `Running` as they saw `Accepted`.
+                (started.map_err(store_error)?, false)
+            }
             Transition::Finish {
                 outcome,
                 finished_at,
                 expires_at,
-            } => self.finish(id, outcome, finished_at, expires_at).await,
-            Transition::Progress(progress) => self.set_progress(id, progress).await,
+            } => {
+                let (state, response) = outcome_parts(&outcome);
+                let finished = FINISH
+                    .key(self.job_key(id))
+                    .key(self.index_key(ACCEPTED))
+                    .key(self.index_key(RUNNING))
+                    .key(self.index_key(EXPIRING))
+                    .arg(id.to_string())
+                    .arg(state)
+                    .arg(encode_response(response))
+                    .arg(to_millis(finished_at))
+                    .arg(to_millis(expires_at))
+                    .arg(ttl_millis(finished_at, expires_at))
+                    .invoke_async(&mut self.connection())
+                    .await;
+                (finished.map_err(store_error)?, true)
+            }
+            Transition::Progress(progress) => {
+                let changed = SET_PROGRESS
+                    .key(self.job_key(id))
+                    .arg(progress)
+                    .invoke_async(&mut self.connection())
+                    .await;
+                (changed.map_err(store_error)?, true)
+            }
+        };
+        if applied == 1 && news {
+            self.announce(&[*id]).await?;
         }
+        Ok(applied == 1)
     }
 
     async fn cancel(&self, id: &JobId, now: SystemTime) -> Result<bool, StoreError> {
@@ -764,69 +803,6 @@ impl JobStore for RedisStore {
 }
 
 impl RedisStore {
-    /// [`Transition::Start`].
-    async fn start(
-        &self,
-        id: &JobId,
-        instance: &str,
-        lease_until: SystemTime,
-    ) -> Result<bool, StoreError> {
-        let started: i64 = START
-            .key(self.job_key(id))
-            .key(self.index_key(ACCEPTED))
-            .key(self.index_key(RUNNING))
-            .arg(id.to_string())
-            .arg(instance)
-            .arg(to_millis(lease_until))
-            .invoke_async(&mut self.connection())
-            .await
-            .map_err(store_error)?;
-        Ok(started == 1)
-    }
-
-    /// [`Transition::Finish`], announced.
-    async fn finish(
-        &self,
-        id: &JobId,
-        outcome: JobOutcome,
-        finished_at: SystemTime,
-        expires_at: SystemTime,
-    ) -> Result<bool, StoreError> {
-        let (state, response) = outcome_parts(&outcome);
-        let finished: i64 = FINISH
-            .key(self.job_key(id))
-            .key(self.index_key(ACCEPTED))
-            .key(self.index_key(RUNNING))
-            .key(self.index_key(EXPIRING))
-            .arg(id.to_string())
-            .arg(state)
-            .arg(encode_response(response))
-            .arg(to_millis(finished_at))
-            .arg(to_millis(expires_at))
-            .arg(ttl_millis(finished_at, expires_at))
-            .invoke_async(&mut self.connection())
-            .await
-            .map_err(store_error)?;
-        if finished == 1 {
-            self.announce(&[*id]).await?;
-        }
-        Ok(finished == 1)
-    }
-
-    /// [`Transition::Progress`], announced when it changed anything.
-    async fn set_progress(&self, id: &JobId, progress: &str) -> Result<bool, StoreError> {
-        let changed: i64 = SET_PROGRESS
-            .key(self.job_key(id))
-            .arg(progress)
-            .invoke_async(&mut self.connection())
-            .await
-            .map_err(store_error)?;
-        if changed == 1 {
-            self.announce(&[*id]).await?;
-        }
-        Ok(changed == 1)
-    }
-
     /// The changes published on [`changes_channel`](Self::changes_channel), on a pub/sub
     /// connection of its own; `None` without a pub/sub client.
     async fn subscribe(&self) -> Result<Option<Changes>, StoreError> {
