@@ -78,7 +78,7 @@ where
 {
     let config = &shared.config;
     let runner = &shared.runner;
-    if runner.is_shutting_down() {
+    if runner.registry.is_shutting_down() {
         return Err(refuse(shutting_down(), "shutting-down"));
     }
     if config.caller.is_some() && caller.is_none() {
@@ -166,7 +166,7 @@ where
             .headers
             .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     }
-    let Some(job) = runner.register(id) else {
+    let Some(job) = runner.registry.register(id) else {
         return Err(refuse(shutting_down(), "shutting-down"));
     };
     parts.extensions.insert(JobContext::new(job.clone()));
@@ -294,7 +294,7 @@ async fn answer_in_time(
     let deadline = tokio::time::Instant::now() + wait;
     let ended = async {
         loop {
-            if runner.changes(&id).is_none() {
+            if runner.registry.changes(&id).is_none() {
                 return true;
             }
             if let (Awaited::ClientError, Some(head)) = (awaited, job.head()) {
@@ -317,7 +317,7 @@ async fn answer_in_time(
                 && job.head().is_some_and(|head| head.is_client_error()) =>
         {
             let rest =
-                async { while runner.changes(&id).is_some() && changes.changed().await.is_ok() {} };
+                async { while runner.registry.changes(&id).is_some() && changes.changed().await.is_ok() {} };
             tokio::time::timeout(shared.config.store_timeout, rest)
                 .await
                 .ok()?;

@@ -78,6 +78,7 @@ mod media;
 mod meters;
 mod outcome;
 pub mod prefer;
+mod registry;
 mod routes;
 mod runner;
 mod service;

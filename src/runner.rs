@@ -1,5 +1,5 @@
-//! Running jobs: the registry of running jobs (cancel tokens, progress), executing the inner
-//! call in the background, recording its outcome, and draining on shutdown.
+//! Running jobs: executing the inner call in the background, recording its outcome, and
+//! draining on shutdown. The table of running jobs is the [`Registry`].
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use dashmap::DashMap;
 use futures_util::FutureExt;
 use futures_util::future::Either;
 use http::{HeaderName, Request, Response, StatusCode, header};
@@ -15,7 +14,6 @@ use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use std::future::Future;
 use tokio::sync::oneshot;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
@@ -30,6 +28,7 @@ use crate::inner::Inner;
 use crate::job::{JobId, JobOutcome, JobRecord, JobState, StoredResponse};
 use crate::meters;
 use crate::outcome::{IssueCode, synthesized};
+use crate::registry::Registry;
 use crate::store::{Created, DynStore, StoreError};
 
 /// Inner response headers worth keeping with a result; the rest are hop-by-hop, recomputed,
@@ -59,16 +58,10 @@ pub(crate) struct Runner {
     pub(crate) clock: Clock,
     pub(crate) instance: Box<str>,
     pub(crate) lease: Duration,
-    running: DashMap<JobId, Arc<JobShared>>,
-    /// Long polls of jobs running on other instances, woken by the store's change stream.
-    remote: DashMap<JobId, tokio::sync::watch::Sender<u64>>,
-    /// Whether the watcher holds the store's change stream now.
-    change_push: AtomicBool,
+    /// The jobs running here, and long polls of jobs running elsewhere.
+    pub(crate) registry: Registry,
     tracker: TaskTracker,
-    shutting_down: AtomicBool,
     watcher: AtomicBool,
-    /// Parent of every job's cancel token: cancelled once, when shutdown stops what is left.
-    stop_all: CancellationToken,
 }
 
 impl Runner {
@@ -85,88 +78,9 @@ impl Runner {
             clock,
             instance: instance.into_boxed_str(),
             lease,
-            running: DashMap::new(),
-            remote: DashMap::new(),
-            change_push: AtomicBool::new(false),
+            registry: Registry::default(),
             tracker: TaskTracker::new(),
-            shutting_down: AtomicBool::new(false),
             watcher: AtomicBool::new(false),
-            stop_all: CancellationToken::new(),
-        }
-    }
-
-    /// Registers a job about to run, so a cancel arriving at any point after this finds it.
-    /// `None` once shutdown has begun: no job may start after that.
-    pub(crate) fn register(&self, id: JobId) -> Option<Arc<JobShared>> {
-        let job = JobShared::new(id, self.stop_all.child_token());
-        self.running.insert(id, job.clone());
-        // Checked after inserting, so a shutdown that begins meanwhile either sees this job or
-        // is seen here.
-        if self.is_shutting_down() {
-            self.running.remove(&id);
-            return None;
-        }
-        metrics::gauge!(meters::RUNNING).increment(1.0);
-        Some(job)
-    }
-
-    pub(crate) fn unregister(&self, id: &JobId) {
-        if self.running.remove(id).is_some() {
-            metrics::gauge!(meters::RUNNING).decrement(1.0);
-        }
-    }
-
-    /// Changes of a job running on another instance, as the store announces them; the
-    /// receiver is forgotten with [`RemoteWait`]'s drop.
-    pub(crate) fn remote_changes(&self, id: &JobId) -> tokio::sync::watch::Receiver<u64> {
-        self.remote
-            .entry(*id)
-            .or_insert_with(|| tokio::sync::watch::Sender::new(0))
-            .subscribe()
-    }
-
-    /// Drops the entry of a remote job nobody waits for any more.
-    pub(crate) fn forget_remote(&self, id: &JobId) {
-        self.remote
-            .remove_if(id, |_, sender| sender.receiver_count() == 0);
-    }
-
-    /// Wakes the long polls of a job the store announced as changed.
-    pub(crate) fn notify_remote(&self, id: &JobId) {
-        if let Some(sender) = self.remote.get(id) {
-            sender.send_modify(|n| *n = n.wrapping_add(1));
-        }
-    }
-
-    pub(crate) fn set_change_push(&self, on: bool) {
-        self.change_push.store(on, Ordering::Release);
-    }
-
-    /// Whether changes of jobs on other instances are pushed to this one now.
-    pub(crate) fn has_change_push(&self) -> bool {
-        self.change_push.load(Ordering::Acquire)
-    }
-
-    /// Changes of a job running in this process (progress, its end), for long polls.
-    pub(crate) fn changes(&self, id: &JobId) -> Option<tokio::sync::watch::Receiver<u64>> {
-        self.running.get(id).map(|job| job.changes())
-    }
-
-    /// The live progress of a job running in this process.
-    pub(crate) fn local_progress(&self, id: &JobId) -> Option<Box<str>> {
-        self.running.get(id).and_then(|job| job.progress())
-    }
-
-    /// Stops a job running in this process; its inner future is dropped, and its place under
-    /// the quotas is given back at once. `false` if it is not running here.
-    pub(crate) fn cancel_local(&self, id: &JobId) -> bool {
-        match self.running.get(id) {
-            Some(job) => {
-                job.release();
-                job.cancel.cancel();
-                true
-            }
-            None => false,
         }
     }
 
@@ -176,44 +90,15 @@ impl Runner {
         !self.watcher.load(Ordering::Acquire) && !self.watcher.swap(true, Ordering::AcqRel)
     }
 
-    /// The jobs running here that the store knows as running here.
-    pub(crate) fn started_jobs(&self) -> Vec<Arc<JobShared>> {
-        self.running
-            .iter()
-            .filter(|job| job.is_started())
-            .map(|job| job.clone())
-            .collect()
-    }
-
-    pub(crate) fn is_shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::Acquire)
-    }
-
-    pub(crate) fn running_count(&self) -> usize {
-        self.running.len()
-    }
-
     /// Refuses new jobs from now on.
     pub(crate) fn begin_shutdown(&self) {
-        self.shutting_down.store(true, Ordering::Release);
+        self.registry.begin_shutdown();
         self.tracker.close();
     }
 
     /// Waits until every spawned job has ended.
     pub(crate) async fn wait_idle(&self) {
         self.tracker.wait().await;
-    }
-
-    /// Stops every running job; each then records itself as failed. Returns how many there were.
-    pub(crate) fn stop_all(&self) -> usize {
-        let running = self.running.len();
-        self.stop_all.cancel();
-        running
-    }
-
-    /// Whether running jobs are being stopped by shutdown (rather than by their callers).
-    fn is_stopping(&self) -> bool {
-        self.stop_all.is_cancelled()
     }
 }
 
@@ -315,7 +200,7 @@ struct Registered {
 impl Drop for Registered {
     fn drop(&mut self) {
         self.job.release();
-        self.runner.unregister(&self.job.id);
+        self.runner.registry.unregister(&self.job.id);
         self.job.mark_changed();
     }
 }
@@ -378,7 +263,7 @@ async fn run<S, ReqB>(
     };
     let outcome = match outcome {
         Some(outcome) => outcome,
-        None if runner.is_stopping() => JobOutcome::Failed(synthesized(
+        None if runner.registry.is_stopping() => JobOutcome::Failed(synthesized(
             StatusCode::SERVICE_UNAVAILABLE,
             IssueCode::Transient,
             "The server shut down before this job finished; the work was stopped. Start the request again.",

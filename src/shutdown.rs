@@ -52,7 +52,7 @@ impl ShutdownHandle {
     pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
         let runner = &self.shared.runner;
         runner.begin_shutdown();
-        let running = runner.running_count();
+        let running = runner.registry.running_count();
         tracing::info!(
             running,
             grace_secs = grace.as_secs_f64(),
@@ -68,7 +68,7 @@ impl ShutdownHandle {
             };
         }
         // No job registers after `begin_shutdown`, so this counts exactly the ones left.
-        let stopped = runner.stop_all();
+        let stopped = runner.registry.stop_all();
         let recording = grace.max(Duration::from_secs(5));
         if tokio::time::timeout(recording, runner.wait_idle())
             .await
@@ -85,7 +85,7 @@ impl ShutdownHandle {
 
     /// Whether shutdown has begun.
     pub fn is_shutting_down(&self) -> bool {
-        self.shared.runner.is_shutting_down()
+        self.shared.runner.registry.is_shutting_down()
     }
 }
 

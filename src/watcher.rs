@@ -51,7 +51,7 @@ async fn run(shared: Weak<Shared>) {
             match changes.subscribe(store.changes().await, every) {
                 Some(Ok(())) => {
                     if let Some(shared) = shared.upgrade() {
-                        shared.runner.set_change_push(true);
+                        shared.runner.registry.set_change_push(true);
                     }
                 }
                 Some(Err(error)) => tracing::warn!(
@@ -66,14 +66,14 @@ async fn run(shared: Weak<Shared>) {
                 let Some(shared) = shared.upgrade() else { return };
                 match change {
                     Some(Change::Cancelled(id)) => {
-                        if shared.runner.cancel_local(&id) {
+                        if shared.runner.registry.cancel_local(&id) {
                             tracing::info!(job.id = %id, "asynchronous job cancelled through another instance; its work was stopped");
                         }
-                        shared.runner.notify_remote(&id);
+                        shared.runner.registry.notify_remote(&id);
                     }
-                    Some(change) => shared.runner.notify_remote(&change.id()),
+                    Some(change) => shared.runner.registry.notify_remote(&change.id()),
                     None => {
-                        shared.runner.set_change_push(false);
+                        shared.runner.registry.set_change_push(false);
                         changes.lost(every);
                     }
                 }
@@ -157,7 +157,7 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 async fn share_progress(shared: &Shared) {
     let runner = &shared.runner;
     let changed: Vec<_> = runner
-        .started_jobs()
+        .registry.started_jobs()
         .into_iter()
         .filter_map(|job| job.take_changed_progress().map(|text| (job, text)))
         .collect();
@@ -175,7 +175,7 @@ async fn share_progress(shared: &Shared) {
 async fn check(shared: &Shared) {
     let runner = &shared.runner;
     let now = runner.clock.now();
-    let started = runner.started_jobs();
+    let started = runner.registry.started_jobs();
     if !started.is_empty() {
         let ids: Vec<_> = started.iter().map(|job| job.id).collect();
         match runner
@@ -185,7 +185,7 @@ async fn check(shared: &Shared) {
         {
             Ok(gone) => {
                 for id in gone {
-                    if runner.cancel_local(&id) {
+                    if runner.registry.cancel_local(&id) {
                         tracing::info!(job.id = %id, "asynchronous job no longer running here (cancelled or failed elsewhere); its work was stopped");
                     }
                 }

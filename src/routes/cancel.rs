@@ -30,7 +30,7 @@ pub(super) async fn cancel(
     }
     match runner.store.cancel(&id, runner.clock.now()).await {
         Ok(true) => {
-            let stopped = runner.cancel_local(&id);
+            let stopped = runner.registry.cancel_local(&id);
             // CANCEL-5: a bulk job's files go with it.
             files::remove_job(&shared.config.bulk, &id).await;
             if let Some(polls) = &shared.polls {

@@ -70,7 +70,7 @@ pub(super) async fn status(
     }
     let progress = shared
         .runner
-        .local_progress(&record.id)
+        .registry.local_progress(&record.id)
         .or_else(|| record.progress.as_deref().map(Box::from));
     let tag = etag(&record, progress.as_deref());
     if not_modified(&parts.headers, &tag) {
@@ -177,11 +177,11 @@ async fn wait_for_change(
     let id = record.id;
     let runner = &shared.runner;
     // Subscribed before the state is looked at, so no change falls between the two.
-    let local = runner.changes(&id);
+    let local = runner.registry.changes(&id);
     let before = etag(
         &record,
         runner
-            .local_progress(&id)
+            .registry.local_progress(&id)
             .or_else(|| record.progress.as_deref().map(Box::from))
             .as_deref(),
     );
@@ -196,7 +196,7 @@ async fn wait_for_change(
         }
         // Running on another instance, and the store pushes changes: wait for its news, and
         // read the store now and then in case a notice was lost.
-        None if runner.has_change_push() => {
+        None if runner.registry.has_change_push() => {
             let wait = RemoteWait::new(runner, id);
             let mut changes = wait.changes.clone();
             // A change may have landed between the first read and the subscription.
@@ -245,7 +245,7 @@ struct RemoteWait<'a> {
 
 impl<'a> RemoteWait<'a> {
     fn new(runner: &'a crate::runner::Runner, id: JobId) -> Self {
-        let changes = runner.remote_changes(&id);
+        let changes = runner.registry.remote_changes(&id);
         Self {
             runner,
             id,
@@ -259,7 +259,7 @@ impl Drop for RemoteWait<'_> {
         // The receivers go first, so the entry is seen unused.
         let (_, placeholder) = tokio::sync::watch::channel(0);
         drop(std::mem::replace(&mut self.changes, placeholder));
-        self.runner.forget_remote(&self.id);
+        self.runner.registry.forget_remote(&self.id);
     }
 }
 
