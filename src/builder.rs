@@ -464,27 +464,14 @@ impl AsyncLayerBuilder {
         self
     }
 
-    /// Checks every setting and assembles the parts the layer shares (see
-    /// [`try_build`](Self::try_build), in `layer`, which wraps them).
-    pub(crate) fn assemble(self) -> Result<Arc<Shared>, BuildError> {
-        let (public_base, url_path) = match &self.base_url {
-            Some(url) => {
-                let (base, path) = parse_base_url(url)?;
-                (Some(base), path)
-            }
-            None => (None, String::new()),
-        };
+    /// The settings that stand alone: each within its range.
+    fn check_limits(&self) -> Result<(), BuildError> {
         if self.scheme != "http" && self.scheme != "https" {
             return Err(BuildError(format!(
                 "scheme must be `http` or `https`, not {:?}",
                 self.scheme
             )));
         }
-        let base_path = match self.base_path {
-            Some(path) => check_path(&path, "base_path", true)?,
-            None => url_path,
-        };
-        let status_path = check_path(&self.status_path, "status_path", false)?;
         for (name, value) in [
             ("body_limit", self.body_limit),
             ("result_limit", self.result_limit),
@@ -545,6 +532,25 @@ impl AsyncLayerBuilder {
                 humantime::format_duration(self.lease)
             )));
         }
+        Ok(())
+    }
+
+    /// Checks every setting and assembles the parts the layer shares (see
+    /// [`try_build`](Self::try_build), in `layer`, which wraps them).
+    pub(crate) fn assemble(self) -> Result<Arc<Shared>, BuildError> {
+        self.check_limits()?;
+        let (public_base, url_path) = match &self.base_url {
+            Some(url) => {
+                let (base, path) = parse_base_url(url)?;
+                (Some(base), path)
+            }
+            None => (None, String::new()),
+        };
+        let base_path = match self.base_path {
+            Some(path) => check_path(&path, "base_path", true)?,
+            None => url_path,
+        };
+        let status_path = check_path(&self.status_path, "status_path", false)?;
         let bulk = self.bulk.check().map_err(BuildError)?;
         let instance = match self.instance_id {
             Some(id) if id.trim().is_empty() => {
