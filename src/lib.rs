@@ -40,8 +40,9 @@
 //! - [`AsyncService`]: the wrapping service; [`RequestBody`] is the body type the wrapped service
 //!   receives, [`ResponseBody`] the one it answers with.
 //! - [`JobContext`]: inserted into replayed requests, for progress and cancellation.
-//! - [`store`]: the [`JobStore`] trait and [`MemoryStore`]; the conformance suite with the
-//!   `test-util` feature.
+//! - [`store`]: the [`JobStore`] trait, [`MemoryStore`], and [`store::DelegateStore`] for
+//!   wrapping a store; with the `test-util` feature, the conformance suite
+//!   (`store_conformance_tests!`).
 //! - [`prefer`]: RFC 7240 `Prefer` parsing.
 //! - [`ShutdownHandle`]: graceful shutdown.
 //! - [`ManifestFormat`] and the `file_store` settings of [`AsyncLayerBuilder`]: the bulk data

@@ -156,13 +156,11 @@ impl StdError for StoreError {
 ///
 /// Implementations must make [`transition`](Self::transition) and [`cancel`](Self::cancel)
 /// atomic compare-and-set operations, and must treat a record whose `expires_at` is at or
-/// before `now` as absent everywhere. The conformance suite ([`store_conformance_tests!`],
+/// before `now` as absent everywhere. The conformance suite (`store_conformance_tests!`,
 /// feature `test-util`) checks all of this.
 ///
 /// To change one operation of an existing store (count it, delay it, fail it), implement
 /// [`DelegateStore`] instead: every operation you do not write is passed on.
-///
-/// [`store_conformance_tests!`]: crate::store_conformance_tests
 pub trait JobStore: Send + Sync + 'static {
     /// Records a newly accepted job. Fails with [`StoreError::Conflict`] if the id is taken, and
     /// with [`StoreError::Full`] if the store refuses new jobs because it keeps as many finished
