@@ -316,8 +316,9 @@ async fn answer_in_time(
             if matches!(awaited, Awaited::ClientError)
                 && job.head().is_some_and(|head| head.is_client_error()) =>
         {
-            let rest =
-                async { while runner.registry.changes(&id).is_some() && changes.changed().await.is_ok() {} };
+            let rest = async {
+                while runner.registry.changes(&id).is_some() && changes.changed().await.is_ok() {}
+            };
             tokio::time::timeout(shared.config.store_timeout, rest)
                 .await
                 .ok()?;

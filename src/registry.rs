@@ -150,7 +150,10 @@ mod tests {
         assert_eq!(registry.running_count(), 1);
         assert!(registry.cancel_local(&id), "a running job is stopped");
         assert!(job.cancel.is_cancelled());
-        assert!(!registry.cancel_local(&JobId::new()), "an unknown job is not");
+        assert!(
+            !registry.cancel_local(&JobId::new()),
+            "an unknown job is not"
+        );
         registry.unregister(&id);
         assert_eq!(registry.running_count(), 0);
 

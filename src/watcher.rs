@@ -157,7 +157,8 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 async fn share_progress(shared: &Shared) {
     let runner = &shared.runner;
     let changed: Vec<_> = runner
-        .registry.started_jobs()
+        .registry
+        .started_jobs()
         .into_iter()
         .filter_map(|job| job.take_changed_progress().map(|text| (job, text)))
         .collect();

@@ -70,7 +70,8 @@ pub(super) async fn status(
     }
     let progress = shared
         .runner
-        .registry.local_progress(&record.id)
+        .registry
+        .local_progress(&record.id)
         .or_else(|| record.progress.as_deref().map(Box::from));
     let tag = etag(&record, progress.as_deref());
     if not_modified(&parts.headers, &tag) {
@@ -181,7 +182,8 @@ async fn wait_for_change(
     let before = etag(
         &record,
         runner
-            .registry.local_progress(&id)
+            .registry
+            .local_progress(&id)
             .or_else(|| record.progress.as_deref().map(Box::from))
             .as_deref(),
     );
