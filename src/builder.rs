@@ -14,7 +14,9 @@ use crate::bulk::BulkSettings;
 use crate::bulk::ManifestFormat;
 use crate::caller::{self, CallerKey};
 use crate::clock::Clock;
-use crate::config::{BulkWithoutPrefer, CompletionMode, Config, Identify, Predicate, RequestHead};
+use crate::config::{
+    BuildError, BulkWithoutPrefer, CompletionMode, Config, Identify, Predicate, RequestHead,
+};
 use crate::job::JobId;
 use crate::runner::Runner;
 use crate::state::Shared;
@@ -114,11 +116,32 @@ pub struct AsyncLayerBuilder {
     completion: CompletionMode,
     bulk: BulkSettings,
     store_timeout: Duration,
+    trusted_bases: Vec<String>,
     kickoff_wait: Duration,
     bulk_without_prefer: BulkWithoutPrefer,
 }
 
 impl AsyncLayerBuilder {
+    /// Follows links the wrapped service writes on `base` too, as those on the public base: a
+    /// bulk export's `next` links, and the status URL of an upstream that answers a job's
+    /// request asynchronously itself. The link's path below `base` is asked of the wrapped
+    /// service under its own base path. For a FHIR server behind a proxy that writes links on
+    /// its own address (GATEWAY-3). Links to any other server are never followed (the caller's
+    /// credentials would go there); each call adds a base. `base` must be an absolute `http(s)`
+    /// URL without a query.
+    ///
+    /// ```
+    /// let layer = tower_fhir_async::AsyncLayer::builder(tower_fhir_async::MemoryStore::new())
+    ///     .base_url("https://fhir.example.org/fhir")
+    ///     .follow_links_on("http://hapi.internal:8080/fhir")
+    ///     .build();
+    /// # drop(layer);
+    /// ```
+    pub fn follow_links_on(mut self, base: impl Into<String>) -> Self {
+        self.trusted_bases.push(base.into());
+        self
+    }
+
     pub(crate) fn new(store: MakeStore) -> Self {
         Self {
             store,
@@ -146,6 +169,7 @@ impl AsyncLayerBuilder {
             completion: CompletionMode::Bundle,
             bulk: BulkSettings::default(),
             store_timeout: STORE_TIMEOUT,
+            trusted_bases: Vec::new(),
             kickoff_wait: KICKOFF_WAIT,
             bulk_without_prefer: BulkWithoutPrefer::RunAsync,
         }
@@ -552,6 +576,7 @@ impl AsyncLayerBuilder {
         };
         let status_path = check_path(&self.status_path, "status_path", false)?;
         let bulk = self.bulk.check().map_err(BuildError)?;
+        let trusted_bases = check_trusted_bases(self.trusted_bases)?;
         let instance = match self.instance_id {
             Some(id) if id.trim().is_empty() => {
                 return Err(BuildError("instance_id must not be empty".to_owned()));
@@ -602,6 +627,7 @@ impl AsyncLayerBuilder {
             kickoff_wait: self.kickoff_wait,
             bulk_without_prefer: self.bulk_without_prefer,
             store_timeout: self.store_timeout,
+            trusted_bases,
         });
         let store = (self.store)(self.store_timeout);
         let runner = Arc::new(Runner::new(
@@ -620,6 +646,27 @@ impl AsyncLayerBuilder {
             polls,
         }))
     }
+}
+
+/// The bases of `follow_links_on`, checked, without trailing `/`.
+fn check_trusted_bases(bases: Vec<String>) -> Result<Vec<String>, BuildError> {
+    bases
+        .into_iter()
+        .map(|base| {
+            let absolute = base.parse::<http::Uri>().is_ok_and(|uri| {
+                matches!(uri.scheme_str(), Some("http" | "https"))
+                    && uri.authority().is_some()
+                    && uri.query().is_none()
+            });
+            if absolute {
+                Ok(base.trim_end_matches('/').to_owned())
+            } else {
+                Err(BuildError(format!(
+                    "follow_links_on must be absolute http(s) URLs without a query, not {base:?}"
+                )))
+            }
+        })
+        .collect()
 }
 
 /// The settings of the bulk data pattern, with the `bulk` feature (on by default). Without
@@ -815,18 +862,6 @@ fn check_path(path: &str, name: &str, may_be_empty: bool) -> Result<String, Buil
     }
 }
 
-/// An invalid [`AsyncLayer`](crate::AsyncLayer) configuration; the message names the setting.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BuildError(String);
-
-impl fmt::Display for BuildError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for BuildError {}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -893,6 +928,39 @@ mod tests {
             let error = error.to_string();
             assert!(error.contains(setting), "{error}");
         }
+    }
+
+    // GATEWAY-3: a trusted next-link base must be an absolute http(s) URL.
+    #[cfg(feature = "bulk")]
+    #[test]
+    fn bad_next_link_bases_are_named() {
+        for base in [
+            "hapi.internal/fhir",
+            "/fhir",
+            "ftp://h/fhir",
+            "http://h/fhir?x=1",
+        ] {
+            let Err(error) = builder().follow_links_on(base).assemble() else {
+                panic!("{base}: an invalid base was accepted");
+            };
+            assert!(error.to_string().contains("follow_links_on"), "{error}");
+        }
+        let layer = builder()
+            .follow_links_on("http://hapi.internal:8080/fhir/")
+            .assemble()
+            .unwrap();
+        assert_eq!(
+            layer.config.trusted_bases,
+            ["http://hapi.internal:8080/fhir"]
+        );
+    }
+
+    #[test]
+    fn a_lease_over_an_hour_is_named() {
+        let Err(error) = builder().lease(Duration::from_secs(7200)).assemble() else {
+            panic!("a lease of two hours was accepted");
+        };
+        assert!(error.to_string().contains("lease"), "{error}");
     }
 
     // SEC-10, SEC-11: the caller identity is digested under the configured key before anything

@@ -78,6 +78,8 @@ pub(crate) struct Config {
     pub(crate) bulk_without_prefer: BulkWithoutPrefer,
     /// The deadline of one store operation.
     pub(crate) store_timeout: Duration,
+    /// Bases whose links the layer follows like the public base's (`follow_links_on`).
+    pub(crate) trusted_bases: Vec<String>,
 }
 
 impl Config {
@@ -179,3 +181,16 @@ pub enum BulkWithoutPrefer {
     /// `400` with an OperationOutcome saying to send `Prefer: respond-async`.
     Refuse,
 }
+
+/// An invalid configuration of [`AsyncLayer`](crate::AsyncLayer) (or of the `upstream`
+/// forwarder); the message names the setting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildError(pub(crate) String);
+
+impl fmt::Display for BuildError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BuildError {}

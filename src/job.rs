@@ -181,7 +181,7 @@ impl JobState {
     }
 }
 
-/// How a job ended, as handed to [`JobStore::finish`](crate::store::JobStore::finish).
+/// How a job ended, as recorded by [`Transition::Finish`](crate::store::Transition::Finish).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobOutcome {
     /// The inner service answered.

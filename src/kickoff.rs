@@ -16,6 +16,7 @@ use crate::body::RequestBody;
 use crate::bulk::{self, export::ExportSpec};
 use crate::config::RequestHead;
 use crate::context::{JobContext, JobShared};
+use crate::encoding;
 use crate::future::add_vary_prefer;
 use crate::inner::{BytesBody, Inner};
 use crate::job::{JobId, JobKind, JobRecord, JobState};
@@ -159,6 +160,8 @@ where
     let is_get_or_head = matches!(parts.method, Method::GET | Method::HEAD);
     // PREFER-9: the inner service never sees `respond-async` or `wait`; the rest is forwarded.
     prefer::strip_async_preferences(&mut parts.headers);
+    // GATEWAY-4: the job's answer is kept or exported, never sent on as it comes.
+    encoding::ask_for_identity(&mut parts.headers);
     parts.headers.remove(header::TRANSFER_ENCODING);
     parts.headers.remove(header::EXPECT);
     if !body.is_empty() || parts.headers.contains_key(header::CONTENT_LENGTH) {

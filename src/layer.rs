@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use crate::builder::{AsyncLayerBuilder, BuildError};
+use crate::builder::AsyncLayerBuilder;
 use crate::bulk::files;
+use crate::config::BuildError;
 use crate::service::AsyncService;
 use crate::shutdown::ShutdownHandle;
 use crate::state::Shared;

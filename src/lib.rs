@@ -70,6 +70,8 @@ mod capability;
 mod clock;
 mod config;
 mod context;
+mod encoding;
+mod follow;
 mod future;
 mod inner;
 mod job;
@@ -77,6 +79,7 @@ mod kickoff;
 mod layer;
 mod media;
 mod meters;
+mod origins;
 mod outcome;
 pub mod prefer;
 mod registry;
@@ -87,6 +90,8 @@ mod shutdown;
 mod state;
 pub mod store;
 mod throttle;
+#[cfg(feature = "upstream")]
+pub mod upstream;
 mod watcher;
 
 /// A boxed error: what the layer's bodies, the wrapped service's errors and the stores' client
@@ -94,10 +99,11 @@ mod watcher;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub use body::{RequestBody, ResponseBody};
-pub use builder::{AsyncLayerBuilder, BuildError};
+pub use builder::AsyncLayerBuilder;
 #[cfg(feature = "bulk")]
 pub use bulk::ManifestFormat;
 pub use caller::caller_digest;
+pub use config::BuildError;
 pub use config::{BulkWithoutPrefer, CompletionMode, RequestHead};
 pub use context::JobContext;
 pub use future::ResponseFuture;

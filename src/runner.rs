@@ -24,9 +24,12 @@ use crate::bulk::{self, export::ExportSpec};
 use crate::clock::{Clock, later};
 use crate::config::Config;
 use crate::context::JobShared;
+use crate::encoding;
+use crate::follow;
 use crate::inner::Inner;
 use crate::job::{JobId, JobOutcome, JobRecord, JobState, StoredResponse};
 use crate::meters;
+use crate::origins::Origins;
 use crate::outcome::{IssueCode, synthesized};
 use crate::registry::Registry;
 use crate::store::{Created, DynStore, StoreError};
@@ -214,6 +217,7 @@ async fn run<S, ReqB>(
     work: Work,
 ) where
     S: Inner<ReqB>,
+    ReqB: Send + 'static,
 {
     let config = &runner.config;
     let id = job.id;
@@ -244,7 +248,7 @@ async fn run<S, ReqB>(
     let started = tokio::time::Instant::now();
     let is_bulk = matches!(work, Work::Bulk(_));
     let execution = match work {
-        Work::Interaction => Either::Left(execute(&job, inner, request, config.result_limit)),
+        Work::Interaction => Either::Left(execute(config, &job, inner, request)),
         // Boxed: an export's state is large, and an interaction job should not carry its size.
         Work::Bulk(spec) => Either::Right(Box::pin(bulk::export::execute(
             config,
@@ -381,16 +385,23 @@ fn finished(outcome: &'static str, started: tokio::time::Instant) {
     metrics::histogram!(meters::DURATION, "outcome" => outcome).record(started.elapsed());
 }
 
-/// Calls the inner service and keeps its response; every failure becomes a [`JobOutcome`].
+/// Calls the inner service and keeps its response; every failure becomes a [`JobOutcome`]. An
+/// answer the inner service runs asynchronously itself is followed to its end (GATEWAY-5).
 async fn execute<S, ReqB>(
+    config: &Config,
     job: &JobShared,
     mut inner: S,
     request: Request<RequestBody<ReqB>>,
-    result_limit: usize,
 ) -> JobOutcome
 where
     S: Inner<ReqB>,
+    ReqB: Send + 'static,
 {
+    let result_limit = config.result_limit;
+    let public_base = config
+        .public_base(request.uri(), request.headers())
+        .unwrap_or_default();
+    let (headers, extensions) = (request.headers().clone(), request.extensions().clone());
     // Waiting for readiness is part of the job: a concurrency limit around the inner service
     // queues jobs, and a cancel stops a job that is still waiting.
     let result = async move {
@@ -401,8 +412,25 @@ where
             .call(request)
             .await
             .map_err(|e| Failure::Service(e.into()))?;
-        job.set_head(response.status());
-        keep(response, result_limit).await
+        let origins = Origins::new(config, &public_base);
+        let native = match follow::Native::of(&response, &headers, &extensions, &origins) {
+            None => None,
+            Some(Ok(native)) => Some(native),
+            Some(Err(why)) => return Err(Failure::Service(BoxError::from(why))),
+        };
+        let Some(native) = native else {
+            job.set_head(response.status());
+            return keep(response, result_limit).await;
+        };
+        drop(response);
+        let cancel = native.cancel_on_drop(inner.clone());
+        let last = native
+            .poll(&mut inner, job)
+            .await
+            .map_err(Failure::Service)?;
+        cancel.disarm();
+        job.set_head(last.status());
+        keep(last, result_limit).await.map(follow::adopt)
     }
     .await;
     match result {
@@ -478,13 +506,18 @@ impl Failure {
 /// Buffers the inner response under the result limit, keeping the headers that matter.
 async fn keep<B>(response: Response<B>, limit: usize) -> Result<StoredResponse, Failure>
 where
-    B: Body<Data = Bytes>,
+    B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let (parts, body) = response.into_parts();
+    let (mut parts, body) = response.into_parts();
     if body.size_hint().lower() > limit as u64 {
         return Err(Failure::TooLarge);
     }
+    // GATEWAY-4: the limit applies to the decoded bytes.
+    let body = match encoding::decoded(&mut parts.headers, body) {
+        Ok(body) => body,
+        Err(why) => return Err(Failure::Body(BoxError::from(why))),
+    };
     let body = match Limited::new(body, limit).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(error) if error.is::<LengthLimitError>() => return Err(Failure::TooLarge),

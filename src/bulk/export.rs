@@ -8,7 +8,7 @@ use std::pin::pin;
 
 use bytes::Bytes;
 use http::header::{self, CONTENT_TYPE};
-use http::{Method, Request, Response, StatusCode, Uri};
+use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Deserialize;
@@ -23,9 +23,11 @@ use crate::bulk::select::ExportParams;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::context::JobShared;
+use crate::encoding;
 use crate::inner::Inner;
 use crate::job::{JobOutcome, StoredResponse};
 use crate::media;
+use crate::origins::Origins;
 use crate::outcome::synthesized;
 use crate::outcome::{IssueCode, operation_outcome};
 
@@ -67,10 +69,7 @@ where
         total: None,
         reported: 0,
     };
-    let origins = Origins {
-        public_base: &spec.public_base,
-        inner_base_path: &layer.base_path,
-    };
+    let origins = Origins::new(layer, &spec.public_base);
     if let Err(failure) = export.run(inner, request, &origins).await {
         return JobOutcome::Failed(failure);
     }
@@ -160,6 +159,17 @@ impl Export<'_> {
                         .await;
                 }
             };
+            // GATEWAY-4: a compressed page is read as what it encodes.
+            let (mut head, body) = response.into_parts();
+            let response = match encoding::decoded(&mut head.headers, body) {
+                Ok(body) => Response::from_parts(head, body),
+                Err(why) => {
+                    let why = format!("Page {page} of the export cannot be read: {why}.");
+                    return self
+                        .page_failed(page, StatusCode::BAD_GATEWAY, IssueCode::NotSupported, &why)
+                        .await;
+                }
+            };
             let status = response.status();
             if page == 1 {
                 self.job.set_head(status);
@@ -208,7 +218,7 @@ impl Export<'_> {
                 Format::Json => self.bundle(page, response.into_body()).await?,
             };
             let Some(link) = link else { break };
-            match origins.next_uri(&link, host.as_deref()) {
+            match origins.inner_uri(&link, host.as_deref()) {
                 // Links that lead back to a page already read would go round forever.
                 Ok(uri) if !followed.insert(hasher.hash_one(uri.to_string())) => {
                     self.error(&format!(
@@ -567,50 +577,6 @@ fn write_failed(error: &BoxError) -> StoredResponse {
     )
 }
 
-/// Where `next` links may lead.
-struct Origins<'a> {
-    /// The public base URL (`https://fhir.example.org/fhir`).
-    public_base: &'a str,
-    /// The base path as the wrapped service sees it.
-    inner_base_path: &'a str,
-}
-
-impl Origins<'_> {
-    /// The URI of a `next` link, for the wrapped service: a link under the public base is
-    /// mapped onto the inner base path; another absolute link must name the kick-off's own
-    /// host (`host`), and its path and query are used. A link to another server is not
-    /// followed: its answer would not be this server's, and the caller's credentials must not
-    /// go there.
-    fn next_uri(&self, link: &str, host: Option<&str>) -> Result<Uri, String> {
-        let invalid = || "its link is not a valid URL".to_owned();
-        let base = self.public_base;
-        if let Some(rest) = link
-            .get(..base.len())
-            .filter(|head| head.eq_ignore_ascii_case(base))
-            .map(|_| &link[base.len()..])
-            .filter(|rest| rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'))
-        {
-            let path = if rest.is_empty() || rest.starts_with('?') {
-                format!("{}/{rest}", self.inner_base_path)
-            } else {
-                format!("{}{rest}", self.inner_base_path)
-            };
-            return path.parse().map_err(|_| invalid());
-        }
-        let uri: Uri = link.parse().map_err(|_| invalid())?;
-        if let Some(theirs) = uri.authority() {
-            if !host.is_some_and(|ours| theirs.as_str().eq_ignore_ascii_case(ours)) {
-                return Err(format!("its link points to another server ({theirs})"));
-            }
-        }
-        let Some(path_and_query) = uri.path_and_query().filter(|p| p.path().starts_with('/'))
-        else {
-            return Err("its link has no absolute path".to_owned());
-        };
-        path_and_query.as_str().parse().map_err(|_| invalid())
-    }
-}
-
 /// JSON without whitespace outside strings: a pretty-printed resource as one NDJSON line.
 fn compact(json: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(json.len());
@@ -717,42 +683,6 @@ mod tests {
         assert_eq!(
             String::from_utf8(compact(pretty)).unwrap(),
             r#"{"resourceType":"Patient","name":[{"text":"A \" b\n c"}]}"#
-        );
-    }
-
-    #[test]
-    fn next_links_stay_on_this_server() {
-        let origins = Origins {
-            public_base: "https://fhir.example.org/fhir",
-            inner_base_path: "/r4",
-        };
-        let host = Some("internal:8080");
-        let next = |link: &str| origins.next_uri(link, host).map(|u| u.to_string());
-        // Under the public base: mapped onto the inner base path.
-        assert_eq!(
-            next("https://fhir.example.org/fhir/Patient?_page=2").unwrap(),
-            "/r4/Patient?_page=2"
-        );
-        assert_eq!(
-            next("HTTPS://FHIR.example.org/fhir?_page=2").unwrap(),
-            "/r4/?_page=2"
-        );
-        // The wrapped service's own view of itself.
-        assert_eq!(
-            next("http://internal:8080/r4/Patient?_page=2").unwrap(),
-            "/r4/Patient?_page=2"
-        );
-        assert_eq!(next("/r4/Patient?_page=2").unwrap(), "/r4/Patient?_page=2");
-        // Anywhere else: not followed.
-        assert!(next("https://evil.example/fhir/Patient?_page=2").is_err());
-        assert!(next("https://fhir.example.org/fhirx/Patient").is_err());
-        assert!(next("https://fhir.example.org.evil/fhir/Patient").is_err());
-        assert!(next("Patient?_page=2").is_err());
-        assert!(next("not a url").is_err());
-        assert!(
-            origins
-                .next_uri("http://internal:8080/r4/Patient", None)
-                .is_err()
         );
     }
 

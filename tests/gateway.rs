@@ -1,0 +1,428 @@
+//! Issue #13 (GATEWAY-1…4): a FHIR server that is not a tower service, behind the layer over
+//! HTTP through `upstream::Upstream`. The upstream here is a real HTTP server on its own port and
+//! base path (`/fhir/R4`), which writes absolute URLs on its own address, pages its searches with
+//! absolute `next` links, answers creates with `201` + `Location`, compresses when asked, and
+//! echoes the headers it received. Clients reach it only through the gateway's public base.
+
+#![cfg(all(feature = "upstream", feature = "bulk"))]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http::header::{HeaderName, HeaderValue};
+use http::{Method, StatusCode};
+use serde_json::{Value, json};
+use support::{TestClient, serve};
+use tower_fhir_async::upstream::Upstream;
+use tower_fhir_async::{AsyncLayer, MemoryStore};
+
+/// What the upstream saw of each request: method, path and query, headers.
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<Vec<(String, HeaderMap)>>>);
+
+impl Seen {
+    fn push(&self, what: String, headers: &HeaderMap) {
+        self.0.lock().unwrap().push((what, headers.clone()));
+    }
+
+    fn all(&self) -> Vec<(String, HeaderMap)> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+#[derive(Clone)]
+struct Upstreamed {
+    /// `http://127.0.0.1:PORT/fhir/R4`: the upstream's own base, in every URL it writes.
+    base: Arc<Mutex<String>>,
+    seen: Seen,
+}
+
+impl Upstreamed {
+    fn base(&self) -> String {
+        self.base.lock().unwrap().clone()
+    }
+}
+
+fn fhir(status: StatusCode, body: &Value) -> Response {
+    (
+        status,
+        [("content-type", "application/fhir+json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// `GET /fhir/R4/Observation?page=N`: 210 Observations, 20 a page, absolute `next` links.
+async fn search(
+    State(up): State<Upstreamed>,
+    headers: HeaderMap,
+    Query(query): Query<Vec<(String, String)>>,
+) -> Response {
+    let page: usize = query
+        .iter()
+        .find(|(k, _)| k == "page")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(1);
+    up.seen
+        .push(format!("GET /Observation?page={page}"), &headers);
+    let base = up.base();
+    let first = (page - 1) * 20;
+    let entries: Vec<Value> = (first..(first + 20).min(210))
+        .map(|n| {
+            json!({
+                "fullUrl": format!("{base}/Observation/o{n}"),
+                "resource": {"resourceType": "Observation", "id": format!("o{n}"),
+                             "subject": {"reference": format!("{base}/Patient/p{n}")},
+                             "valueQuantity": {"value": 1.50e1, "unit": "mg"}},
+                "search": {"mode": "match"}
+            })
+        })
+        .collect();
+    let mut links =
+        vec![json!({"relation": "self", "url": format!("{base}/Observation?page={page}")})];
+    if first + 20 < 210 {
+        links.push(
+            json!({"relation": "next", "url": format!("{base}/Observation?page={}", page + 1)}),
+        );
+    }
+    fhir(
+        StatusCode::OK,
+        &json!({"resourceType": "Bundle", "type": "searchset", "total": 210, "link": links, "entry": entries}),
+    )
+}
+
+/// `POST /fhir/R4/Patient`: `201` with `Location` on the upstream.
+async fn create(State(up): State<Upstreamed>, headers: HeaderMap, body: String) -> Response {
+    up.seen.push("POST /Patient".into(), &headers);
+    let base = up.base();
+    let mut patient: Value = serde_json::from_str(&body).unwrap_or_else(|_| json!({}));
+    patient["id"] = json!("new1");
+    let mut response = fhir(StatusCode::CREATED, &patient);
+    let location = format!("{base}/Patient/new1/_history/1");
+    response
+        .headers_mut()
+        .insert("location", HeaderValue::from_str(&location).unwrap());
+    response.headers_mut().insert(
+        "link",
+        HeaderValue::from_str(&format!("<{base}/Patient/new1>; rel=\"canonical\"")).unwrap(),
+    );
+    response
+}
+
+/// `GET /fhir/R4/slow`: never answers within the gateway's response timeout.
+async fn slow() -> Response {
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    fhir(StatusCode::OK, &json!({}))
+}
+
+/// `GET /fhir/R4/echo`: the headers it received, as a Parameters resource.
+async fn echo(State(up): State<Upstreamed>, headers: HeaderMap) -> Response {
+    up.seen.push("GET /echo".into(), &headers);
+    let seen: Vec<Value> = headers
+        .iter()
+        .map(|(n, v)| json!({"name": n.as_str(), "valueString": v.to_str().unwrap_or("?")}))
+        .collect();
+    fhir(
+        StatusCode::OK,
+        &json!({"resourceType": "Parameters", "parameter": seen}),
+    )
+}
+
+/// The upstream on a port of its own; its base.
+async fn start_upstream() -> (String, Seen) {
+    let up = Upstreamed {
+        base: Arc::default(),
+        seen: Seen::default(),
+    };
+    let app = Router::new()
+        .route("/fhir/R4/Observation", get(search))
+        .route("/fhir/R4/Patient", post(create))
+        .route("/fhir/R4/slow", get(slow))
+        .route("/fhir/R4/echo", get(echo))
+        .with_state(up.clone());
+    let addr = serve(app).await;
+    let base = format!("http://{addr}/fhir/R4");
+    *up.base.lock().unwrap() = base.clone();
+    (base, up.seen)
+}
+
+/// The gateway: the layer over an `Upstream`, on its own port, public base `/fhir`.
+async fn start_gateway(upstream: &str, response_timeout: Duration) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    drop(listener);
+    let public = format!("http://{addr}/fhir");
+    let forwarder = Upstream::builder(upstream)
+        .public_base(&public)
+        .response_timeout(response_timeout)
+        .header(
+            HeaderName::from_static("x-api-key"),
+            HeaderValue::from_static("fixed-upstream-credential"),
+        )
+        .build()
+        .expect("a valid upstream");
+    let layer = AsyncLayer::builder(MemoryStore::new())
+        .base_url(&public)
+        .follow_links_on(upstream)
+        .build();
+    let service = tower::ServiceBuilder::new().layer(layer).service(forwarder);
+    let app = Router::new().fallback_service(service);
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    public
+}
+
+async fn setup() -> (String, String, Seen) {
+    let (upstream, seen) = start_upstream().await;
+    let public = start_gateway(&upstream, Duration::from_secs(10)).await;
+    (upstream, public, seen)
+}
+
+// GATEWAY-1, GATEWAY-2: a search passed through the gateway names the public base everywhere
+// the upstream named its own — `fullUrl`, `link.url`, references — and nothing else changed.
+#[tokio::test]
+async fn gateway_2_a_passed_through_search_names_only_the_public_base() {
+    let (upstream, public, _) = setup().await;
+    let client = TestClient::default();
+    let reply = client.get(&format!("{public}/Observation?page=1")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    let text = String::from_utf8(reply.body.to_vec()).unwrap();
+    assert!(
+        !text.contains(&upstream),
+        "the upstream's address leaked: {text}"
+    );
+    let bundle: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        bundle["entry"][0]["fullUrl"],
+        format!("{public}/Observation/o0")
+    );
+    assert_eq!(
+        bundle["entry"][0]["resource"]["subject"]["reference"],
+        format!("{public}/Patient/p0")
+    );
+    assert_eq!(
+        bundle["link"][1]["url"],
+        format!("{public}/Observation?page=2")
+    );
+    // Byte-exact elsewhere: the number as the upstream wrote it.
+    assert!(
+        text.contains("\"value\":1.5e1") || text.contains("\"value\":15.0"),
+        "{text}"
+    );
+}
+
+// GATEWAY-1, GATEWAY-2: an async search completes with a batch-response Bundle whose resource
+// names the public base; an async create's `response.location` is on the public base too.
+#[tokio::test]
+async fn gateway_2_async_results_name_only_the_public_base() {
+    let (upstream, public, _) = setup().await;
+    let client = TestClient::default();
+    let status = client
+        .kick_off(
+            Method::GET,
+            &format!("{public}/Observation?page=1"),
+            &[],
+            "",
+        )
+        .await;
+    let done = client.poll_until_done(&status, 500).await;
+    assert_eq!(done.status, StatusCode::OK, "{done:?}");
+    let text = String::from_utf8(done.body.to_vec()).unwrap();
+    assert!(
+        !text.contains(&upstream),
+        "the upstream's address leaked: {text}"
+    );
+    let result = &done.json()["entry"][0]["resource"];
+    assert_eq!(
+        result["entry"][0]["fullUrl"],
+        format!("{public}/Observation/o0")
+    );
+
+    let status = client
+        .kick_off(
+            Method::POST,
+            &format!("{public}/Patient"),
+            &[("content-type", "application/fhir+json")],
+            r#"{"resourceType":"Patient"}"#,
+        )
+        .await;
+    let done = client.poll_until_done(&status, 500).await;
+    let entry = &done.json()["entry"][0];
+    assert_eq!(entry["response"]["status"], "201 Created", "{entry}");
+    assert_eq!(
+        entry["response"]["location"],
+        format!("{public}/Patient/new1/_history/1")
+    );
+}
+
+// GATEWAY-1, GATEWAY-3, BULK-6: a bulk export of a paged 210-resource search through the gateway
+// follows every `next` link and exports all 210, with no error file.
+#[tokio::test]
+async fn gateway_3_an_export_of_a_paged_search_exports_everything() {
+    let (upstream, public, seen) = setup().await;
+    let client = TestClient::default();
+    let status = client
+        .kick_off(
+            Method::GET,
+            &format!("{public}/Observation?_outputFormat=application/fhir%2Bndjson"),
+            &[],
+            "",
+        )
+        .await;
+    let done = client.poll_until_done(&status, 1000).await;
+    assert_eq!(done.status, StatusCode::OK, "{done:?}");
+    let manifest = done.json();
+    assert_eq!(manifest["error"], json!([]), "{manifest}");
+    assert_eq!(manifest["output"][0]["count"], 210, "{manifest}");
+    let file = client
+        .get(manifest["output"][0]["url"].as_str().unwrap())
+        .await;
+    let text = String::from_utf8(file.body.to_vec()).unwrap();
+    assert_eq!(text.lines().count(), 210);
+    assert!(
+        !text.contains(&upstream),
+        "the upstream's address leaked into the files"
+    );
+    let pages: Vec<String> = seen
+        .all()
+        .into_iter()
+        .map(|(what, _)| what)
+        .filter(|what| what.starts_with("GET /Observation"))
+        .collect();
+    assert_eq!(pages.len(), 11, "every page once: {pages:?}");
+}
+
+// GATEWAY-1: hop-by-hop headers stay on their hop; `Forwarded`/`X-Forwarded-*` say where the
+// request came in; a fixed upstream credential replaces the caller's; the caller's other
+// headers (its `Authorization`) are forwarded.
+#[tokio::test]
+async fn gateway_1_headers_are_forwarded_as_a_proxy_forwards_them() {
+    let (_, public, seen) = setup().await;
+    let client = TestClient::default();
+    let host = public
+        .strip_prefix("http://")
+        .and_then(|rest| rest.split('/').next())
+        .unwrap()
+        .to_owned();
+    let reply = client
+        .send(
+            Method::GET,
+            &format!("{public}/echo"),
+            &[
+                ("connection", "keep-alive, x-hop"),
+                ("x-hop", "only this hop"),
+                ("authorization", "Bearer caller-token"),
+                ("x-api-key", "the caller's own"),
+                ("accept-encoding", "gzip"),
+            ],
+            "",
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    let (_, headers) = seen.all().pop().expect("the upstream saw the request");
+    assert!(
+        !headers.contains_key("x-hop"),
+        "a header named by Connection was dropped"
+    );
+    assert!(!headers.contains_key("keep-alive"));
+    assert_eq!(headers["authorization"], "Bearer caller-token");
+    assert_eq!(headers["x-api-key"], "fixed-upstream-credential");
+    assert_eq!(headers["x-forwarded-host"], host.as_str());
+    assert_eq!(headers["x-forwarded-proto"], "http");
+    let forwarded = headers["forwarded"].to_str().unwrap();
+    assert!(
+        forwarded.contains(&format!("host=\"{host}\"")),
+        "{forwarded}"
+    );
+    assert!(forwarded.contains("proto=http"), "{forwarded}");
+    assert_eq!(
+        headers["accept-encoding"], "identity",
+        "bodies are mapped, so uncompressed"
+    );
+}
+
+// GATEWAY-1: `Location` and `Link` headers of a passed-through answer are on the public base.
+#[tokio::test]
+async fn gateway_2_location_and_link_headers_are_mapped() {
+    let (_, public, _) = setup().await;
+    let client = TestClient::default();
+    let reply = client
+        .send(
+            Method::POST,
+            &format!("{public}/Patient"),
+            &[("content-type", "application/fhir+json")],
+            r#"{"resourceType":"Patient"}"#,
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::CREATED);
+    assert_eq!(
+        reply.header("location"),
+        format!("{public}/Patient/new1/_history/1")
+    );
+    assert_eq!(
+        reply.header("link"),
+        format!("<{public}/Patient/new1>; rel=\"canonical\"")
+    );
+}
+
+// GATEWAY-1: an upstream that is down is a 502 OperationOutcome naming it; one that does not
+// answer in time is a 504; a path outside the public base is a 404. Never a hang, never a
+// dropped connection.
+#[tokio::test]
+async fn gateway_1_upstream_failures_are_answers() {
+    let (upstream, _) = start_upstream().await;
+    let public = start_gateway(&upstream, Duration::from_millis(300)).await;
+    let client = TestClient::default();
+    let reply = client.get(&format!("{public}/slow")).await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT, "{reply:?}");
+    reply.assert_outcome("timeout");
+
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let down = start_gateway(&format!("http://{closed}/fhir"), Duration::from_secs(5)).await;
+    let reply = client.get(&format!("{down}/Patient/1")).await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{reply:?}");
+    reply.assert_outcome("exception");
+    assert!(
+        String::from_utf8_lossy(&reply.body).contains(&closed.to_string()),
+        "names the upstream: {reply:?}"
+    );
+
+    let outside = public.replace("/fhir", "/other");
+    let reply = client.get(&format!("{outside}/Patient/1")).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND, "{reply:?}");
+    reply.assert_outcome("not-found");
+}
+
+// GATEWAY-1: settings that cannot work are refused when built, naming the setting.
+#[test]
+fn gateway_1_bad_settings_are_named() {
+    for (builder, setting) in [
+        (Upstream::builder("hapi.internal/fhir"), "upstream"),
+        (Upstream::builder("https://hapi.internal/fhir"), "https"),
+        (Upstream::builder("http://h/fhir?x=1"), "query"),
+        (
+            Upstream::builder("http://h/fhir").public_base("/fhir"),
+            "public_base",
+        ),
+        (
+            Upstream::builder("http://h/fhir").response_timeout(Duration::ZERO),
+            "response_timeout",
+        ),
+    ] {
+        let error = builder.build().expect_err(setting).to_string();
+        assert!(error.contains(setting), "{setting}: {error}");
+    }
+}
