@@ -136,6 +136,73 @@ async fn echo(State(up): State<Upstreamed>, headers: HeaderMap) -> Response {
     )
 }
 
+/// `POST /fhir/R4/$long-op` and `$hang-op`: the upstream runs them asynchronously itself,
+/// `202` + `Content-Location` on its own base.
+async fn native_kick_off(
+    State(up): State<Upstreamed>,
+    headers: HeaderMap,
+    uri: http::Uri,
+) -> Response {
+    let job = if uri.path().ends_with("$long-op") {
+        "op1"
+    } else {
+        "hang"
+    };
+    up.seen.push(format!("POST {}", uri.path()), &headers);
+    let mut response = fhir(
+        StatusCode::ACCEPTED,
+        &json!({"resourceType": "OperationOutcome", "issue": [{"severity": "information", "code": "informational"}]}),
+    );
+    response.headers_mut().insert(
+        "content-location",
+        HeaderValue::from_str(&format!("{}/_jobs/{job}", up.base())).unwrap(),
+    );
+    response
+}
+
+/// `GET /fhir/R4/_jobs/{id}`: `op1` is running for two polls, then done; `hang` never ends.
+async fn native_status(
+    State(up): State<Upstreamed>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    up.seen.push(format!("GET /_jobs/{id}"), &headers);
+    let polls = up
+        .seen
+        .all()
+        .iter()
+        .filter(|(what, _)| *what == format!("GET /_jobs/{id}"))
+        .count();
+    if id == "hang" || polls <= 2 {
+        let mut response = StatusCode::ACCEPTED.into_response();
+        response.headers_mut().insert(
+            "x-progress",
+            HeaderValue::from_str(&format!("step {polls}")).unwrap(),
+        );
+        response
+            .headers_mut()
+            .insert("retry-after", HeaderValue::from_static("0"));
+        return response;
+    }
+    fhir(
+        StatusCode::OK,
+        &json!({"resourceType": "Bundle", "type": "batch-response", "entry": [{
+            "resource": {"resourceType": "Parameters", "parameter": [{"name": "done", "valueBoolean": true}]},
+            "response": {"status": "200 OK"}
+        }]}),
+    )
+}
+
+/// `DELETE /fhir/R4/_jobs/{id}`: the upstream's own cancel.
+async fn native_cancel(
+    State(up): State<Upstreamed>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    up.seen.push(format!("DELETE /_jobs/{id}"), &headers);
+    StatusCode::ACCEPTED.into_response()
+}
+
 /// The upstream on a port of its own; its base.
 async fn start_upstream() -> (String, Seen) {
     let up = Upstreamed {
@@ -147,6 +214,12 @@ async fn start_upstream() -> (String, Seen) {
         .route("/fhir/R4/Patient", post(create))
         .route("/fhir/R4/slow", get(slow))
         .route("/fhir/R4/echo", get(echo))
+        .route("/fhir/R4/$long-op", post(native_kick_off))
+        .route("/fhir/R4/$hang-op", post(native_kick_off))
+        .route(
+            "/fhir/R4/_jobs/{id}",
+            get(native_status).delete(native_cancel),
+        )
         .with_state(up.clone());
     let addr = serve(app).await;
     let base = format!("http://{addr}/fhir/R4");
@@ -425,4 +498,70 @@ fn gateway_1_bad_settings_are_named() {
         let error = builder.build().expect_err(setting).to_string();
         assert!(error.contains(setting), "{setting}: {error}");
     }
+}
+
+// GATEWAY-5, BUNDLE-1: an upstream that answers a job's request with `202` + `Content-Location`
+// is followed: the job polls its status URL (its X-Progress shown, its Retry-After obeyed), and
+// adopts its final answer, whose batch-response is unwrapped so the client's Bundle wraps the
+// answer once.
+#[tokio::test]
+async fn gateway_5_an_upstreams_own_async_job_is_followed_to_its_answer() {
+    let (_, public, seen) = setup().await;
+    let client = TestClient::default();
+    let status = client
+        .kick_off(Method::POST, &format!("{public}/$long-op"), &[], "")
+        .await;
+    let done = client.poll_until_done(&status, 1000).await;
+    assert_eq!(done.status, StatusCode::OK, "{done:?}");
+    let entry = &done.json()["entry"][0];
+    assert_eq!(entry["response"]["status"], "200 OK", "{entry}");
+    assert_eq!(
+        entry["resource"],
+        json!({"resourceType": "Parameters", "parameter": [{"name": "done", "valueBoolean": true}]}),
+        "the upstream's answer, unwrapped once: {entry}"
+    );
+    let polls = seen
+        .all()
+        .iter()
+        .filter(|(what, _)| what == "GET /_jobs/op1")
+        .count();
+    assert_eq!(polls, 3, "two 202s, then the answer");
+}
+
+// GATEWAY-5, CANCEL-3: cancelling a job that follows an upstream's own job cancels that one too
+// (a `DELETE` of its status URL); meanwhile its `X-Progress` is the job's.
+#[tokio::test]
+async fn gateway_5_a_cancel_reaches_the_upstreams_own_job() {
+    let (_, public, seen) = setup().await;
+    let client = TestClient::default();
+    let status = client
+        .kick_off(Method::POST, &format!("{public}/$hang-op"), &[], "")
+        .await;
+    let polled = |seen: &Seen| {
+        seen.all()
+            .iter()
+            .filter(|(w, _)| w == "GET /_jobs/hang")
+            .count()
+    };
+    support::within("the upstream's status URL is polled twice", async {
+        while polled(&seen) < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let running = client.get(&status).await;
+    assert_eq!(running.status, StatusCode::ACCEPTED);
+    assert!(
+        running.header("x-progress").starts_with("step "),
+        "the upstream's progress: {running:?}"
+    );
+    let cancelled = client.delete(&status).await;
+    assert_eq!(cancelled.status, StatusCode::ACCEPTED, "{cancelled:?}");
+    support::within("the upstream's job is cancelled", async {
+        while !seen.all().iter().any(|(w, _)| w == "DELETE /_jobs/hang") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    support::assert_not_found(&client.get(&status).await, "the cancelled job");
 }

@@ -123,3 +123,42 @@ async fn gateway_2_an_async_search_names_only_the_gateway() {
     assert_eq!(page.status, StatusCode::OK, "{page:?}");
     assert_eq!(page.json()["resourceType"], "Bundle");
 }
+
+// GATEWAY-5, BULK-1…BULK-13: the demo runs `$export` asynchronously itself (it answers the
+// gateway's replay with `202` + `Content-Location`); the gateway's job follows it to its manifest
+// and copies its files, so a client of the gateway gets the demo's export, on the gateway's URLs.
+#[tokio::test]
+async fn gateway_5_an_upstreams_own_export_is_followed_and_copied() {
+    let demo = Demo::start(&["--patients", "40", "--min-poll-interval", "off"]);
+    let public = gateway(&demo.base).await;
+    let client = TestClient::default();
+    let query = "Patient/$export?_type=Patient";
+
+    let direct = client
+        .kick_off(Method::GET, &format!("{}/{query}", demo.base), &[], "")
+        .await;
+    let direct = client.poll_until_done(&direct, 2000).await;
+    assert_eq!(direct.status, StatusCode::OK, "{direct:?}");
+    let direct = exported(&client, &direct.json()).await;
+
+    let through = client
+        .kick_off(Method::GET, &format!("{public}/{query}"), &[], "")
+        .await;
+    let done = client.poll_until_done(&through, 2000).await;
+    assert_eq!(done.status, StatusCode::OK, "{done:?}\n{}", demo.log_tail());
+    let manifest = done.json();
+    let text = manifest.to_string();
+    assert!(
+        !text.contains(&demo.base),
+        "the demo's address leaked: {text}"
+    );
+    assert!(
+        manifest["output"][0]["url"]
+            .as_str()
+            .is_some_and(|url| url.starts_with(&public)),
+        "{manifest}"
+    );
+    let through = exported(&client, &manifest).await;
+    assert_eq!(direct.len(), 40, "the demo's own export");
+    assert_eq!(through, direct, "the same resources, byte for byte");
+}

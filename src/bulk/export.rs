@@ -24,6 +24,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::context::JobShared;
 use crate::encoding;
+use crate::follow;
 use crate::inner::Inner;
 use crate::job::{JobOutcome, StoredResponse};
 use crate::media;
@@ -58,6 +59,7 @@ pub(crate) async fn execute<S, ReqB>(
 ) -> JobOutcome
 where
     S: Inner<ReqB>,
+    ReqB: Send + 'static,
 {
     let config = &layer.bulk;
     // BULK-9: the time the query runs; the wrapped service answers from here on.
@@ -122,6 +124,7 @@ impl Export<'_> {
     ) -> Result<(), StoredResponse>
     where
         S: Inner<ReqB>,
+        ReqB: Send + 'static,
     {
         // Later pages are GETs with the kick-off's headers (its credentials) and extensions.
         let mut headers = request.headers().clone();
@@ -159,6 +162,35 @@ impl Export<'_> {
                         .await;
                 }
             };
+            // GATEWAY-5: a wrapped service that runs the export itself (`202` + `Content-Location`)
+            // is followed to its manifest, and its files are copied in.
+            if page == 1 {
+                match follow::Native::of(&response, &headers, &extensions, origins) {
+                    None => {}
+                    Some(Ok(native)) => {
+                        drop(response);
+                        let followed = self
+                            .adopt_native(
+                                native,
+                                inner,
+                                origins,
+                                host.as_deref(),
+                                &headers,
+                                &extensions,
+                            )
+                            .await;
+                        self.report();
+                        return followed;
+                    }
+                    Some(Err(why)) => {
+                        return Err(synthesized(
+                            StatusCode::BAD_GATEWAY,
+                            IssueCode::Exception,
+                            &why,
+                        ));
+                    }
+                }
+            }
             // GATEWAY-4: a compressed page is read as what it encodes.
             let (mut head, body) = response.into_parts();
             let response = match encoding::decoded(&mut head.headers, body) {
@@ -241,6 +273,108 @@ impl Export<'_> {
             }
         }
         self.report();
+        Ok(())
+    }
+
+    /// Follows the wrapped service's own asynchronous export to its manifest (polling its
+    /// status URL, cancelling it if this job is cancelled) and copies every file it lists, output
+    /// and error, into this export's files, as NDJSON pages (GATEWAY-5).
+    async fn adopt_native<S, ReqB>(
+        &mut self,
+        native: follow::Native,
+        mut inner: S,
+        origins: &Origins<'_>,
+        host: Option<&str>,
+        headers: &http::HeaderMap,
+        extensions: &http::Extensions,
+    ) -> Result<(), StoredResponse>
+    where
+        S: Inner<ReqB>,
+        ReqB: Send + 'static,
+    {
+        let cancel = native.cancel_on_drop(inner.clone());
+        let last = native.poll(&mut inner, self.job).await.map_err(|error| {
+            synthesized(
+                StatusCode::BAD_GATEWAY,
+                IssueCode::Exception,
+                &format!("Following the FHIR server's own export failed: {error}"),
+            )
+        })?;
+        cancel.disarm();
+        self.job.set_head(last.status());
+        if !last.status().is_success() {
+            return Err(upstream_failure(last, self.line_limit).await);
+        }
+        let (mut head, body) = last.into_parts();
+        let body = encoding::decoded(&mut head.headers, body)
+            .map_err(|why| synthesized(StatusCode::BAD_GATEWAY, IssueCode::NotSupported, &why))?;
+        let body = match Limited::new(body, self.line_limit).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(error) => {
+                return Err(synthesized(
+                    StatusCode::BAD_GATEWAY,
+                    IssueCode::Exception,
+                    &format!("The FHIR server's export manifest could not be read: {error}"),
+                ));
+            }
+        };
+        let manifest: NativeManifest = serde_json::from_slice(&body).map_err(|error| {
+            synthesized(
+                StatusCode::BAD_GATEWAY,
+                IssueCode::Exception,
+                &format!("The FHIR server's export completed without a readable manifest: {error}"),
+            )
+        })?;
+        for file in manifest.output.iter().chain(&manifest.error) {
+            let uri = match origins.inner_uri(&file.url, host) {
+                Ok(uri) => uri,
+                Err(why) => {
+                    self.error(&format!(
+                        "A file of the FHIR server's export cannot be fetched: {why}; it is left out."
+                    ))
+                    .await?;
+                    continue;
+                }
+            };
+            let mut request = Request::new(RequestBody::buffered(Bytes::new()));
+            *request.uri_mut() = uri;
+            *request.headers_mut() = headers.clone();
+            request.headers_mut().insert(
+                header::ACCEPT,
+                http::HeaderValue::from_static("application/fhir+ndjson"),
+            );
+            *request.extensions_mut() = extensions.clone();
+            let response = match call(&mut inner, request).await {
+                Ok(response) if response.status().is_success() => response,
+                Ok(response) => {
+                    let status = response.status();
+                    self.error(&format!(
+                        "A file of the FHIR server's export ({}) answered {status}; it is left out.",
+                        file.kind
+                    ))
+                    .await?;
+                    continue;
+                }
+                Err(error) => {
+                    self.error(&format!(
+                        "A file of the FHIR server's export ({}) could not be fetched: {error}; it is left out.",
+                        file.kind
+                    ))
+                    .await?;
+                    continue;
+                }
+            };
+            let (mut head, body) = response.into_parts();
+            match encoding::decoded(&mut head.headers, body) {
+                Ok(body) => self.lines(body).await?,
+                Err(why) => {
+                    self.error(&format!(
+                        "A file of the FHIR server's export cannot be read: {why}."
+                    ))
+                    .await?
+                }
+            }
+        }
         Ok(())
     }
 
@@ -600,6 +734,22 @@ fn compact(json: &[u8]) -> Vec<u8> {
         }
     }
     out
+}
+
+/// The part of a wrapped service's own bulk manifest the layer reads (BULK-12).
+#[derive(Deserialize)]
+struct NativeManifest {
+    #[serde(default)]
+    output: Vec<NativeFile>,
+    #[serde(default)]
+    error: Vec<NativeFile>,
+}
+
+#[derive(Deserialize)]
+struct NativeFile {
+    #[serde(rename = "type", default)]
+    kind: String,
+    url: String,
 }
 
 /// The fields read of every resource.
