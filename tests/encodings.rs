@@ -4,6 +4,8 @@
 //! socket, with a client that asks for gzip (as curl `--compressed`, Python requests and
 //! browsers do).
 
+#[path = "support/demo.rs"]
+mod demo;
 mod support;
 
 use std::sync::{Arc, Mutex};
@@ -241,4 +243,67 @@ async fn gateway_4_an_unknown_encoding_fails_the_job_clearly() {
         .unwrap_or_default()
         .to_owned();
     assert!(diagnostics.contains("zstd"), "{diagnostics}");
+}
+
+// GATEWAY-4: the demo run with `--compress` (gzip inside its async layer, as a FHIR server with
+// its own compression has it) compresses a gzip client's synchronous answers, while that client's
+// async read and bulk export still complete with plain JSON and NDJSON.
+#[tokio::test]
+async fn gateway_4_a_server_compressing_inside_the_layer_still_gives_json_results() {
+    let demo = demo::Demo::start(&[
+        "--compress",
+        "--patients",
+        "12",
+        "--min-poll-interval",
+        "off",
+    ]);
+    let client = TestClient::default();
+    let direct = client
+        .send(
+            Method::GET,
+            &format!("{}/Patient?_count=5", demo.base),
+            &[GZIP_CLIENT],
+            "",
+        )
+        .await;
+    assert_eq!(direct.status, StatusCode::OK, "{direct:?}");
+    assert_eq!(
+        direct.header("content-encoding"),
+        "gzip",
+        "the flag compresses"
+    );
+
+    let status = client
+        .kick_off(
+            Method::GET,
+            &format!("{}/Patient?_count=5", demo.base),
+            &[GZIP_CLIENT],
+            "",
+        )
+        .await;
+    let done = client.poll_until_done(&status, 2000).await;
+    assert_eq!(done.status, StatusCode::OK, "{done:?}");
+    let search = &done.json()["entry"][0]["resource"];
+    assert_eq!(
+        search["resourceType"], "Bundle",
+        "plain JSON, not compressed bytes: {search}"
+    );
+    assert_eq!(search["entry"].as_array().map(Vec::len), Some(5));
+
+    let status = client
+        .kick_off(
+            Method::GET,
+            &format!(
+                "{}/Patient?_outputFormat=application/fhir%2Bndjson",
+                demo.base
+            ),
+            &[GZIP_CLIENT],
+            "",
+        )
+        .await;
+    let done = client.poll_until_done(&status, 2000).await;
+    assert_eq!(done.status, StatusCode::OK, "{done:?}");
+    let manifest = done.json();
+    assert_eq!(manifest["error"], json!([]), "{manifest}");
+    assert_eq!(manifest["output"][0]["count"], 12, "{manifest}");
 }

@@ -565,3 +565,73 @@ async fn gateway_5_a_cancel_reaches_the_upstreams_own_job() {
     .await;
     support::assert_not_found(&client.get(&status).await, "the cancelled job");
 }
+
+// GATEWAY-1: with `http2(true)` the forwarder speaks HTTP/2 (prior knowledge) to an upstream that
+// speaks only HTTP/2; answers are mapped as over HTTP/1.1.
+#[tokio::test]
+async fn gateway_1_http2_upstreams_are_spoken_to_in_http2() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let base = format!("http://{addr}/fhir");
+    let versions: Arc<Mutex<Vec<http::Version>>> = Arc::default();
+    {
+        let (base, versions) = (base.clone(), versions.clone());
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let (base, versions) = (base.clone(), versions.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |request: http::Request<hyper::body::Incoming>| {
+                            versions.lock().unwrap().push(request.version());
+                            let body = json!({"resourceType": "Patient", "id": "1",
+                                          "link": [{"other": {"reference": format!("{base}/Patient/2")}}]});
+                            async move {
+                                let mut response = http::Response::new(http_body_util::Full::new(
+                                    bytes::Bytes::from(body.to_string()),
+                                ));
+                                response.headers_mut().insert(
+                                    "content-type",
+                                    HeaderValue::from_static("application/fhir+json"),
+                                );
+                                Ok::<_, std::convert::Infallible>(response)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let public = format!("http://{}/fhir", listener.local_addr().unwrap());
+    let forwarder = Upstream::builder(&base)
+        .public_base(&public)
+        .http2(true)
+        .build()
+        .unwrap();
+    let service = tower::ServiceBuilder::new()
+        .layer(
+            AsyncLayer::builder(MemoryStore::new())
+                .base_url(&public)
+                .build(),
+        )
+        .service(forwarder);
+    tokio::spawn(async move {
+        axum::serve(listener, Router::new().fallback_service(service))
+            .await
+            .unwrap()
+    });
+    let client = TestClient::default();
+    let reply = client.get(&format!("{public}/Patient/1")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(
+        reply.json()["link"][0]["other"]["reference"],
+        format!("{public}/Patient/2")
+    );
+    assert_eq!(*versions.lock().unwrap(), [http::Version::HTTP_2]);
+}

@@ -21,6 +21,9 @@ FLAGS:
                           --features redis) or `postgres://USER@HOST/DB` (--features postgres)
     --files DIR           keep bulk export files in folder DIR (created if missing) instead of
                           memory; give servers that share a --store the same DIR
+    --compress            gzip the FHIR answers for clients that accept gzip, with the
+                          compression inside the async layer (as a server with its own
+                          compression would have it)
     --auth                require `Authorization: Bearer <token>` on every request (any token;
                           a stand-in for real verification), and bind each async job to the
                           client that started it (another client polling or cancelling it
@@ -59,6 +62,8 @@ pub(crate) struct Options {
     pub(crate) base_url: Option<String>,
     pub(crate) patients: usize,
     pub(crate) auth: bool,
+    /// Gzip the FHIR routes' answers for clients that accept it, inside the async layer.
+    pub(crate) compress: bool,
     pub(crate) reindex: Duration,
     pub(crate) store: StoreChoice,
     /// Where bulk export files go; `None`: in memory.
@@ -137,6 +142,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, U
         base_url: None,
         patients: 1000,
         auth: false,
+        compress: false,
         reindex: Duration::from_secs(10),
         store: StoreChoice::Memory,
         files: None,
@@ -199,6 +205,12 @@ pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, U
                     return Err(UsageError("--auth takes no value".into()));
                 }
                 options.auth = true;
+            }
+            "--compress" => {
+                if inline.is_some() {
+                    return Err(UsageError("--compress takes no value".into()));
+                }
+                options.compress = true;
             }
             "--reindex-secs" => {
                 let raw = value("N")?;

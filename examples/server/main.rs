@@ -17,6 +17,7 @@ mod auth;
 mod batch;
 mod capability;
 mod cli;
+mod compress;
 mod connections;
 mod data;
 mod db;
@@ -200,7 +201,15 @@ async fn main() -> ExitCode {
     // Layers added later wrap the earlier ones: the async layer sits directly around the FHIR
     // routes, authentication outside it (so polls and cancels are authenticated too, and the
     // caller id reaches replayed requests), and the access log outermost.
-    let router = routes::router(app).layer(layer);
+    let router = routes::router(app);
+    // Compression inside the async layer, as a FHIR server with its own would have it: jobs
+    // still get plain JSON (the layer asks for identity).
+    let router = if options.compress {
+        router.layer(middleware::from_fn(compress::gzip))
+    } else {
+        router
+    };
+    let router = router.layer(layer);
     let router = if options.auth {
         router.layer(middleware::from_fn(auth::require_bearer))
     } else {

@@ -116,6 +116,7 @@ impl Upstream {
             response_timeout: Duration::from_secs(60),
             headers: Vec::new(),
             pool_idle_timeout: Duration::from_secs(90),
+            http2: false,
         }
     }
 
@@ -135,6 +136,7 @@ pub struct UpstreamBuilder {
     response_timeout: Duration,
     headers: Vec<(HeaderName, HeaderValue)>,
     pool_idle_timeout: Duration,
+    http2: bool,
 }
 
 impl UpstreamBuilder {
@@ -166,6 +168,14 @@ impl UpstreamBuilder {
     /// forwarded as it came.
     pub fn header(mut self, name: HeaderName, value: HeaderValue) -> Self {
         self.headers.push((name, value));
+        self
+    }
+
+    /// Speaks HTTP/2 to the upstream (cleartext, with prior knowledge: the upstream must accept
+    /// HTTP/2 without an upgrade), every request multiplexed on few connections. Default:
+    /// HTTP/1.1.
+    pub fn http2(mut self, on: bool) -> Self {
+        self.http2 = on;
         self
     }
 
@@ -246,6 +256,7 @@ impl UpstreamBuilder {
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(self.pool_idle_timeout)
+            .http2_only(self.http2)
             .build(connector);
         Ok(Upstream {
             shared: Arc::new(Shared {
@@ -377,6 +388,7 @@ impl Shared {
             );
         };
         parts.uri = uri;
+        // The client picks the version it speaks to the upstream.
         parts.version = http::Version::HTTP_11;
         let headers = &mut parts.headers;
         remove_hop_by_hop(headers);
@@ -434,7 +446,10 @@ impl Shared {
                 .headers
                 .get(&name)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| rewrite::map_url(v, &self.base, public))
+                .and_then(|v| {
+                    rewrite::map_url(v, &self.base, public)
+                        .or_else(|| rewrite::map_path(v, &self.path, public))
+                })
                 .and_then(|v| HeaderValue::from_str(&v).ok());
             if let Some(mapped) = mapped {
                 parts.headers.insert(name, mapped);

@@ -156,6 +156,21 @@ pub(crate) fn map_url(value: &str, from: &str, to: &str) -> Option<String> {
     Some(format!("{}{rest}", to.trim_end_matches('/')))
 }
 
+/// `value`, an absolute path (`/Patient/1`, as some servers write `Location`), made an absolute
+/// URL on `to` when it lies under the upstream's base path `path` (`""` for a server at the
+/// root); `None` otherwise (a relative reference, or another path).
+pub(crate) fn map_path(value: &str, path: &str, to: &str) -> Option<String> {
+    if !value.starts_with('/') || value.starts_with("//") {
+        return None;
+    }
+    let path = path.trim_end_matches('/');
+    let rest = value.strip_prefix(path)?;
+    if !(rest.is_empty() || rest.starts_with(['/', '?', '#'])) {
+        return None;
+    }
+    Some(format!("{}{rest}", to.trim_end_matches('/')))
+}
+
 /// A `Link` header value with every `<url>` on the `from` base mapped to `to`; `None` when
 /// nothing changed.
 pub(crate) fn map_link(value: &str, from: &str, to: &str) -> Option<String> {
@@ -274,5 +289,17 @@ mod tests {
             ))
         );
         assert_eq!(map_link("<http://other/x>; rel=next", FROM, TO), None);
+        // An absolute path under the upstream's base path (a server at the root: any path).
+        assert_eq!(
+            map_path("/fhir/R4/Patient/1", "/fhir/R4", TO).as_deref(),
+            Some(&*format!("{TO}/Patient/1"))
+        );
+        assert_eq!(
+            map_path("/Patient/1/_history/1", "", TO).as_deref(),
+            Some(&*format!("{TO}/Patient/1/_history/1"))
+        );
+        assert_eq!(map_path("/other/Patient/1", "/fhir/R4", TO), None);
+        assert_eq!(map_path("Patient/1", "", TO), None);
+        assert_eq!(map_path("//evil.example/x", "", TO), None);
     }
 }
