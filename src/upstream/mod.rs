@@ -292,6 +292,10 @@ where
     }
 }
 
+/// Mapped answers up to this size (by their `Content-Length`) are mapped whole and keep a
+/// `Content-Length`; larger ones, and those without a length, are mapped as they stream.
+const WHOLE_BODY: usize = 64 * 1024;
+
 /// The headers that belong to one connection, never forwarded (RFC 9110 §7.6.1), besides those
 /// a `Connection` header names.
 const HOP_BY_HOP: [&str; 9] = [
@@ -407,7 +411,7 @@ impl Shared {
         let request = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
         let answer = tokio::time::timeout(self.response_timeout, self.client.request(request));
         match answer.await {
-            Ok(Ok(response)) => self.answer(response, &public_base),
+            Ok(Ok(response)) => self.answer(response, &public_base).await,
             Ok(Err(error)) => {
                 let why = if error.is_connect() {
                     format!(
@@ -438,7 +442,7 @@ impl Shared {
     }
 
     /// The upstream's answer, its URLs on the public base.
-    fn answer(&self, response: Response<Incoming>, public: &str) -> Response<UpstreamBody> {
+    async fn answer(&self, response: Response<Incoming>, public: &str) -> Response<UpstreamBody> {
         let (mut parts, body) = response.into_parts();
         remove_hop_by_hop(&mut parts.headers);
         for name in [LOCATION, CONTENT_LOCATION] {
@@ -485,8 +489,38 @@ impl Shared {
         }
         match encoding::decoded(&mut parts.headers, body) {
             Ok(decoded) => {
+                let declared = parts
+                    .headers
+                    .get(CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<usize>().ok());
                 parts.headers.remove(CONTENT_LENGTH);
-                let rewriter = Rewriter::new(&self.base, public);
+                let mut rewriter = Rewriter::new(&self.base, public);
+                // A small body is mapped whole, so the client still gets a Content-Length (no
+                // chunked framing); a large one streams, its memory bounded.
+                if let Some(declared) = declared.filter(|length| *length <= WHOLE_BODY) {
+                    let limited = http_body_util::Limited::new(decoded, WHOLE_BODY.max(declared));
+                    return match limited.collect().await {
+                        Ok(collected) => {
+                            let plain = collected.to_bytes();
+                            let mut out = Vec::with_capacity(plain.len() + 64);
+                            rewriter.push(&plain, &mut out);
+                            rewriter.finish(&mut out);
+                            parts
+                                .headers
+                                .insert(CONTENT_LENGTH, HeaderValue::from(out.len()));
+                            Response::from_parts(parts, UpstreamBody::full(Bytes::from(out)))
+                        }
+                        Err(error) => synthesized(
+                            StatusCode::BAD_GATEWAY,
+                            IssueCode::Exception,
+                            &format!(
+                                "Reading the answer of the FHIR server at {} failed: {error}",
+                                self.base
+                            ),
+                        ),
+                    };
+                }
                 Response::from_parts(parts, UpstreamBody::mapped(decoded, rewriter))
             }
             Err(why) => synthesized(
