@@ -12,34 +12,11 @@ mod demo;
 mod support;
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 
-use axum::Router;
 use demo::Demo;
 use http::{Method, StatusCode};
 use serde_json::Value;
 use support::TestClient;
-use tower_fhir_async::upstream::Upstream;
-use tower_fhir_async::{AsyncLayer, MemoryStore};
-
-/// The gateway in front of `upstream`, public base `http://127.0.0.1:PORT/api`.
-async fn gateway(upstream: &str) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr: SocketAddr = listener.local_addr().unwrap();
-    let public = format!("http://{addr}/api");
-    let forwarder = Upstream::builder(upstream)
-        .public_base(&public)
-        .build()
-        .expect("a valid upstream");
-    let layer = AsyncLayer::builder(MemoryStore::new())
-        .base_url(&public)
-        .follow_links_on(upstream)
-        .build();
-    let app = Router::new()
-        .fallback_service(tower::ServiceBuilder::new().layer(layer).service(forwarder));
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    public
-}
 
 /// The lines of every file of a completed export's manifest, sorted.
 async fn exported(client: &TestClient, manifest: &Value) -> BTreeSet<String> {
@@ -63,7 +40,7 @@ async fn exported(client: &TestClient, manifest: &Value) -> BTreeSet<String> {
 #[tokio::test]
 async fn gateway_3_an_export_through_the_gateway_equals_the_upstreams_own() {
     let demo = Demo::start(&["--patients", "130", "--min-poll-interval", "off"]);
-    let public = gateway(&demo.base).await;
+    let public = support::gateway::start(&demo.base, "/api").await;
     let client = TestClient::default();
     let query = "Patient?_count=25&_outputFormat=application/fhir%2Bndjson";
 
@@ -97,7 +74,7 @@ async fn gateway_3_an_export_through_the_gateway_equals_the_upstreams_own() {
 #[tokio::test]
 async fn gateway_2_an_async_search_names_only_the_gateway() {
     let demo = Demo::start(&["--patients", "30", "--min-poll-interval", "off"]);
-    let public = gateway(&demo.base).await;
+    let public = support::gateway::start(&demo.base, "/api").await;
     let client = TestClient::default();
     let status = client
         .kick_off(Method::GET, &format!("{public}/Patient?_count=10"), &[], "")
@@ -130,7 +107,7 @@ async fn gateway_2_an_async_search_names_only_the_gateway() {
 #[tokio::test]
 async fn gateway_5_an_upstreams_own_export_is_followed_and_copied() {
     let demo = Demo::start(&["--patients", "40", "--min-poll-interval", "off"]);
-    let public = gateway(&demo.base).await;
+    let public = support::gateway::start(&demo.base, "/api").await;
     let client = TestClient::default();
     let query = "Patient/$export?_type=Patient";
 

@@ -10,16 +10,12 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use axum::Router;
 use http::{Method, StatusCode};
 use serde_json::Value;
 use support::{TestClient, free_port, within};
-use tower_fhir_async::upstream::Upstream;
-use tower_fhir_async::{AsyncLayer, MemoryStore};
 
 /// The FHIRStarter example server on a free port; killed when dropped.
 struct FhirStarter {
@@ -84,32 +80,13 @@ impl Drop for FhirStarter {
     }
 }
 
-/// The gateway in front of `upstream`, public base `http://127.0.0.1:PORT/fhir`.
-async fn gateway(upstream: &str) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr: SocketAddr = listener.local_addr().unwrap();
-    let public = format!("http://{addr}/fhir");
-    let forwarder = Upstream::builder(upstream)
-        .public_base(&public)
-        .build()
-        .expect("a valid upstream");
-    let layer = AsyncLayer::builder(MemoryStore::new())
-        .base_url(&public)
-        .follow_links_on(upstream)
-        .build();
-    let app = Router::new()
-        .fallback_service(tower::ServiceBuilder::new().layer(layer).service(forwarder));
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    public
-}
-
 // GATEWAY-1, GATEWAY-2, BUNDLE-1: async creates through the gateway run on FHIRStarter; each
 // result's `response.location` is an absolute URL on the gateway (FHIRStarter writes a relative
 // path); an async search finds them; a bulk export of the search exports exactly them.
 #[tokio::test]
 async fn gateway_7_a_third_party_server_gets_the_async_patterns() {
     let upstream = FhirStarter::start().await;
-    let public = gateway(&upstream.base).await;
+    let public = support::gateway::start(&upstream.base, "/fhir").await;
     let client = TestClient::default();
     let family = format!("Gateway{}", free_port());
 

@@ -19,6 +19,8 @@ use tokio::net::TcpListener;
 #[cfg(feature = "bulk")]
 pub mod bulk;
 pub mod gated;
+#[cfg(feature = "upstream")]
+pub mod gateway;
 pub mod private_postgres;
 pub mod private_redis;
 
