@@ -12,6 +12,10 @@ use crate::admission::Admission;
 use crate::job::JobId;
 
 /// The longest `X-Progress` text sent, in characters (STATUS-4: under 100).
+/// The `X-Progress` header a job's progress is shown in (STATUS-4), and read from an upstream
+/// that runs the job itself.
+pub(crate) const X_PROGRESS: http::HeaderName = http::HeaderName::from_static("x-progress");
+
 const MAX_PROGRESS_CHARS: usize = 99;
 
 /// Inserted into the extensions of every request a job replays to the inner service.

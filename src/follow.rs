@@ -8,15 +8,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_LOCATION, CONTENT_TYPE, HOST, LOCATION, RETRY_AFTER};
-use http::{
-    Extensions, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri,
-};
+use http::{Extensions, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use serde::Deserialize;
 
 use crate::BoxError;
 use crate::body::RequestBody;
-use crate::context::JobShared;
-use crate::inner::Inner;
+use crate::context::{JobShared, X_PROGRESS};
+use crate::inner::{self, Inner};
 use crate::job::StoredResponse;
 use crate::media;
 use crate::origins::Origins;
@@ -29,9 +27,6 @@ const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The shortest wait between two polls.
 const MIN_INTERVAL: Duration = Duration::from_millis(100);
-
-/// The `X-Progress` header (STATUS-4).
-const X_PROGRESS: HeaderName = HeaderName::from_static("x-progress");
 
 /// An upstream's asynchronous job, as the layer follows it.
 pub(crate) struct Native {
@@ -97,13 +92,7 @@ impl Native {
         S: Inner<ReqB>,
     {
         loop {
-            std::future::poll_fn(|cx| inner.poll_ready(cx))
-                .await
-                .map_err(Into::into)?;
-            let response = inner
-                .call(self.request(Method::GET))
-                .await
-                .map_err(Into::into)?;
+            let response = inner::call(inner, self.request(Method::GET)).await?;
             if response.status() != StatusCode::ACCEPTED {
                 return Ok(response);
             }
@@ -169,18 +158,13 @@ where
         };
         let target = request.uri().clone();
         runtime.spawn(async move {
-            let sent = async {
-                std::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
-                inner.call(request).await
-            };
-            match tokio::time::timeout(MAX_INTERVAL, sent).await {
+            match tokio::time::timeout(MAX_INTERVAL, inner::call(&mut inner, request)).await {
                 Ok(Ok(response)) => tracing::info!(
                     status = response.status().as_u16(),
                     upstream = %target,
                     "the upstream's asynchronous job was cancelled with its job here"
                 ),
                 Ok(Err(error)) => {
-                    let error: BoxError = error.into();
                     tracing::warn!(%error, upstream = %target, "cancelling the upstream's asynchronous job failed");
                 }
                 Err(_) => tracing::warn!(
@@ -303,6 +287,8 @@ pub(crate) fn adopt(result: StoredResponse) -> StoredResponse {
 
 #[cfg(test)]
 mod tests {
+    use http::HeaderName;
+
     use super::*;
 
     fn stored(status: StatusCode, body: &str) -> StoredResponse {

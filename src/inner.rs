@@ -51,3 +51,17 @@ where
 {
     type ResBody = ResB;
 }
+
+/// Waits for `inner` to be ready, then calls it with `request`; either error, boxed. Jobs call
+/// the wrapped service this way: waiting for readiness is part of the job (a concurrency limit
+/// around the service queues jobs, and a cancel stops a job that is still waiting).
+pub(crate) async fn call<S, R, ResB>(inner: &mut S, request: R) -> Result<Response<ResB>, BoxError>
+where
+    S: Service<R, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+{
+    std::future::poll_fn(|cx| inner.poll_ready(cx))
+        .await
+        .map_err(Into::into)?;
+    inner.call(request).await.map_err(Into::into)
+}

@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::context::JobShared;
 use crate::encoding;
 use crate::follow;
-use crate::inner::Inner;
+use crate::inner::{self, Inner};
 use crate::job::{JobId, JobOutcome, JobRecord, JobState, StoredResponse};
 use crate::meters;
 use crate::origins::Origins;
@@ -402,16 +402,10 @@ where
         .public_base(request.uri(), request.headers())
         .unwrap_or_default();
     let (headers, extensions) = (request.headers().clone(), request.extensions().clone());
-    // Waiting for readiness is part of the job: a concurrency limit around the inner service
-    // queues jobs, and a cancel stops a job that is still waiting.
     let result = async move {
-        std::future::poll_fn(|cx| inner.poll_ready(cx))
+        let response = inner::call(&mut inner, request)
             .await
-            .map_err(|e| Failure::Service(e.into()))?;
-        let response = inner
-            .call(request)
-            .await
-            .map_err(|e| Failure::Service(e.into()))?;
+            .map_err(Failure::Service)?;
         let origins = Origins::new(config, &public_base);
         let native = match follow::Native::of(&response, &headers, &extensions, &origins) {
             None => None,

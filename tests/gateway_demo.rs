@@ -35,6 +35,34 @@ async fn exported(client: &TestClient, manifest: &Value) -> BTreeSet<String> {
     lines
 }
 
+/// Kicks off the export `query` under `base`, polls it to its end (its status URL under `base`
+/// too), and returns its manifest.
+async fn export(client: &TestClient, base: &str, query: &str, demo: &Demo) -> Value {
+    let status = client
+        .kick_off(Method::GET, &format!("{base}/{query}"), &[], "")
+        .await;
+    assert!(status.starts_with(base), "{status}");
+    let done = client.poll_until_done(&status, 2000).await;
+    assert_eq!(done.status, StatusCode::OK, "{done:?}\n{}", demo.log_tail());
+    done.json()
+}
+
+/// A manifest through the gateway names only the gateway: every file on `public`, nothing on the
+/// demo's base.
+fn assert_on_gateway(manifest: &Value, public: &str, demo: &Demo) {
+    let text = manifest.to_string();
+    assert!(
+        !text.contains(&demo.base),
+        "the demo's address leaked: {text}"
+    );
+    let files = manifest["output"].as_array().expect("output files");
+    assert!(!files.is_empty(), "{manifest}");
+    for file in files {
+        let url = file["url"].as_str().expect("a file URL");
+        assert!(url.starts_with(public), "{manifest}");
+    }
+}
+
 // GATEWAY-1, GATEWAY-3, BULK-6: a bulk export (`_outputFormat`) of the demo's paged Patient search
 // through the gateway exports exactly what the demo exports itself.
 #[tokio::test]
@@ -43,27 +71,10 @@ async fn gateway_3_an_export_through_the_gateway_equals_the_upstreams_own() {
     let public = support::gateway::start(&demo.base, "/api").await;
     let client = TestClient::default();
     let query = "Patient?_count=25&_outputFormat=application/fhir%2Bndjson";
-
-    let direct = client
-        .kick_off(Method::GET, &format!("{}/{query}", demo.base), &[], "")
-        .await;
-    let direct = client.poll_until_done(&direct, 2000).await;
-    assert_eq!(direct.status, StatusCode::OK, "{direct:?}");
-    let direct = exported(&client, &direct.json()).await;
-
-    let through = client
-        .kick_off(Method::GET, &format!("{public}/{query}"), &[], "")
-        .await;
-    assert!(through.starts_with(&public), "{through}");
-    let done = client.poll_until_done(&through, 2000).await;
-    assert_eq!(done.status, StatusCode::OK, "{done:?}\n{}", demo.log_tail());
-    let manifest = done.json();
-    for file in manifest["output"].as_array().unwrap() {
-        assert!(
-            file["url"].as_str().unwrap().starts_with(&public),
-            "{manifest}"
-        );
-    }
+    let direct = export(&client, &demo.base, query, &demo).await;
+    let direct = exported(&client, &direct).await;
+    let manifest = export(&client, &public, query, &demo).await;
+    assert_on_gateway(&manifest, &public, &demo);
     let through = exported(&client, &manifest).await;
     assert_eq!(direct.len(), 130, "the demo's own export");
     assert_eq!(through, direct, "the same resources, byte for byte");
@@ -110,31 +121,10 @@ async fn gateway_5_an_upstreams_own_export_is_followed_and_copied() {
     let public = support::gateway::start(&demo.base, "/api").await;
     let client = TestClient::default();
     let query = "Patient/$export?_type=Patient";
-
-    let direct = client
-        .kick_off(Method::GET, &format!("{}/{query}", demo.base), &[], "")
-        .await;
-    let direct = client.poll_until_done(&direct, 2000).await;
-    assert_eq!(direct.status, StatusCode::OK, "{direct:?}");
-    let direct = exported(&client, &direct.json()).await;
-
-    let through = client
-        .kick_off(Method::GET, &format!("{public}/{query}"), &[], "")
-        .await;
-    let done = client.poll_until_done(&through, 2000).await;
-    assert_eq!(done.status, StatusCode::OK, "{done:?}\n{}", demo.log_tail());
-    let manifest = done.json();
-    let text = manifest.to_string();
-    assert!(
-        !text.contains(&demo.base),
-        "the demo's address leaked: {text}"
-    );
-    assert!(
-        manifest["output"][0]["url"]
-            .as_str()
-            .is_some_and(|url| url.starts_with(&public)),
-        "{manifest}"
-    );
+    let direct = export(&client, &demo.base, query, &demo).await;
+    let direct = exported(&client, &direct).await;
+    let manifest = export(&client, &public, query, &demo).await;
+    assert_on_gateway(&manifest, &public, &demo);
     let through = exported(&client, &manifest).await;
     assert_eq!(direct.len(), 40, "the demo's own export");
     assert_eq!(through, direct, "the same resources, byte for byte");

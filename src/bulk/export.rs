@@ -13,7 +13,6 @@ use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use tower_service::Service;
 
 use crate::BoxError;
 use crate::body::RequestBody;
@@ -25,7 +24,7 @@ use crate::config::Config;
 use crate::context::JobShared;
 use crate::encoding;
 use crate::follow;
-use crate::inner::Inner;
+use crate::inner::{Inner, call};
 use crate::job::{JobOutcome, StoredResponse};
 use crate::media;
 use crate::origins::Origins;
@@ -654,17 +653,6 @@ impl Export<'_> {
         };
         self.job.set_progress(&text);
     }
-}
-
-async fn call<S, R, ResB>(inner: &mut S, request: R) -> Result<Response<ResB>, BoxError>
-where
-    S: Service<R, Response = Response<ResB>>,
-    S::Error: Into<BoxError>,
-{
-    std::future::poll_fn(|cx| inner.poll_ready(cx))
-        .await
-        .map_err(Into::into)?;
-    inner.call(request).await.map_err(Into::into)
 }
 
 /// BULK-6: the first page failed; the job fails with the wrapped service's status and its

@@ -17,13 +17,11 @@ use crate::audit::{self, Action};
 use crate::bulk;
 use crate::bundle;
 use crate::config::{CompletionMode, RequestHead};
+use crate::context::X_PROGRESS;
 use crate::job::{JobId, JobKind, JobRecord, JobState};
 use crate::outcome::{self, FHIR_JSON, NO_STORE, delta_seconds, job_not_found};
 use crate::prefer;
 use crate::state::Shared;
-
-/// The `X-Progress` response header (STATUS-4).
-const X_PROGRESS: HeaderName = HeaderName::from_static("x-progress");
 
 /// The `X-Export-Status` response header (STATUS-17).
 const X_EXPORT_STATUS: HeaderName = HeaderName::from_static("x-export-status");

@@ -1035,16 +1035,22 @@ pub async fn kick_9_create_once_has_one_winner_among_concurrent_kick_offs<F: Fix
     _: &F,
     store: &F::Store,
 ) {
+    let winner = race_create_once(&[store], store).await;
+    store.cancel(&winner, now_ms()).await.unwrap();
+}
+
+/// Sixteen kick-offs of one owner and key, spread over `handles`, at once: exactly one creates
+/// a job, every other names it, and only its record exists (read through `store`). The winner.
+async fn race_create_once<S: JobStore>(handles: &[&S], store: &S) -> JobId {
     let now = now_ms();
     let key = fresh_key();
     let records: Vec<JobRecord> = (0..16).map(|_| owned("alice", now)).collect();
-    let results = futures_util::future::join_all(
-        records
-            .iter()
-            .map(|rec| store.create_once(rec.clone(), &key, now)),
-    )
-    .await;
-    let results: Vec<Created> = results
+    let kick_offs = records
+        .iter()
+        .enumerate()
+        .map(|(n, rec)| handles[n % handles.len()].create_once(rec.clone(), &key, now));
+    let results: Vec<Created> = futures_util::future::join_all(kick_offs)
+        .await
         .into_iter()
         .map(|result| result.expect("create_once should succeed"))
         .collect();
@@ -1069,7 +1075,7 @@ pub async fn kick_9_create_once_has_one_winner_among_concurrent_kick_offs<F: Fix
             "only the winner's record exists"
         );
     }
-    store.cancel(&winner, now).await.unwrap();
+    winner
 }
 
 /// Keys of up to [`MAX_IDEMPOTENCY_KEY_LEN`] bytes, of any printable text, work.
@@ -1426,38 +1432,8 @@ pub async fn kick_9_create_once_racing_across_handles_has_one_winner<F: Fixture>
     for _ in 0..4 {
         handles.push(fixture.handle(store).await);
     }
+    let handles: Vec<&F::Store> = handles.iter().collect();
     for _ in 0..5 {
-        let now = now_ms();
-        let key = fresh_key();
-        let records: Vec<JobRecord> = (0..16).map(|_| owned("alice", now)).collect();
-        let kick_offs = records
-            .iter()
-            .enumerate()
-            .map(|(n, rec)| handles[n % handles.len()].create_once(rec.clone(), &key, now));
-        let results: Vec<Created> = futures_util::future::join_all(kick_offs)
-            .await
-            .into_iter()
-            .map(|result| result.expect("create_once should succeed"))
-            .collect();
-        let winners: Vec<JobId> = records
-            .iter()
-            .zip(&results)
-            .filter(|(_, created)| **created == Created::New)
-            .map(|(rec, _)| rec.id)
-            .collect();
-        assert_eq!(winners.len(), 1, "exactly one New: {results:?}");
-        assert!(
-            results
-                .iter()
-                .all(|c| *c == Created::New || *c == Created::Existing(winners[0])),
-            "every other kick-off names the winner: {results:?}"
-        );
-        for rec in &records {
-            assert_eq!(
-                get(store, &rec.id, now).await.is_some(),
-                rec.id == winners[0],
-                "only the winner's record exists"
-            );
-        }
+        race_create_once(&handles, store).await;
     }
 }

@@ -4,11 +4,13 @@
 //! numbers, escapes and whitespace kept). Memory is bounded by the base's length, whatever the
 //! body's size and however it is split into chunks.
 
+use std::sync::Arc;
+
 /// Maps one base URL onto another in JSON text, chunk by chunk.
 #[derive(Debug, Clone)]
 pub(crate) struct Rewriter {
-    from: Box<[u8]>,
-    to: Box<[u8]>,
+    from: Arc<str>,
+    to: Arc<str>,
     state: State,
     /// The start of the current string while it may still be the base: the raw bytes as they
     /// came (so a mismatch passes them on unchanged).
@@ -30,12 +32,12 @@ enum State {
 }
 
 impl Rewriter {
-    /// Maps `from` (e.g. `http://fhir.internal:8103/fhir/R4`) to `to`. A trailing `/` on either
-    /// is ignored.
-    pub(crate) fn new(from: &str, to: &str) -> Self {
+    /// Maps `from` (e.g. `http://fhir.internal:8103/fhir/R4`) to `to`, both without a trailing
+    /// `/`. Shared, so a rewriter per response copies no text.
+    pub(crate) fn new(from: Arc<str>, to: Arc<str>) -> Self {
         Self {
-            from: from.trim_end_matches('/').as_bytes().into(),
-            to: to.trim_end_matches('/').as_bytes().into(),
+            from,
+            to,
             state: State::Outside,
             pending: Vec::new(),
             matched: 0,
@@ -91,10 +93,10 @@ impl Rewriter {
                 // The base, then an escaped `/`: the base it is.
                 self.pending.clear();
                 self.matched = 0;
-                out.extend_from_slice(&self.to);
+                out.extend_from_slice(self.to.as_bytes());
                 out.extend_from_slice(b"\\/");
                 self.state = State::Inside { escaped: false };
-            } else if byte == b'/' && self.from.get(self.matched) == Some(&b'/') {
+            } else if byte == b'/' && self.from.as_bytes().get(self.matched) == Some(&b'/') {
                 self.matched += 1;
             } else {
                 self.give_up(out, State::Inside { escaped: false });
@@ -109,7 +111,7 @@ impl Rewriter {
             } else if matches!(byte, b'"' | b'/' | b'?' | b'#') {
                 self.pending.clear();
                 self.matched = 0;
-                out.extend_from_slice(&self.to);
+                out.extend_from_slice(self.to.as_bytes());
                 self.state = State::Inside { escaped: false };
                 self.byte(byte, out);
             } else {
@@ -123,7 +125,7 @@ impl Rewriter {
                 self.pending.push(byte);
                 self.escape_open = true;
             }
-            _ if self.from[self.matched] == byte => {
+            _ if self.from.as_bytes()[self.matched] == byte => {
                 self.pending.push(byte);
                 self.matched += 1;
             }
@@ -205,7 +207,7 @@ mod tests {
     const TO: &str = "https://fhir.example.org/api";
 
     fn whole(input: &str) -> String {
-        let mut rewriter = Rewriter::new(FROM, TO);
+        let mut rewriter = Rewriter::new(FROM.into(), TO.into());
         let mut out = Vec::new();
         rewriter.push(input.as_bytes(), &mut out);
         rewriter.finish(&mut out);
@@ -249,7 +251,7 @@ mod tests {
         let expected = whole(&input);
         for split in 0..input.len() {
             for second in split..input.len() {
-                let mut rewriter = Rewriter::new(FROM, TO);
+                let mut rewriter = Rewriter::new(FROM.into(), TO.into());
                 let mut out = Vec::new();
                 rewriter.push(&input.as_bytes()[..split], &mut out);
                 rewriter.push(&input.as_bytes()[split..second], &mut out);
