@@ -9,6 +9,13 @@
 //!
 //! Every request goes to the upstream; with `Prefer: respond-async` the layer answers `202` and
 //! runs it in the background; the upstream's URLs in answers become the gateway's.
+//!
+//! An `https` upstream needs the feature `upstream-tls`; `--ca-file` trusts a private CA:
+//!
+//! ```sh
+//! cargo run --example gateway --features upstream-tls -- \
+//!     --upstream https://fhir.internal:8443/fhir/R4 --ca-file internal-ca.pem
+//! ```
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,7 +25,7 @@ use axum::extract::{ConnectInfo, Request};
 use http::{HeaderName, HeaderValue, Uri};
 use tower::ServiceBuilder;
 use tower_fhir_async::upstream::Upstream;
-use tower_fhir_async::{AsyncLayer, MemoryStore};
+use tower_fhir_async::{AsyncLayer, MemoryStore, UpstreamFiles};
 
 const USAGE: &str = "\
 A FHIR server behind the asynchronous request patterns, over HTTP.
@@ -27,12 +34,20 @@ USAGE:
     cargo run --example gateway --features upstream -- --upstream URL [FLAGS]
 
 FLAGS:
-    --upstream URL        the FHIR server's base URL (http), e.g. http://127.0.0.1:8103/fhir/R4
+    --upstream URL        the FHIR server's base URL, e.g. http://127.0.0.1:8103/fhir/R4; an
+                          https URL needs --features upstream-tls
+    --ca-file PATH        trust the certificate authorities in this PEM file for an https
+                          upstream, besides the system's (--features upstream-tls)
     --addr HOST:PORT      address to listen on (default 127.0.0.1:8080; port 0 picks a free one)
     --base-url URL        the public base clients use (default http://ADDR + the upstream's path)
     --store BACKEND       job store: `memory` (default), `redis://HOST:PORT` (--features redis)
                           or `postgres://USER@HOST/DB` (--features postgres)
     --files DIR           keep bulk export files in folder DIR instead of memory
+    --export-files MODE   an export the upstream runs itself (its own `$export`): `copy`
+                          (default) copies its files into the gateway's file store, which
+                          serves them for the gateway's retention; `link` lists the upstream's
+                          own files, fetched through the gateway, for as long as the upstream
+                          keeps them
     --header 'Name: value'
                           send this header with every request to the upstream (a fixed
                           credential); repeatable. Otherwise the caller's Authorization is sent.
@@ -45,7 +60,9 @@ struct Options {
     base_url: Option<String>,
     store: String,
     files: Option<std::path::PathBuf>,
+    export_files: UpstreamFiles,
     headers: Vec<(HeaderName, HeaderValue)>,
+    ca_file: Option<std::path::PathBuf>,
 }
 
 fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, String> {
@@ -54,7 +71,9 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, Stri
     let mut base_url = None;
     let mut store = "memory".to_owned();
     let mut files = None;
+    let mut export_files = UpstreamFiles::Copy;
     let mut headers = Vec::new();
+    let mut ca_file = None;
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
             Some((flag, value)) if flag.starts_with("--") => {
@@ -80,6 +99,18 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, Stri
             "--base-url" => base_url = Some(value()?),
             "--store" => store = value()?,
             "--files" => files = Some(value()?.into()),
+            "--ca-file" => ca_file = Some(value()?.into()),
+            "--export-files" => {
+                export_files = match value()?.as_str() {
+                    "copy" => UpstreamFiles::Copy,
+                    "link" => UpstreamFiles::Link,
+                    other => {
+                        return Err(format!(
+                            "--export-files {other:?}: use `copy` or `link`; see --help"
+                        ));
+                    }
+                }
+            }
             "--header" => {
                 let raw = value()?;
                 let (name, val) = raw
@@ -101,7 +132,9 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Options>, Stri
         base_url,
         store,
         files,
+        export_files,
         headers,
+        ca_file,
     }))
 }
 
@@ -149,7 +182,26 @@ async fn run(options: Options) -> Result<(), String> {
     for (name, value) in options.headers {
         forwarder = forwarder.header(name, value);
     }
-    let forwarder = forwarder.build().map_err(|err| err.to_string())?;
+    if let Some(path) = &options.ca_file {
+        #[cfg(feature = "upstream-tls")]
+        {
+            let pem = std::fs::read(path)
+                .map_err(|err| format!("--ca-file {}: {err}", path.display()))?;
+            forwarder = forwarder.root_certificate_pem(pem);
+        }
+        #[cfg(not(feature = "upstream-tls"))]
+        return Err(format!(
+            "--ca-file {}: TLS needs the example built with --features upstream-tls",
+            path.display()
+        ));
+    }
+    let forwarder = forwarder.build().map_err(|err| match &options.ca_file {
+        // The builder names its setting; the example's user set the flag.
+        Some(path) if err.to_string().starts_with("root_certificate_pem") => {
+            format!("--ca-file {}: {err}", path.display())
+        }
+        _ => err.to_string(),
+    })?;
 
     let builder = match options.store.as_str() {
         "memory" => AsyncLayer::builder(MemoryStore::new()),
@@ -181,7 +233,8 @@ async fn run(options: Options) -> Result<(), String> {
     let mut builder = builder
         .base_url(&public)
         // Links the upstream writes on its own address are followed too (an export's pages).
-        .follow_links_on(&options.upstream);
+        .follow_links_on(&options.upstream)
+        .upstream_export_files(options.export_files);
     if let Some(dir) = &options.files {
         std::fs::create_dir_all(dir).map_err(|err| format!("--files {}: {err}", dir.display()))?;
         let files = tower_fhir_async::object_store::local::LocalFileSystem::new_with_prefix(dir)

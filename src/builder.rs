@@ -11,7 +11,7 @@ use object_store::ObjectStore;
 use crate::admission::Quotas;
 use crate::bulk::BulkSettings;
 #[cfg(feature = "bulk")]
-use crate::bulk::ManifestFormat;
+use crate::bulk::{ManifestFormat, UpstreamFiles};
 use crate::caller::{self, CallerKey};
 use crate::clock::Clock;
 use crate::config::{
@@ -82,6 +82,7 @@ pub(crate) type MakeStore = Box<dyn FnOnce(Duration) -> Arc<dyn DynStore> + Send
 /// | [`max_open_files`](Self::max_open_files) | 4 |
 /// | [`manifest_format`](Self::manifest_format) | [`ManifestFormat::Stu2`] |
 /// | [`requires_access_token`](Self::requires_access_token) | `true` |
+/// | [`upstream_export_files`](Self::upstream_export_files) | [`UpstreamFiles::Copy`] |
 ///
 /// [`kickoff_wait`](Self::kickoff_wait), [`bulk_without_prefer`](Self::bulk_without_prefer) and
 /// the settings from [`bulk`](Self::bulk) on belong to the bulk data pattern: they exist with
@@ -644,6 +645,7 @@ impl AsyncLayerBuilder {
             runner,
             quotas,
             polls,
+            outside_base_reported: Default::default(),
         }))
     }
 }
@@ -776,7 +778,8 @@ impl AsyncLayerBuilder {
     }
 
     /// The size of the parts files are uploaded in (multipart uploads, so no file is ever held
-    /// whole in memory). S3 needs at least 5 MiB. Default 5 MiB.
+    /// whole in memory). At least 5 MiB, the smallest part S3 accepts
+    /// ([`try_build`](Self::try_build) refuses less). Default 5 MiB.
     pub fn file_part_size(mut self, bytes: usize) -> Self {
         self.bulk.file_part_size = bytes;
         self
@@ -805,6 +808,27 @@ impl AsyncLayerBuilder {
     /// [`retention`](Self::retention) should be short.
     pub fn requires_access_token(mut self, required: bool) -> Self {
         self.bulk.requires_access_token = required;
+        self
+    }
+
+    /// What becomes of the files of an export that the wrapped service runs itself (it answers
+    /// the job's request with `202` + `Content-Location`, as a FHIR server behind
+    /// `upstream::Upstream` does for its own `$export`). Default [`UpstreamFiles::Copy`]: every
+    /// file is copied into the [`file_store`](Self::file_store) and outlives the upstream's job.
+    /// [`UpstreamFiles::Link`]: the job's manifest is the upstream's own, its files served by the
+    /// upstream through the layer for as long as the upstream keeps them; see [`UpstreamFiles`].
+    ///
+    /// ```
+    /// use tower_fhir_async::{AsyncLayer, MemoryStore, UpstreamFiles};
+    ///
+    /// let layer = AsyncLayer::builder(MemoryStore::new())
+    ///     .base_url("https://fhir.example.org/fhir")
+    ///     .upstream_export_files(UpstreamFiles::Link)
+    ///     .build();
+    /// # drop(layer);
+    /// ```
+    pub fn upstream_export_files(mut self, files: UpstreamFiles) -> Self {
+        self.bulk.upstream_files = files;
         self
     }
 }
@@ -927,6 +951,22 @@ mod tests {
             };
             let error = error.to_string();
             assert!(error.contains(setting), "{error}");
+        }
+    }
+
+    // Issue #14: parts smaller than S3 accepts are refused when built, not when an export of a
+    // large file fails to complete; 5 MiB itself is fine.
+    #[cfg(feature = "bulk")]
+    #[test]
+    fn file_parts_are_at_least_five_mebibytes() {
+        for small in [1, 1024, 5 * 1024 * 1024 - 1] {
+            let Err(error) = builder().file_part_size(small).assemble() else {
+                panic!("{small}: a part size S3 refuses was accepted");
+            };
+            assert!(error.to_string().contains("file_part_size"), "{error}");
+        }
+        for fine in [5 * 1024 * 1024, 16 * 1024 * 1024] {
+            assert!(builder().file_part_size(fine).assemble().is_ok(), "{fine}");
         }
     }
 

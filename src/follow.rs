@@ -8,14 +8,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_LOCATION, CONTENT_TYPE, HOST, LOCATION, RETRY_AFTER};
-use http::{Extensions, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http::{
+    Extensions, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri,
+};
 use serde::Deserialize;
 
 use crate::BoxError;
 use crate::body::RequestBody;
 use crate::context::{JobShared, X_PROGRESS};
 use crate::inner::{self, Inner};
-use crate::job::StoredResponse;
+use crate::job::{JobRecord, JobState, StoredResponse};
 use crate::media;
 use crate::origins::Origins;
 
@@ -27,6 +29,12 @@ const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The shortest wait between two polls.
 const MIN_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Where a completed bulk job whose manifest is the upstream's own (a linked export, see
+/// `UpstreamFiles::Link`) keeps the upstream's status URL, as the wrapped service is asked for
+/// it: among the headers of its stored completion, which bulk status polls never serve. A
+/// `DELETE` of the job deletes the upstream's job too.
+pub(crate) const UPSTREAM_JOB: HeaderName = HeaderName::from_static("x-fhir-async-upstream-job");
 
 /// An upstream's asynchronous job, as the layer follows it.
 pub(crate) struct Native {
@@ -61,15 +69,45 @@ impl Native {
                 )));
             }
         };
+        Some(Ok(Self::at(status, request_headers, extensions)))
+    }
+
+    /// The upstream job at `status` (as the wrapped service is asked for it), asked with the
+    /// credentials of a request with `request_headers` and `extensions`.
+    fn at(status: Uri, request_headers: &HeaderMap, extensions: &Extensions) -> Self {
         let mut headers = request_headers.clone();
         for name in [CONTENT_TYPE, CONTENT_LENGTH] {
             headers.remove(name);
         }
-        Some(Ok(Self {
+        Self {
             status,
             headers,
             extensions: extensions.clone(),
-        }))
+        }
+    }
+
+    /// The upstream job a completed linked export recorded ([`UPSTREAM_JOB`]), to be asked with
+    /// the credentials of the request with `request_headers` and `extensions` (the caller's
+    /// `DELETE`). `None` for any other job.
+    pub(crate) fn recorded(
+        record: &JobRecord,
+        request_headers: &HeaderMap,
+        extensions: &Extensions,
+    ) -> Option<Self> {
+        let JobState::Completed(result) = &record.state else {
+            return None;
+        };
+        if !record.kind.is_bulk() {
+            return None;
+        }
+        let status = result.header(&UPSTREAM_JOB)?.to_str().ok()?.parse().ok()?;
+        Some(Self::at(status, request_headers, extensions))
+    }
+
+    /// Its status URL, as the wrapped service is asked for it.
+    #[cfg(any(test, feature = "bulk"))]
+    pub(crate) fn status(&self) -> &Uri {
+        &self.status
     }
 
     fn request<ReqB>(&self, method: Method) -> Request<RequestBody<ReqB>> {
@@ -107,6 +145,17 @@ impl Native {
             drop(response);
             tokio::time::sleep(wait).await;
         }
+    }
+
+    /// Sends the upstream a `DELETE` of its job through `inner`, in the background, best effort
+    /// (bounded by the longest poll interval; the outcome is logged): a deleted linked export
+    /// releases the upstream's files.
+    pub(crate) fn delete<S, ReqB>(&self, inner: S)
+    where
+        S: Inner<ReqB>,
+        ReqB: Send + 'static,
+    {
+        drop(self.cancel_on_drop(inner));
     }
 
     /// A guard that sends the upstream a `DELETE` of its job when dropped before

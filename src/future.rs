@@ -18,12 +18,19 @@ pub(crate) type OwnFuture = Pin<Box<dyn Future<Output = Response<OwnBody>> + Sen
 pub(crate) type CapabilityFuture<E> =
     Pin<Box<dyn Future<Output = Result<Response<OwnBody>, E>> + Send>>;
 
+/// An own route that may pass the request on to the inner service after all (a linked export's
+/// file, `UpstreamFiles::Link`): the layer's answer, or the service and the request to call it
+/// with.
+pub(crate) type RoutedFuture<S, R> =
+    Pin<Box<dyn Future<Output = Result<Response<OwnBody>, (S, R)>> + Send>>;
+
 pin_project! {
     /// The future of [`AsyncService`](crate::AsyncService).
     ///
     /// A passed-through request drives its own clone of the inner service to readiness, calls
     /// it, and polls the inner future in place, unboxed. Only the layer's own work (kick-off,
-    /// status, cancel, a CapabilityStatement it declares itself in) is boxed.
+    /// status, cancel, a CapabilityStatement it declares itself in, a linked export's file
+    /// request) is boxed.
     pub struct ResponseFuture<S, R>
     where
         S: Service<R>,
@@ -57,6 +64,9 @@ pin_project! {
         Capability {
             fut: CapabilityFuture<S::Error>,
         },
+        Routed {
+            fut: RoutedFuture<S, R>,
+        },
     }
 }
 
@@ -80,6 +90,12 @@ impl<S: Service<R>, R> ResponseFuture<S, R> {
     pub(crate) fn capability(fut: CapabilityFuture<S::Error>) -> Self {
         Self {
             kind: Kind::Capability { fut },
+        }
+    }
+
+    pub(crate) fn routed(fut: RoutedFuture<S, R>) -> Self {
+        Self {
+            kind: Kind::Routed { fut },
         }
     }
 }
@@ -121,6 +137,15 @@ where
                     let response = ready!(fut.as_mut().poll(cx))?;
                     return Poll::Ready(Ok(response.map(ResponseBody::own)));
                 }
+                KindProj::Routed { fut } => match ready!(fut.as_mut().poll(cx)) {
+                    Ok(response) => return Poll::Ready(Ok(response.map(ResponseBody::own))),
+                    // Passed on: from here on an ordinary pass-through.
+                    Err((service, request)) => kind.set(Kind::Waiting {
+                        service,
+                        request: Some(request),
+                        vary: false,
+                    }),
+                },
             }
         }
     }

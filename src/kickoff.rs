@@ -23,6 +23,7 @@ use crate::job::{JobId, JobKind, JobRecord, JobState};
 use crate::media;
 use crate::outcome::{self, IssueCode, NO_STORE, error_response};
 use crate::prefer::{self, AsyncPreferences, PREFERENCE_APPLIED};
+use crate::redact::carries_access_token;
 use crate::runner::{self, NewJob, Work};
 use crate::state::Shared;
 use crate::store::{Created, FullScope, MAX_IDEMPOTENCY_KEY_LEN, StoreError};
@@ -98,6 +99,7 @@ where
     let Some(base) = config.public_base(&parts.uri, &parts.headers) else {
         return Err(refuse(no_host(), "no-host"));
     };
+    shared.check_under_base(parts.uri.path());
     // Quotas before the body is read: a refused kick-off costs nothing (KICK-8, SEC-13).
     let admission = shared.quotas.admit(caller.as_deref()).map_err(|refusal| match refusal {
         Refusal::Busy => refuse(throttled("This server runs as many asynchronous jobs as it may; try again shortly."), "quota-instance"),
@@ -448,16 +450,6 @@ fn recorded_target(uri: &Uri) -> String {
     } else {
         format!("{path}?{}", kept.join("&"))
     }
-}
-
-/// Whether one `name=value` pair of a query names `access_token` once decoded, in any case.
-/// Some servers also split pairs at `;`, so every `;`-separated part is checked.
-fn carries_access_token(pair: &str) -> bool {
-    pair.split(';').any(|part| {
-        form_urlencoded::parse(part.as_bytes())
-            .next()
-            .is_some_and(|(name, _)| name.trim().eq_ignore_ascii_case("access_token"))
-    })
 }
 
 /// `202 Accepted` + absolute `Content-Location` (KICK-2, KICK-3, KICK-10, PREFER-10).

@@ -18,11 +18,15 @@
 //! deleted.
 //!
 //! ```
+//! use axum::http::header::CONTENT_TYPE;
+//! use axum::response::IntoResponse;
 //! use axum::{Router, routing::post};
 //! use tower_fhir_async::{AsyncLayer, MemoryStore};
 //!
-//! async fn reindex() -> &'static str {
-//!     r#"{"resourceType":"Parameters"}"#
+//! // FHIR JSON, labelled so: a `text/plain` answer (a bare `&str`) would become a base64
+//! // `Binary` in the asynchronous result.
+//! async fn reindex() -> impl IntoResponse {
+//!     ([(CONTENT_TYPE, "application/fhir+json")], r#"{"resourceType":"Parameters"}"#)
 //! }
 //!
 //! let layer = AsyncLayer::builder(MemoryStore::default())
@@ -45,19 +49,30 @@
 //!   (`store_conformance_tests!`).
 //! - [`prefer`]: RFC 7240 `Prefer` parsing.
 //! - [`ShutdownHandle`]: graceful shutdown.
-//! - [`ManifestFormat`] and the `file_store` settings of [`AsyncLayerBuilder`]: the bulk data
-//!   pattern.
+//! - [`ManifestFormat`], [`UpstreamFiles`] and the `file_store` settings of
+//!   [`AsyncLayerBuilder`]: the bulk data pattern.
 //!
 //! ## Features
 //!
-//! - `bulk` (default): the bulk data pattern, its builder settings, [`ManifestFormat`] and the
-//!   [`object_store`] re-export. Without it the layer does not recognise bulk requests:
-//!   `$export` and requests with `_outputFormat` pass through, or run as interaction jobs with
-//!   `Prefer: respond-async`, like any other request.
+//! - `bulk` (default): the bulk data pattern, its builder settings, [`ManifestFormat`],
+//!   [`UpstreamFiles`] and the [`object_store`] re-export. Without it the layer does not
+//!   recognise bulk requests: `$export` and requests with `_outputFormat` pass through, or run as
+//!   interaction jobs with `Prefer: respond-async`, like any other request.
 //! - `redis`, `postgres`: `RedisStore` and `PostgresStore`, jobs shared by many instances.
+//! - `upstream`: [`upstream::Upstream`](crate::upstream), any FHIR server behind the layer over
+//!   HTTP (a gateway); `upstream-tls`: `https` upstreams, by rustls.
 //! - `test-util`: the store conformance suite (`store::conformance`).
 //!
+//! On docs.rs every feature is on, and items that need one say which.
+//!
 //! [tower]: https://docs.rs/tower
+#![cfg_attr(docsrs, feature(doc_cfg))]
+// Without `bulk`, the overview above and the builder's settings table still name the bulk items
+// and settings; their links are plain text then.
+#![cfg_attr(
+    not(feature = "bulk"),
+    allow(rustdoc::broken_intra_doc_links, rustdoc::private_intra_doc_links)
+)]
 
 mod admission;
 mod audit;
@@ -82,6 +97,7 @@ mod meters;
 mod origins;
 mod outcome;
 pub mod prefer;
+mod redact;
 mod registry;
 mod routes;
 mod runner;
@@ -101,7 +117,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub use body::{RequestBody, ResponseBody};
 pub use builder::AsyncLayerBuilder;
 #[cfg(feature = "bulk")]
-pub use bulk::ManifestFormat;
+pub use bulk::{ManifestFormat, UpstreamFiles};
 pub use caller::caller_digest;
 pub use config::BuildError;
 pub use config::{BulkWithoutPrefer, CompletionMode, RequestHead};

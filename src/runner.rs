@@ -548,6 +548,17 @@ async fn refused(runner: &Runner, id: &JobId) {
     }
 }
 
+/// When a result says what it stands for stops existing (`Expires`: a linked export's files
+/// live as long as the upstream keeps them, EXPIRE-2), it is kept no longer. Interaction
+/// results never keep an `Expires` (see [`KEPT_HEADERS`]).
+fn expiry_bound(outcome: &JobOutcome) -> Option<std::time::SystemTime> {
+    let JobOutcome::Completed(result) = outcome else {
+        return None;
+    };
+    let value = result.header(&header::EXPIRES)?.to_str().ok()?;
+    httpdate::parse_http_date(value).ok()
+}
+
 /// Records a job's outcome, trying again a few times while the store is unavailable; `false`
 /// when it was not recorded (cancelled meanwhile, or the store kept failing).
 async fn record(runner: &Runner, id: JobId, outcome: JobOutcome) -> bool {
@@ -555,9 +566,11 @@ async fn record(runner: &Runner, id: JobId, outcome: JobOutcome) -> bool {
         JobOutcome::Completed(r) | JobOutcome::Failed(r) => r.status.as_u16(),
     };
     let mut delay = Duration::from_millis(100);
+    let bound = expiry_bound(&outcome);
     for attempt in 1..=RECORD_ATTEMPTS {
         let now = runner.clock.now();
         let expires_at = later(now, runner.config.retention);
+        let expires_at = bound.map_or(expires_at, |bound| bound.min(expires_at));
         match runner
             .store
             .finish(&id, outcome.clone(), now, expires_at)

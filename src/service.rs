@@ -17,7 +17,7 @@ use crate::config::{BulkWithoutPrefer, RequestHead};
 use crate::future::ResponseFuture;
 use crate::kickoff::kick_off;
 use crate::prefer::{self, AsyncPreferences};
-use crate::routes::{self, OwnRoute};
+use crate::routes::{self, OwnRoute, Routed};
 use crate::state::Shared;
 
 /// The service [`AsyncLayer`](crate::AsyncLayer) makes: the FHIR service `S` with the
@@ -28,6 +28,11 @@ use crate::state::Shared;
 /// does), and each job waits for `S` in the background. Backpressure from `S` therefore delays
 /// requests rather than refusing them; put load shedding or a concurrency limit *inside* the
 /// layer to bound jobs, and a rate limit *outside* it to bound requests.
+///
+/// With `UpstreamFiles::Link` (feature `bulk`), a file request under the route prefix for a job
+/// the layer does not hold goes to `S` like any other request (it is the upstream's own file),
+/// and the `DELETE` of a linked export sends `S` a `DELETE` of the upstream's job in the
+/// background.
 pub struct AsyncService<S> {
     inner: S,
     shared: Arc<Shared>,
@@ -96,11 +101,31 @@ where
 
     fn call(&mut self, request: Request<ReqB>) -> Self::Future {
         let config = &self.shared.config;
-        // SEL-7: the layer's own routes are answered here and never reach the inner service.
-        // The path is parsed here, once; the routes take the parsed route.
+        // SEL-7: the layer's own routes are answered here and never reach the inner service
+        // (but for a linked export's files, below). The path is parsed here, once; the routes
+        // take the parsed route.
         if let Some(route) = OwnRoute::of(config, request.uri().path()) {
-            let (parts, _body) = request.into_parts();
             let shared = self.shared.clone();
+            // `UpstreamFiles::Link`: a file path may be the upstream's (mapped onto the public
+            // base), and a `DELETE` may release an upstream's job; both need the inner service.
+            if routes::hands_off(config, &route, request.method()) {
+                let inner = self.inner.clone();
+                let (parts, body) = request.into_parts();
+                return ResponseFuture::routed(Box::pin(async move {
+                    match routes::hand_off(shared, route, parts).await {
+                        Routed::Answer(response) => Ok(response),
+                        Routed::Release(response, upstream) => {
+                            upstream.delete(inner);
+                            Ok(response)
+                        }
+                        Routed::PassThrough(parts) => Err((
+                            inner,
+                            Request::from_parts(parts, RequestBody::streaming(body)),
+                        )),
+                    }
+                }));
+            }
+            let (parts, _body) = request.into_parts();
             return ResponseFuture::own(Box::pin(routes::handle(shared, route, parts)));
         }
 

@@ -481,9 +481,8 @@ async fn gateway_1_upstream_failures_are_answers() {
 // GATEWAY-1: settings that cannot work are refused when built, naming the setting.
 #[test]
 fn gateway_1_bad_settings_are_named() {
-    for (builder, setting) in [
+    let mut cases = vec![
         (Upstream::builder("hapi.internal/fhir"), "upstream"),
-        (Upstream::builder("https://hapi.internal/fhir"), "https"),
         (Upstream::builder("http://h/fhir?x=1"), "query"),
         (
             Upstream::builder("http://h/fhir").public_base("/fhir"),
@@ -493,7 +492,20 @@ fn gateway_1_bad_settings_are_named() {
             Upstream::builder("http://h/fhir").response_timeout(Duration::ZERO),
             "response_timeout",
         ),
-    ] {
+    ];
+    // With TLS built in, https upstreams are accepted (tests/gateway_tls.rs); without it they
+    // are refused, naming the feature that adds it.
+    #[cfg(not(feature = "upstream-tls"))]
+    cases.push((
+        Upstream::builder("https://hapi.internal/fhir"),
+        "upstream-tls",
+    ));
+    #[cfg(feature = "upstream-tls")]
+    cases.push((
+        Upstream::builder("ftp://hapi.internal/fhir"),
+        "http or https",
+    ));
+    for (builder, setting) in cases {
         let error = builder.build().expect_err(setting).to_string();
         assert!(error.contains(setting), "{setting}: {error}");
     }
@@ -633,4 +645,58 @@ async fn gateway_1_http2_upstreams_are_spoken_to_in_http2() {
         format!("{public}/Patient/2")
     );
     assert_eq!(*versions.lock().unwrap(), [http::Version::HTTP_2]);
+}
+
+// GATEWAY-1: the version spoken with the upstream stays on that hop: an HTTP/1.0 upstream's
+// answer reaches an HTTP/1.1 client as HTTP/1.1 (RFC 9110 §6.2: a proxy answers in its own
+// version), its body whole.
+#[tokio::test]
+async fn gateway_1_an_http_1_0_upstream_is_answered_in_http_1_1() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = upstream.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.unwrap_or(0) == 1
+                {
+                    head.push(byte[0]);
+                }
+                let body = r#"{"resourceType":"Patient","id":"1"}"#;
+                let answer = format!(
+                    "HTTP/1.0 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    let public = start_gateway(
+        &format!("http://{upstream_addr}/fhir/R4"),
+        Duration::from_secs(5),
+    )
+    .await;
+    let authority = public
+        .trim_start_matches("http://")
+        .trim_end_matches("/fhir");
+    let mut client = tokio::net::TcpStream::connect(authority).await.unwrap();
+    client
+        .write_all(
+            format!(
+                "GET /fhir/Patient/1 HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    client.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(
+        answer.ends_with(r#"{"resourceType":"Patient","id":"1"}"#),
+        "{answer}"
+    );
 }

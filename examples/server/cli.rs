@@ -35,6 +35,13 @@ FLAGS:
                           Give every server sharing a --store the same key (default: random
                           per process, so another server would not know the client's jobs)
     --reindex-secs N      how long POST /fhir/$reindex takes, in seconds (default 10)
+    --completion MODE     how a finished job is collected: `bundle` (default; the status URL
+                          answers 200 with a batch-response Bundle) or `redirect` (303 to
+                          {status URL}/result, which answers as the synchronous call would)
+    --retention D         how long a finished job's result stays available (default 24h)
+    --no-declare-async    leave GET /fhir/metadata as the server wrote it; by default the layer
+                          adds the synchronicity-control extension (`either`) to what it makes
+                          asynchronous
     -h, --help            print this help and exit
 
 LIMITS (durations as 250ms, 10s, 2m; a bare number is seconds):
@@ -77,6 +84,11 @@ pub(crate) struct Options {
     pub(crate) max_running_jobs: Option<usize>,
     pub(crate) max_jobs_per_caller: Option<usize>,
     pub(crate) min_poll_interval: Option<Duration>,
+    /// `--completion redirect`: finished jobs answer `303` to their result.
+    pub(crate) redirect: bool,
+    pub(crate) retention: Duration,
+    /// Declare the layer in the CapabilityStatement (`--no-declare-async` turns it off).
+    pub(crate) declare_async: bool,
 }
 
 /// Where the async layer keeps its jobs.
@@ -152,6 +164,9 @@ pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, U
         max_running_jobs: Some(64),
         max_jobs_per_caller: Some(10),
         min_poll_interval: Some(Duration::from_millis(250)),
+        redirect: false,
+        retention: Duration::from_secs(24 * 3600),
+        declare_async: true,
     };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
@@ -231,6 +246,26 @@ pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, U
                     )));
                 }
                 options.caller_key = Some(raw);
+            }
+            "--completion" => {
+                options.redirect = match value("MODE")?.as_str() {
+                    "bundle" => false,
+                    "redirect" => true,
+                    other => {
+                        return Err(UsageError(format!(
+                            "--completion {other:?} is not a completion mode; use bundle or redirect"
+                        )));
+                    }
+                };
+            }
+            "--retention" => {
+                options.retention = duration(&flag, &value("DURATION")?)?;
+            }
+            "--no-declare-async" => {
+                if inline.is_some() {
+                    return Err(UsageError("--no-declare-async takes no value".into()));
+                }
+                options.declare_async = false;
             }
             "--header-timeout" => {
                 options.header_timeout = duration(&flag, &value("DURATION")?)?;
@@ -329,6 +364,21 @@ mod tests {
         );
         assert!(run(&["--base-url", "fhir.example.org"]).is_err());
         assert!(run(&["--patients"]).is_err());
+        assert!(o.declare_async && !o.redirect);
+        assert_eq!(o.retention, Duration::from_secs(24 * 3600));
+        let Ok(Command::Run(o)) = run(&[
+            "--completion",
+            "redirect",
+            "--retention=2s",
+            "--no-declare-async",
+        ]) else {
+            panic!("expected options");
+        };
+        assert!(o.redirect && !o.declare_async);
+        assert_eq!(o.retention, Duration::from_secs(2));
+        let err = run(&["--completion", "later"]).unwrap_err();
+        assert!(err.0.contains("--completion"), "{}", err.0);
+        assert!(run(&["--retention", "0"]).is_err());
     }
 
     // SEC-7, SEC-13, STATUS-6: the limits are on by default, and each can be changed or (the

@@ -171,6 +171,13 @@ async fn main() -> ExitCode {
     if let Some(interval) = options.min_poll_interval {
         builder = builder.min_poll_interval(interval);
     }
+    // CAP-4: GET /fhir/metadata says which interactions may be asynchronous.
+    builder = builder
+        .declare_async(options.declare_async)
+        .retention(options.retention);
+    if options.redirect {
+        builder = builder.completion(tower_fhir_async::CompletionMode::Redirect);
+    }
     let layer = match builder.try_build() {
         Ok(layer) => layer,
         Err(err) => {

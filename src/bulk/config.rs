@@ -7,6 +7,7 @@ use std::sync::Arc;
 use object_store::ObjectStore;
 use object_store::path::Path;
 
+use crate::bulk::linked::UpstreamFiles;
 use crate::bulk::manifest::ManifestFormat;
 
 /// The bulk pattern's configuration, fixed at build time.
@@ -24,9 +25,18 @@ pub(crate) struct BulkConfig {
     pub(crate) open_files: usize,
     pub(crate) manifest: ManifestFormat,
     pub(crate) requires_access_token: bool,
+    /// What becomes of the files of an export the wrapped service runs itself.
+    pub(crate) upstream_files: UpstreamFiles,
 }
 
 impl BulkConfig {
+    /// Whether exports the wrapped service runs itself are linked, not copied: then file
+    /// requests under the route prefix for jobs the layer does not hold go to the wrapped
+    /// service, and a `DELETE` of a linked export deletes the upstream's job too.
+    pub(crate) fn links_upstream_files(&self) -> bool {
+        self.upstream_files == UpstreamFiles::Link
+    }
+
     /// The folder of one job's files.
     pub(crate) fn job_dir(&self, id: &crate::JobId) -> Path {
         self.prefix.clone().join(id.to_string())
@@ -43,6 +53,7 @@ impl fmt::Debug for BulkConfig {
             .field("max_file_size", &self.max_file_size)
             .field("max_file_resources", &self.max_file_resources)
             .field("manifest", &self.manifest)
+            .field("upstream_files", &self.upstream_files)
             .finish_non_exhaustive()
     }
 }
@@ -60,6 +71,7 @@ pub(crate) struct BulkSettings {
     pub(crate) max_open_files: usize,
     pub(crate) manifest_format: ManifestFormat,
     pub(crate) requires_access_token: bool,
+    pub(crate) upstream_files: UpstreamFiles,
 }
 
 impl Default for BulkSettings {
@@ -75,9 +87,13 @@ impl Default for BulkSettings {
             max_open_files: 4,
             manifest_format: ManifestFormat::Stu2,
             requires_access_token: true,
+            upstream_files: UpstreamFiles::Copy,
         }
     }
 }
+
+/// The smallest part of a multipart upload S3 accepts (all but the last part of a file).
+const MIN_PART_SIZE: usize = 5 * 1024 * 1024;
 
 impl BulkSettings {
     /// Checks the settings; the error names the setting that is wrong.
@@ -91,6 +107,14 @@ impl BulkSettings {
             if value == 0 {
                 return Err(format!("{name} must be at least 1"));
             }
+        }
+        if self.file_part_size < MIN_PART_SIZE {
+            return Err(format!(
+                "file_part_size must be at least 5 MiB ({MIN_PART_SIZE} bytes), not {}: S3 and \
+                 S3-compatible stores refuse smaller parts of a multipart upload (a file larger \
+                 than one part would fail when completed)",
+                self.file_part_size
+            ));
         }
         let prefix = Path::parse(self.file_prefix.trim_matches('/'))
             .ok()
@@ -114,6 +138,7 @@ impl BulkSettings {
             open_files: self.max_open_files,
             manifest: self.manifest_format,
             requires_access_token: self.requires_access_token,
+            upstream_files: self.upstream_files,
         })
     }
 }

@@ -17,6 +17,7 @@ use serde_json::value::RawValue;
 use crate::BoxError;
 use crate::body::RequestBody;
 use crate::bulk::files::{FileSet, is_resource_type};
+use crate::bulk::linked::{self, UpstreamFiles};
 use crate::bulk::manifest::{FileEntry, ManifestHead, manifest};
 use crate::bulk::select::ExportParams;
 use crate::clock::Clock;
@@ -69,16 +70,22 @@ where
         line_limit: layer.result_limit,
         total: None,
         reported: 0,
+        upstream_files: config.upstream_files,
     };
     let origins = Origins::new(layer, &spec.public_base);
-    if let Err(failure) = export.run(inner, request, &origins).await {
-        return JobOutcome::Failed(failure);
-    }
+    let ran = match export.run(inner, request, &origins).await {
+        Ok(ran) => ran,
+        Err(failure) => return JobOutcome::Failed(failure),
+    };
     let Export { files, .. } = export;
     let entries: Vec<FileEntry> = match files.finish().await {
         Ok(entries) => entries,
         Err(error) => return JobOutcome::Failed(write_failed(&error)),
     };
+    if let Ran::Linked(manifest) = ran {
+        // Nothing was written: the upstream's manifest is the result.
+        return JobOutcome::Completed(manifest);
+    }
     let head = ManifestHead {
         transaction_time,
         request: &spec.request_url,
@@ -104,6 +111,16 @@ struct Export<'a> {
     total: Option<u64>,
     /// Resources written when progress was last reported.
     reported: u64,
+    /// What becomes of the files of an export the wrapped service runs itself.
+    upstream_files: UpstreamFiles,
+}
+
+/// How an export ended well.
+enum Ran {
+    /// Its files are written: the manifest lists them.
+    Files,
+    /// The wrapped service ran it itself, and its manifest is the result (`UpstreamFiles::Link`).
+    Linked(StoredResponse),
 }
 
 /// How the wrapped service's answer is read.
@@ -120,7 +137,7 @@ impl Export<'_> {
         mut inner: S,
         request: Request<RequestBody<ReqB>>,
         origins: &Origins<'_>,
-    ) -> Result<(), StoredResponse>
+    ) -> Result<Ran, StoredResponse>
     where
         S: Inner<ReqB>,
         ReqB: Send + 'static,
@@ -158,14 +175,22 @@ impl Export<'_> {
                     );
                     return self
                         .page_failed(page, StatusCode::BAD_GATEWAY, IssueCode::Exception, &why)
-                        .await;
+                        .await
+                        .map(|()| Ran::Files);
                 }
             };
             // GATEWAY-5: a wrapped service that runs the export itself (`202` + `Content-Location`)
-            // is followed to its manifest, and its files are copied in.
+            // is followed to its manifest, and its files are copied in, or its manifest adopted.
             if page == 1 {
                 match follow::Native::of(&response, &headers, &extensions, origins) {
                     None => {}
+                    Some(Ok(native)) if self.upstream_files == UpstreamFiles::Link => {
+                        drop(response);
+                        return self
+                            .link_native(native, inner, origins)
+                            .await
+                            .map(Ran::Linked);
+                    }
                     Some(Ok(native)) => {
                         drop(response);
                         let followed = self
@@ -179,7 +204,7 @@ impl Export<'_> {
                             )
                             .await;
                         self.report();
-                        return followed;
+                        return followed.map(|()| Ran::Files);
                     }
                     Some(Err(why)) => {
                         return Err(synthesized(
@@ -198,7 +223,8 @@ impl Export<'_> {
                     let why = format!("Page {page} of the export cannot be read: {why}.");
                     return self
                         .page_failed(page, StatusCode::BAD_GATEWAY, IssueCode::NotSupported, &why)
-                        .await;
+                        .await
+                        .map(|()| Ran::Files);
                 }
             };
             let status = response.status();
@@ -214,7 +240,8 @@ impl Export<'_> {
                 );
                 return self
                     .page_failed(page, status, IssueCode::for_status(status), &why)
-                    .await;
+                    .await
+                    .map(|()| Ran::Files);
             }
             let format = match response
                 .headers()
@@ -237,7 +264,8 @@ impl Export<'_> {
                                 IssueCode::NotSupported,
                                 &why,
                             )
-                            .await;
+                            .await
+                            .map(|()| Ran::Files);
                     }
                 },
             };
@@ -272,7 +300,7 @@ impl Export<'_> {
             }
         }
         self.report();
-        Ok(())
+        Ok(Ran::Files)
     }
 
     /// Follows the wrapped service's own asynchronous export to its manifest (polling its
@@ -291,32 +319,7 @@ impl Export<'_> {
         S: Inner<ReqB>,
         ReqB: Send + 'static,
     {
-        let cancel = native.cancel_on_drop(inner.clone());
-        let last = native.poll(&mut inner, self.job).await.map_err(|error| {
-            synthesized(
-                StatusCode::BAD_GATEWAY,
-                IssueCode::Exception,
-                &format!("Following the FHIR server's own export failed: {error}"),
-            )
-        })?;
-        cancel.disarm();
-        self.job.set_head(last.status());
-        if !last.status().is_success() {
-            return Err(upstream_failure(last, self.line_limit).await);
-        }
-        let (mut head, body) = last.into_parts();
-        let body = encoding::decoded(&mut head.headers, body)
-            .map_err(|why| synthesized(StatusCode::BAD_GATEWAY, IssueCode::NotSupported, &why))?;
-        let body = match Limited::new(body, self.line_limit).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(error) => {
-                return Err(synthesized(
-                    StatusCode::BAD_GATEWAY,
-                    IssueCode::Exception,
-                    &format!("The FHIR server's export manifest could not be read: {error}"),
-                ));
-            }
-        };
+        let (_, body) = self.native_manifest(&native, &mut inner).await?;
         let manifest: NativeManifest = serde_json::from_slice(&body).map_err(|error| {
             synthesized(
                 StatusCode::BAD_GATEWAY,
@@ -375,6 +378,61 @@ impl Export<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Follows the wrapped service's own asynchronous export to its manifest (polling its
+    /// status URL, cancelling it if this job is cancelled) and adopts that manifest as the job's
+    /// result, once checked; nothing is copied (`UpstreamFiles::Link`, GATEWAY-5).
+    async fn link_native<S, ReqB>(
+        &mut self,
+        native: follow::Native,
+        mut inner: S,
+        origins: &Origins<'_>,
+    ) -> Result<StoredResponse, StoredResponse>
+    where
+        S: Inner<ReqB>,
+        ReqB: Send + 'static,
+    {
+        let (headers, body) = self.native_manifest(&native, &mut inner).await?;
+        linked::adopt(body, origins, native.status(), headers.get(header::EXPIRES))
+    }
+
+    /// Polls the wrapped service's own export to its end (sending it a `DELETE` if this job is
+    /// dropped meanwhile) and reads its final answer whole: the manifest's headers and body, or
+    /// the job's failure.
+    async fn native_manifest<S, ReqB>(
+        &mut self,
+        native: &follow::Native,
+        inner: &mut S,
+    ) -> Result<(http::HeaderMap, Bytes), StoredResponse>
+    where
+        S: Inner<ReqB>,
+        ReqB: Send + 'static,
+    {
+        let cancel = native.cancel_on_drop(inner.clone());
+        let last = native.poll(inner, self.job).await.map_err(|error| {
+            synthesized(
+                StatusCode::BAD_GATEWAY,
+                IssueCode::Exception,
+                &format!("Following the FHIR server's own export failed: {error}"),
+            )
+        })?;
+        cancel.disarm();
+        self.job.set_head(last.status());
+        if !last.status().is_success() {
+            return Err(upstream_failure(last, self.line_limit).await);
+        }
+        let (mut head, body) = last.into_parts();
+        let body = encoding::decoded(&mut head.headers, body)
+            .map_err(|why| synthesized(StatusCode::BAD_GATEWAY, IssueCode::NotSupported, &why))?;
+        match Limited::new(body, self.line_limit).collect().await {
+            Ok(collected) => Ok((head.headers, collected.to_bytes())),
+            Err(error) => Err(synthesized(
+                StatusCode::BAD_GATEWAY,
+                IssueCode::Exception,
+                &format!("The FHIR server's export manifest could not be read: {error}"),
+            )),
+        }
     }
 
     /// A page that could not be read: the whole job fails on the first page, later pages

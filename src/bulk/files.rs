@@ -431,6 +431,7 @@ mod tests {
             open_files,
             manifest: ManifestFormat::Stu2,
             requires_access_token: true,
+            upstream_files: crate::bulk::UpstreamFiles::Copy,
         }
     }
 

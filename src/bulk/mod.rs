@@ -15,6 +15,8 @@ pub(crate) mod export;
 #[cfg(feature = "bulk")]
 pub(crate) mod files;
 #[cfg(feature = "bulk")]
+mod linked;
+#[cfg(feature = "bulk")]
 mod manifest;
 #[cfg(not(feature = "bulk"))]
 mod off;
@@ -24,6 +26,8 @@ pub(crate) mod status;
 
 #[cfg(feature = "bulk")]
 pub(crate) use config::{BulkConfig, BulkSettings};
+#[cfg(feature = "bulk")]
+pub use linked::UpstreamFiles;
 #[cfg(feature = "bulk")]
 pub use manifest::ManifestFormat;
 #[cfg(not(feature = "bulk"))]

@@ -22,6 +22,13 @@ pub(crate) struct BulkConfig {
 #[derive(Debug, Default)]
 pub(crate) struct BulkSettings {}
 
+impl BulkConfig {
+    /// Always `false`: no export runs, so none is linked.
+    pub(crate) fn links_upstream_files(&self) -> bool {
+        false
+    }
+}
+
 impl BulkSettings {
     /// Always succeeds: nothing to check.
     pub(crate) fn check(self) -> Result<BulkConfig, String> {

@@ -351,6 +351,7 @@ mod tests {
             open_files: 4,
             manifest: ManifestFormat::Stu2,
             requires_access_token: true,
+            upstream_files: crate::bulk::UpstreamFiles::Copy,
         }
     }
 

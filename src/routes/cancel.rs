@@ -2,10 +2,12 @@
 
 use bytes::Bytes;
 use http::header::CACHE_CONTROL;
+use http::request::Parts;
 use http::{Response, StatusCode};
 
 use super::lookup::{foreign, read};
 use crate::bulk::files;
+use crate::follow::Native;
 use crate::job::JobId;
 use crate::outcome::{self, NO_STORE, job_not_found};
 use crate::state::Shared;
@@ -17,15 +19,42 @@ pub(super) async fn cancel(
     id: JobId,
     caller: Option<&str>,
 ) -> (Response<Bytes>, &'static str) {
+    let (reply, outcome, _) = cancel_job(shared, id, caller, None).await;
+    (reply, outcome)
+}
+
+/// [`cancel`] where exports the wrapped service runs itself are linked (`UpstreamFiles::Link`):
+/// also the upstream's job a deleted linked export recorded, to be sent a `DELETE` with the
+/// caller's credentials (`parts`) so that its files are released (CANCEL-5).
+pub(super) async fn cancel_linked(
+    shared: &Shared,
+    id: JobId,
+    caller: Option<&str>,
+    parts: &Parts,
+) -> (Response<Bytes>, &'static str, Option<Native>) {
+    cancel_job(shared, id, caller, Some(parts)).await
+}
+
+async fn cancel_job(
+    shared: &Shared,
+    id: JobId,
+    caller: Option<&str>,
+    linked: Option<&Parts>,
+) -> (Response<Bytes>, &'static str, Option<Native>) {
     const RETRY: &str = "send the DELETE";
     let runner = &shared.runner;
-    if shared.config.caller.is_some() {
-        // The owner never changes, so reading it first leaves no window to exploit.
+    let mut upstream = None;
+    if shared.config.caller.is_some() || linked.is_some() {
+        // The owner never changes, so reading it first leaves no window to exploit. A job that
+        // completes between this read and the cancel keeps its upstream job (best effort).
         match read(shared, id, RETRY).await {
-            Ok(Some(record)) if shared.config.may_access(record.owner.as_deref(), caller) => {}
-            Ok(Some(_)) => return (foreign(shared), "denied"),
-            Ok(None) => return (job_not_found(), "not-found"),
-            Err(reply) => return (reply, "store-unavailable"),
+            Ok(Some(record)) if shared.config.may_access(record.owner.as_deref(), caller) => {
+                upstream = linked
+                    .and_then(|parts| Native::recorded(&record, &parts.headers, &parts.extensions));
+            }
+            Ok(Some(_)) => return (foreign(shared), "denied", None),
+            Ok(None) => return (job_not_found(), "not-found", None),
+            Err(reply) => return (reply, "store-unavailable", None),
         }
     }
     match runner.store.cancel(&id, runner.clock.now()).await {
@@ -36,16 +65,20 @@ pub(super) async fn cancel(
             if let Some(polls) = &shared.polls {
                 polls.forget(&id);
             }
-            tracing::info!(job.id = %id, stopped, "asynchronous job cancelled");
+            tracing::info!(job.id = %id, stopped, linked = upstream.is_some(), "asynchronous job cancelled");
             let mut reply = Response::new(Bytes::new());
             *reply.status_mut() = StatusCode::ACCEPTED;
             reply.headers_mut().insert(CACHE_CONTROL, NO_STORE);
-            (reply, "cancelled")
+            (reply, "cancelled", upstream)
         }
-        Ok(false) => (job_not_found(), "not-found"),
+        Ok(false) => (job_not_found(), "not-found", None),
         Err(error) => {
             tracing::warn!(%error, "cancelling a job failed");
-            (outcome::job_store_unavailable(RETRY), "store-unavailable")
+            (
+                outcome::job_store_unavailable(RETRY),
+                "store-unavailable",
+                None,
+            )
         }
     }
 }
@@ -109,6 +142,55 @@ mod tests {
             StatusCode::ACCEPTED
         );
         assert!(lookup::read(&shared, id(), "poll").await.unwrap().is_none());
+    }
+
+    // CANCEL-5, GATEWAY-5: deleting a completed linked export names the upstream's job it
+    // recorded, to be deleted with the credentials of the caller's DELETE; any other job
+    // (unfinished, an interaction, no upstream job) names none.
+    #[tokio::test]
+    async fn cancel_5_a_linked_export_names_its_upstream_job() {
+        let linked = || {
+            let mut manifest = fixture::stored(StatusCode::OK, "{}");
+            manifest.headers.push((
+                crate::follow::UPSTREAM_JOB,
+                http::HeaderValue::from_static("/fhir/_async/upstream-job"),
+            ));
+            manifest
+        };
+        let mut parts = fixture::parts(http::Method::DELETE, ID);
+        parts.headers.insert(
+            http::header::AUTHORIZATION,
+            http::HeaderValue::from_static("Bearer deleter"),
+        );
+        let shared = fixture::shared(|b| b);
+        for (kind, state, names) in [
+            (JobKind::Bulk, JobState::Completed(linked()), true),
+            (
+                JobKind::BulkSeparateStatus,
+                JobState::Completed(linked()),
+                true,
+            ),
+            (JobKind::Interaction, JobState::Completed(linked()), false),
+            (
+                JobKind::Bulk,
+                JobState::Completed(fixture::stored(StatusCode::OK, "{}")),
+                false,
+            ),
+            (JobKind::Bulk, JobState::Accepted, false),
+        ] {
+            fixture::put(&shared, fixture::record(&shared, kind, state)).await;
+            let (reply, outcome, upstream) = cancel_linked(&shared, id(), None, &parts).await;
+            assert_eq!(reply.status(), StatusCode::ACCEPTED);
+            assert_eq!(outcome, "cancelled");
+            assert_eq!(
+                upstream.as_ref().map(|job| job.status().to_string()),
+                names.then(|| "/fhir/_async/upstream-job".to_owned()),
+                "{kind:?}"
+            );
+        }
+        let (reply, _, upstream) = cancel_linked(&shared, id(), None, &parts).await;
+        assert_eq!(reply.status(), StatusCode::NOT_FOUND);
+        assert!(upstream.is_none());
     }
 
     // SEC-10: with caller binding, another caller's DELETE neither cancels nor reveals the job.

@@ -22,52 +22,80 @@ pub(super) async fn file(
     name: &str,
 ) -> Response<OwnBody> {
     let caller = shared.config.caller_of(&RequestHead::of(parts));
-    let (response, outcome) = serve(shared, parts, id, name, caller.as_deref()).await;
+    let (response, outcome) = match serve(shared, parts, id, name, caller.as_deref()).await {
+        Ok(answer) => answer,
+        Err(NotHeld) => (file_not_found().map(OwnBody::from), "not-found"),
+    };
     audit::event(Action::File, id, caller.as_deref(), outcome);
     response
 }
 
-/// The file's answer, and the outcome for the audit trail.
+/// [`file`] where exports the wrapped service runs itself are linked (`UpstreamFiles::Link`):
+/// `None` for a path of no job the layer holds (a malformed id, a name the layer never writes,
+/// an unknown job), which is the upstream's own file URL mapped onto the public base, for the
+/// wrapped service to answer.
+pub(super) async fn file_or_upstream(
+    shared: &Shared,
+    parts: &Parts,
+    id: Option<JobId>,
+    name: &str,
+) -> Option<Response<OwnBody>> {
+    let caller = shared.config.caller_of(&RequestHead::of(parts));
+    let (response, outcome) = match serve(shared, parts, id, name, caller.as_deref()).await {
+        Ok(answer) => (Some(answer.0), answer.1),
+        Err(NotHeld) => (None, "passed-upstream"),
+    };
+    audit::event(Action::File, id, caller.as_deref(), outcome);
+    response
+}
+
+/// The path names no job the layer holds.
+struct NotHeld;
+
+/// The file's answer, and the outcome for the audit trail; [`NotHeld`] when the layer holds no
+/// job of that path.
 async fn serve(
     shared: &Shared,
     parts: &Parts,
     id: Option<JobId>,
     name: &str,
     caller: Option<&str>,
-) -> (Response<OwnBody>, &'static str) {
+) -> Result<(Response<OwnBody>, &'static str), NotHeld> {
     let bytes = |response: Response<Bytes>| response.map(OwnBody::from);
     if !matches!(parts.method, Method::GET | Method::HEAD) {
         let response = outcome::method_not_allowed(&parts.method, "a bulk data file", "GET, HEAD");
-        return (bytes(response), "method-not-allowed");
+        return Ok((bytes(response), "method-not-allowed"));
     }
     // Only names this layer writes reach the store: no `..`, no slashes, no encodings.
     let Some(id) = id.filter(|_| files::is_file_name(name)) else {
-        return (bytes(file_not_found()), "not-found");
+        return Err(NotHeld);
     };
     let record = match read(shared, id, "request the file").await {
         Ok(Some(record)) => record,
-        Ok(None) => return (bytes(file_not_found()), "not-found"),
-        Err(reply) => return (bytes(reply), "store-unavailable"),
+        Ok(None) => return Err(NotHeld),
+        Err(reply) => return Ok((bytes(reply), "store-unavailable")),
     };
     let bulk = &shared.config.bulk;
     if bulk.requires_access_token && !shared.config.may_access(record.owner.as_deref(), caller) {
-        return (bytes(foreign(shared)), "denied");
+        return Ok((bytes(foreign(shared)), "denied"));
     }
     if !record.kind.is_bulk() || !matches!(record.state, JobState::Completed(_)) {
-        return (bytes(file_not_found()), "not-found");
+        return Ok((bytes(file_not_found()), "not-found"));
     }
     let head_only = parts.method == Method::HEAD;
-    match files::serve(bulk, &id, name, &parts.headers, head_only).await {
-        Ok(Some(response)) => (response, "served"),
-        Ok(None) => (bytes(file_not_found()), "not-found"),
-        Err(error) => {
-            tracing::warn!(job.id = %id, %error, "reading a bulk data file failed");
-            (
-                bytes(outcome::file_store_unavailable()),
-                "file-store-unavailable",
-            )
-        }
-    }
+    Ok(
+        match files::serve(bulk, &id, name, &parts.headers, head_only).await {
+            Ok(Some(response)) => (response, "served"),
+            Ok(None) => (bytes(file_not_found()), "not-found"),
+            Err(error) => {
+                tracing::warn!(job.id = %id, %error, "reading a bulk data file failed");
+                (
+                    bytes(outcome::file_store_unavailable()),
+                    "file-store-unavailable",
+                )
+            }
+        },
+    )
 }
 
 #[cfg(all(test, feature = "bulk"))]

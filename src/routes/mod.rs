@@ -3,7 +3,9 @@
 //! (`GET`/`HEAD {id}/file/{name}`).
 //!
 //! The service parses the path once into an [`OwnRoute`]; [`handle`] dispatches it to its room
-//! and gives a `HEAD` the headers of the `GET` answer without its body.
+//! and gives a `HEAD` the headers of the `GET` answer without its body. Where exports the wrapped
+//! service runs itself are linked (`UpstreamFiles::Link`), [`hand_off`] takes file paths and
+//! `DELETE`s instead, and says what the wrapped service must do besides ([`Routed`]).
 
 mod cancel;
 mod file;
@@ -22,6 +24,7 @@ use http::{HeaderValue, Method, Response, StatusCode};
 use crate::audit::{self, Action};
 use crate::body::OwnBody;
 use crate::config::{Config, RequestHead};
+use crate::follow::Native;
 use crate::job::JobId;
 use crate::outcome::{self, job_not_found};
 use crate::state::Shared;
@@ -87,15 +90,76 @@ pub(crate) async fn handle(
     // An instance that only answers polls must still notice jobs of lost instances.
     watcher::ensure(&shared);
     let is_file = matches!(route, OwnRoute::File { .. });
-    let mut response = match route {
+    let response = match route {
         OwnRoute::Prefix => outcome::no_job_named().map(OwnBody::from),
         OwnRoute::Job { id } => job(&shared, &parts, id).await.map(OwnBody::from),
         OwnRoute::Result { id } => status::result(&shared, &parts, id).await.map(OwnBody::from),
         OwnRoute::File { id, name } => file::file(&shared, &parts, id, &name).await,
     };
-    // A served file's HEAD already has its headers (its length, or none when gzipped) and no body.
+    head_answer(&parts.method, is_file, response)
+}
+
+/// What an own route leaves to the wrapped service where exports it runs itself are linked
+/// (`UpstreamFiles::Link`): see [`hands_off`].
+pub(crate) enum Routed {
+    /// The layer's answer, as [`handle`] gives it.
+    Answer(Response<OwnBody>),
+    /// The layer's answer to the `DELETE` of a linked export, and the upstream's job to delete
+    /// with it (CANCEL-5), through the wrapped service.
+    Release(Response<OwnBody>, Native),
+    /// A file path of no job the layer holds: the upstream's own file URL mapped onto the
+    /// public base (an upstream with the same status path), for the wrapped service to answer.
+    PassThrough(Parts),
+}
+
+/// Whether a request for `route` may need the wrapped service ([`hand_off`] rather than
+/// [`handle`]): only where exports the wrapped service runs itself are linked, for a file path or
+/// a job's `DELETE`.
+pub(crate) fn hands_off(config: &Config, route: &OwnRoute, method: &Method) -> bool {
+    config.bulk.links_upstream_files()
+        && match route {
+            OwnRoute::File { .. } => true,
+            OwnRoute::Job { id: Some(_) } => *method == Method::DELETE,
+            _ => false,
+        }
+}
+
+/// [`handle`] for a request [`hands_off`] names: a file the layer does not hold is passed to the
+/// wrapped service, and the `DELETE` of a linked export names the upstream's job to delete too.
+pub(crate) async fn hand_off(shared: Arc<Shared>, route: OwnRoute, parts: Parts) -> Routed {
+    match route {
+        OwnRoute::File { id, name } => {
+            watcher::ensure(&shared);
+            match file::file_or_upstream(&shared, &parts, id, &name).await {
+                Some(response) => Routed::Answer(head_answer(&parts.method, true, response)),
+                None => Routed::PassThrough(parts),
+            }
+        }
+        OwnRoute::Job { id: Some(id) } if parts.method == Method::DELETE => {
+            watcher::ensure(&shared);
+            let caller = shared.config.caller_of(&RequestHead::of(&parts));
+            let (response, outcome, upstream) =
+                cancel::cancel_linked(&shared, id, caller.as_deref(), &parts).await;
+            audit::event(Action::Cancel, Some(id), caller.as_deref(), outcome);
+            let response = response.map(OwnBody::from);
+            match upstream {
+                Some(upstream) => Routed::Release(response, upstream),
+                None => Routed::Answer(response),
+            }
+        }
+        route => Routed::Answer(handle(shared, route, parts).await),
+    }
+}
+
+/// The answer as a `HEAD` gets it: without its body (its length kept), except a served file's,
+/// which already has its headers (its length, or none when gzipped) and no body.
+fn head_answer(
+    method: &Method,
+    is_file: bool,
+    mut response: Response<OwnBody>,
+) -> Response<OwnBody> {
     let served_file = is_file && response.status() == StatusCode::OK;
-    if parts.method == Method::HEAD && !served_file {
+    if *method == Method::HEAD && !served_file {
         without_body(&mut response);
     }
     response
@@ -275,6 +339,73 @@ mod tests {
             assert_eq!(response.status(), StatusCode::NOT_FOUND, "{method}");
             let body = fixture::json(response).await;
             assert_eq!(body["issue"][0]["code"], "not-found");
+        }
+    }
+
+    // GATEWAY-5, SEL-7: only where exports the wrapped service runs itself are linked may an own
+    // route need the wrapped service: for a file path, or a job's DELETE.
+    #[cfg(feature = "bulk")]
+    #[test]
+    fn gateway_5_only_linked_files_and_deletes_are_handed_off() {
+        let file = OwnRoute::File {
+            id: id(),
+            name: "Patient-1.ndjson".into(),
+        };
+        let job = OwnRoute::Job { id: id() };
+        let copying = fixture::shared(|b| b);
+        let linking = fixture::shared(|b| b.upstream_export_files(crate::UpstreamFiles::Link));
+        for method in [Method::GET, Method::DELETE] {
+            assert!(!hands_off(&copying.config, &file, &method));
+            assert!(!hands_off(&copying.config, &job, &method));
+            assert!(hands_off(&linking.config, &file, &method));
+        }
+        assert!(hands_off(&linking.config, &job, &Method::DELETE));
+        assert!(!hands_off(&linking.config, &job, &Method::GET));
+        assert!(!hands_off(
+            &linking.config,
+            &OwnRoute::Job { id: None },
+            &Method::DELETE
+        ));
+        assert!(!hands_off(
+            &linking.config,
+            &OwnRoute::Prefix,
+            &Method::DELETE
+        ));
+    }
+
+    // GATEWAY-5, BULK-13: linked, a file path of no job the layer holds (an unknown id, a
+    // malformed one) is passed on, the request as it came; a job the layer holds answers itself.
+    #[cfg(feature = "bulk")]
+    #[tokio::test]
+    async fn gateway_5_a_file_of_no_job_here_is_passed_on() {
+        let shared = fixture::shared(|b| b.upstream_export_files(crate::UpstreamFiles::Link));
+        let rest = format!("{ID}/file/Patient-1.ndjson");
+        for id in [id(), None] {
+            let route = OwnRoute::File {
+                id,
+                name: "Patient-1.ndjson".into(),
+            };
+            let parts = fixture::parts(Method::GET, &rest);
+            match hand_off(shared.clone(), route, parts).await {
+                Routed::PassThrough(parts) => {
+                    assert_eq!(parts.uri.path(), format!("/fhir/_async/{rest}"));
+                }
+                _ => panic!("a file of no job here is passed on ({id:?})"),
+            }
+        }
+        let record = fixture::record(
+            &shared,
+            crate::job::JobKind::Interaction,
+            crate::job::JobState::Accepted,
+        );
+        fixture::put(&shared, record).await;
+        let route = OwnRoute::File {
+            id: id(),
+            name: "Patient-1.ndjson".into(),
+        };
+        match hand_off(shared, route, fixture::parts(Method::GET, &rest)).await {
+            Routed::Answer(response) => assert_eq!(response.status(), StatusCode::NOT_FOUND),
+            _ => panic!("a job the layer holds is answered by the layer"),
         }
     }
 

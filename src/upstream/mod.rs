@@ -31,10 +31,29 @@
 //! ```
 //!
 //! Failures of the upstream are answers, never errors: `502` with an OperationOutcome when it
-//! cannot be reached or breaks off, `504` when its response head does not come within
-//! [`response_timeout`](UpstreamBuilder::response_timeout).
+//! cannot be reached, its TLS handshake fails, or it breaks off, `504` when its response head
+//! does not come within [`response_timeout`](UpstreamBuilder::response_timeout).
+//!
+//! # `https` upstreams
+//!
+//! With the feature `upstream-tls`, the upstream may be an `https` URL: TLS by
+//! [rustls](https://docs.rs/rustls) (with the `ring` provider, or the process-wide one the
+//! application installed), HTTP/2 negotiated by ALPN when the upstream offers it, HTTP/1.1
+//! otherwise. The upstream's certificate must chain to a certificate authority of the platform's
+//! trust store (read when the forwarder is built; `SSL_CERT_FILE` and `SSL_CERT_DIR` override
+//! where it is read from) or to one given with `root_certificate_pem`. When that store is empty
+//! or cannot be read and no certificate authority is given, `build` fails saying so.
+//! `tls_config` takes a whole rustls configuration instead (client certificates for mutual TLS).
+//! Without the feature, `build` refuses `https` upstreams, naming the feature.
 
 mod rewrite;
+#[cfg(feature = "upstream-tls")]
+mod tls;
+
+/// The rustls crate `https` upstreams are built on (feature `upstream-tls`), so that a
+/// [`ClientConfig`](rustls::ClientConfig) for `tls_config` is of the matching version.
+#[cfg(feature = "upstream-tls")]
+pub use rustls;
 
 use std::convert::Infallible;
 use std::fmt;
@@ -47,10 +66,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{
-    ACCEPT_ENCODING, CONNECTION, CONTENT_LENGTH, CONTENT_LOCATION, CONTENT_TYPE, HOST, LINK,
-    LOCATION,
+    ACCEPT_ENCODING, CONNECTION, CONTENT_LENGTH, CONTENT_LOCATION, CONTENT_TYPE, FORWARDED, HOST,
+    LINK, LOCATION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING,
+    UPGRADE,
 };
-use http::uri::Scheme;
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -69,6 +89,12 @@ use crate::media;
 use crate::outcome::{self, IssueCode};
 use rewrite::Rewriter;
 
+/// How the forwarder connects: plain TCP, and TLS for `https` upstreams with `upstream-tls`.
+#[cfg(feature = "upstream-tls")]
+type Connector = tls::Connector;
+#[cfg(not(feature = "upstream-tls"))]
+type Connector = HttpConnector;
+
 /// Forwards every request to a FHIR server over HTTP; see the [module](self) documentation.
 ///
 /// Cheap to clone: clones share the connection pool.
@@ -78,11 +104,16 @@ pub struct Upstream {
 }
 
 struct Shared {
-    client: Client<HttpConnector, UnsyncBoxBody<Bytes, BoxError>>,
+    client: Client<Connector, UnsyncBoxBody<Bytes, BoxError>>,
     /// The upstream's base path, without a trailing `/` (`/fhir/R4`, or empty).
     path: String,
     /// The whole upstream base (`origin` + `path`).
     base: Arc<str>,
+    /// The upstream's scheme and authority, for each forwarded request's URI.
+    scheme: Scheme,
+    authority: Authority,
+    /// Finds the upstream's authority in a body: a body without it has nothing to map.
+    mentions: memchr::memmem::Finder<'static>,
     /// The public base, when fixed; otherwise `http(s)://{Host}{path}` of each request.
     public: Option<PublicBase>,
     response_timeout: Duration,
@@ -105,7 +136,8 @@ impl fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    /// A forwarder to the FHIR server at `base` (`http://hapi.internal:8080/fhir`).
+    /// A forwarder to the FHIR server at `base` (`http://hapi.internal:8080/fhir`; an `https`
+    /// URL with the feature `upstream-tls`).
     pub fn builder(base: impl Into<String>) -> UpstreamBuilder {
         UpstreamBuilder {
             base: base.into(),
@@ -115,6 +147,8 @@ impl Upstream {
             headers: Vec::new(),
             pool_idle_timeout: Duration::from_secs(90),
             http2: false,
+            #[cfg(feature = "upstream-tls")]
+            tls: tls::TlsSettings::default(),
         }
     }
 
@@ -135,6 +169,8 @@ pub struct UpstreamBuilder {
     headers: Vec<(HeaderName, HeaderValue)>,
     pool_idle_timeout: Duration,
     http2: bool,
+    #[cfg(feature = "upstream-tls")]
+    tls: tls::TlsSettings,
 }
 
 impl UpstreamBuilder {
@@ -148,7 +184,8 @@ impl UpstreamBuilder {
         self
     }
 
-    /// How long connecting to the upstream may take. Default 5 s.
+    /// How long connecting to the upstream may take (the TCP connection; a TLS handshake counts
+    /// against [`response_timeout`](Self::response_timeout)). Default 5 s.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
@@ -169,11 +206,47 @@ impl UpstreamBuilder {
         self
     }
 
-    /// Speaks HTTP/2 to the upstream (cleartext, with prior knowledge: the upstream must accept
-    /// HTTP/2 without an upgrade), every request multiplexed on few connections. Default:
-    /// HTTP/1.1.
+    /// Speaks only HTTP/2 to the upstream, every request multiplexed on few connections: over
+    /// `http` with prior knowledge (the upstream must accept HTTP/2 without an upgrade), over
+    /// `https` offering only `h2` by ALPN. Default: HTTP/1.1 over `http`; over `https`, HTTP/2
+    /// when the upstream picks `h2` by ALPN, else HTTP/1.1.
     pub fn http2(mut self, on: bool) -> Self {
         self.http2 = on;
+        self
+    }
+
+    /// Trusts the certificate authorities in the PEM text `pem` (one or more
+    /// `-----BEGIN CERTIFICATE-----` blocks) for an `https` upstream, besides those of the
+    /// platform's trust store: a private CA, or the upstream's self-signed certificate's.
+    /// Repeatable. A text that holds no certificate, or one that cannot be read, is an error of
+    /// [`build`](Self::build). Feature `upstream-tls`.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tower_fhir_async::upstream::Upstream;
+    ///
+    /// let upstream = Upstream::builder("https://hapi.internal:8443/fhir")
+    ///     .root_certificate_pem(std::fs::read("/etc/fhir/internal-ca.pem")?)
+    ///     .build()?;
+    /// # drop(upstream);
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "upstream-tls")]
+    pub fn root_certificate_pem(mut self, pem: impl AsRef<[u8]>) -> Self {
+        self.tls.add_root_pem(pem.as_ref());
+        self
+    }
+
+    /// The whole TLS configuration for an `https` upstream (its trusted roots, a client
+    /// certificate for mutual TLS, protocol versions), used as it is but for ALPN, which the
+    /// forwarder sets (see [`http2`](Self::http2)). The platform's trust store is not read then,
+    /// and [`root_certificate_pem`](Self::root_certificate_pem) cannot be combined with it: put
+    /// those roots into the configuration's root store. Build it with the re-exported
+    /// [`rustls`]. Feature `upstream-tls`.
+    #[cfg(feature = "upstream-tls")]
+    pub fn tls_config(mut self, config: rustls::ClientConfig) -> Self {
+        self.tls.set_config(config);
         self
     }
 
@@ -187,9 +260,12 @@ impl UpstreamBuilder {
     ///
     /// # Errors
     ///
-    /// When the upstream base or the public base is not an absolute `http` URL without a
-    /// query (`https` upstreams need TLS, which this build does not have), or a timeout is
-    /// zero.
+    /// When the upstream base is not an absolute `http` URL without a query (or `https`, with
+    /// the feature `upstream-tls`), the public base not an absolute `http(s)` URL without a
+    /// query, or a timeout is zero. With `upstream-tls`: when a `root_certificate_pem` holds no
+    /// readable certificate, it is combined with `tls_config`, or an `https` upstream has no
+    /// certificate authority to be trusted by (the platform's trust store is empty or unreadable
+    /// and none was given).
     pub fn build(self) -> Result<Upstream, BuildError> {
         let uri: Uri = self
             .base
@@ -201,9 +277,18 @@ impl UpstreamBuilder {
                 self.base
             )));
         };
-        if scheme != &Scheme::HTTP {
+        let https = scheme == &Scheme::HTTPS;
+        #[cfg(not(feature = "upstream-tls"))]
+        if https {
             return Err(BuildError(format!(
-                "upstream must be an http URL (https upstreams need TLS, not built in): {:?}",
+                "upstream {:?} is https: https upstreams need the cargo feature `upstream-tls` of \
+                 tower-fhir-async",
+                self.base
+            )));
+        }
+        if scheme != &Scheme::HTTP && !https {
+            return Err(BuildError(format!(
+                "upstream must be an http or https URL, not {:?}",
                 self.base
             )));
         }
@@ -252,13 +337,23 @@ impl UpstreamBuilder {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(self.connect_timeout));
         connector.set_nodelay(true);
+        #[cfg(feature = "upstream-tls")]
+        let connector = self
+            .tls
+            .connector(connector, &self.base, https, self.http2)?;
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(self.pool_idle_timeout)
             .http2_only(self.http2)
             .build(connector);
+        let mentions =
+            memchr::memmem::Finder::new(rewrite::authority(&origin).as_bytes()).into_owned();
+        let (scheme, authority) = (scheme.clone(), authority.clone());
         Ok(Upstream {
             shared: Arc::new(Shared {
                 client,
+                mentions,
+                scheme,
+                authority,
                 base: format!("{origin}{path}").into(),
                 path,
                 public,
@@ -293,22 +388,36 @@ where
 /// `Content-Length`; larger ones, and those without a length, are mapped as they stream.
 const WHOLE_BODY: usize = 64 * 1024;
 
+/// `Keep-Alive`, a hop-by-hop header `http` has no constant for.
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+/// `Proxy-Connection`, an old hop-by-hop header.
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
 /// The headers that belong to one connection, never forwarded (RFC 9110 §7.6.1), besides those
 /// a `Connection` header names.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+const HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION,
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
 ];
 
 /// Removes the hop-by-hop headers of `headers`, those its `Connection` names first.
+///
+/// Most messages carry none: one pass over the (few) names finds that, without hashing each
+/// hop-by-hop name for a lookup.
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
@@ -331,19 +440,22 @@ impl Shared {
         B::Error: Into<BoxError>,
     {
         let (mut parts, body) = request.into_parts();
-        let host = parts
-            .headers
-            .get(HOST)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| parts.uri.authority().map(|a| a.as_str().to_owned()));
+        // The caller's host, as a header value (a cheap clone, no copy of the text).
+        let host_value = match parts.headers.get(HOST) {
+            Some(host) => host.to_str().is_ok().then(|| host.clone()),
+            None => parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        };
+        let host = host_value.as_ref().and_then(|v| v.to_str().ok());
         let (public_base, public_path, proto) = match &self.public {
             Some(public) => (
                 Arc::clone(&public.base),
                 public.path.as_str(),
                 public.scheme.as_str(),
             ),
-            None => match &host {
+            None => match host {
                 Some(host) => (
                     Arc::from(format!("http://{host}{}", self.path)),
                     self.path.as_str(),
@@ -370,16 +482,27 @@ impl Shared {
                 &format!("{path} is not under this FHIR server's base path {public_path:?}."),
             );
         };
-        let query = parts.uri.query();
-        let mut target =
-            String::with_capacity(self.base.len() + rest.len() + query.map_or(0, |q| q.len() + 1));
-        target.push_str(&self.base);
-        target.push_str(rest);
-        if let Some(query) = query {
-            target.push('?');
-            target.push_str(query);
-        }
-        let Ok(uri) = target.parse::<Uri>() else {
+        let path_and_query = if public_path == self.path {
+            // The same path on both sides (the common case): the request's own, not copied.
+            parts.uri.path_and_query().cloned()
+        } else {
+            let query = parts.uri.query();
+            let mut target = String::with_capacity(
+                self.path.len() + rest.len() + query.map_or(0, |q| q.len() + 1),
+            );
+            target.push_str(&self.path);
+            target.push_str(rest);
+            if let Some(query) = query {
+                target.push('?');
+                target.push_str(query);
+            }
+            http::uri::PathAndQuery::try_from(target).ok()
+        };
+        let mut target = http::uri::Parts::default();
+        target.scheme = Some(self.scheme.clone());
+        target.authority = Some(self.authority.clone());
+        target.path_and_query = path_and_query.or_else(|| Some(PathAndQuery::from_static("/")));
+        let Ok(uri) = Uri::from_parts(target) else {
             return synthesized(
                 StatusCode::BAD_REQUEST,
                 IssueCode::Invalid,
@@ -395,7 +518,7 @@ impl Shared {
         forwarded(
             headers,
             parts.extensions.get::<SocketAddr>(),
-            host.as_deref(),
+            host_value.as_ref(),
             proto,
         );
         // Bodies are mapped, so they must come uncompressed; compress outside the layer.
@@ -408,7 +531,13 @@ impl Shared {
         match answer.await {
             Ok(Ok(response)) => self.answer(response, public_base).await,
             Ok(Err(error)) => {
-                let why = if error.is_connect() {
+                let handshake = error.is_connect().then(|| handshake_failure(&error));
+                let why = if let Some(tls) = handshake.flatten() {
+                    format!(
+                        "The TLS handshake with the FHIR server at {} failed: {tls}",
+                        self.base
+                    )
+                } else if error.is_connect() {
                     format!(
                         "The FHIR server at {} could not be reached: {}",
                         self.base,
@@ -443,6 +572,8 @@ impl Shared {
         public: Arc<str>,
     ) -> Response<UpstreamBody> {
         let (mut parts, body) = response.into_parts();
+        // The version spoken with the upstream is not the client's: the server answers in its own.
+        parts.version = http::Version::default();
         remove_hop_by_hop(&mut parts.headers);
         for name in [LOCATION, CONTENT_LOCATION] {
             let mapped = parts
@@ -481,8 +612,7 @@ impl Shared {
             .headers
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .map(media::essence)
-            .is_some_and(|essence| media::is_json(&essence) || media::is_ndjson(&essence));
+            .is_some_and(media::is_json_or_ndjson);
         if !mapped {
             return Response::from_parts(parts, UpstreamBody::plain(body));
         }
@@ -493,7 +623,6 @@ impl Shared {
                     .get(CONTENT_LENGTH)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse::<usize>().ok());
-                parts.headers.remove(CONTENT_LENGTH);
                 let mut rewriter = Rewriter::new(Arc::clone(&self.base), Arc::clone(&public));
                 // A small body is mapped whole, so the client still gets a Content-Length (no
                 // chunked framing); a large one streams, its memory bounded.
@@ -502,13 +631,21 @@ impl Shared {
                     return match limited.collect().await {
                         Ok(collected) => {
                             let plain = collected.to_bytes();
-                            let mut out = Vec::with_capacity(plain.len() + 64);
-                            rewriter.push(&plain, &mut out);
-                            rewriter.finish(&mut out);
-                            parts
-                                .headers
-                                .insert(CONTENT_LENGTH, HeaderValue::from(out.len()));
-                            Response::from_parts(parts, UpstreamBody::full(Bytes::from(out)))
+                            // Most answers name no URL on the upstream: passed on as they are.
+                            let out = if self.mentions.find(&plain).is_none() {
+                                plain
+                            } else {
+                                let mut out = Vec::with_capacity(plain.len() + 64);
+                                rewriter.push(&plain, &mut out);
+                                rewriter.finish(&mut out);
+                                Bytes::from(out)
+                            };
+                            if out.len() != declared {
+                                parts
+                                    .headers
+                                    .insert(CONTENT_LENGTH, HeaderValue::from(out.len()));
+                            }
+                            Response::from_parts(parts, UpstreamBody::full(out))
                         }
                         Err(error) => synthesized(
                             StatusCode::BAD_GATEWAY,
@@ -520,6 +657,8 @@ impl Shared {
                         ),
                     };
                 }
+                // Mapped as it streams: its length is not known beforehand.
+                parts.headers.remove(CONTENT_LENGTH);
                 Response::from_parts(parts, UpstreamBody::mapped(decoded, rewriter))
             }
             Err(why) => synthesized(
@@ -535,41 +674,61 @@ impl Shared {
 }
 
 /// Adds `Forwarded` (RFC 7239) and the `X-Forwarded-*` headers proxies commonly set.
-fn forwarded(headers: &mut HeaderMap, peer: Option<&SocketAddr>, host: Option<&str>, proto: &str) {
+fn forwarded(
+    headers: &mut HeaderMap,
+    peer: Option<&SocketAddr>,
+    host: Option<&HeaderValue>,
+    proto: &str,
+) {
     use std::fmt::Write as _;
 
     let mut element = String::with_capacity(64);
     if let Some(peer) = peer {
         let ip = peer.ip();
-        let _ = if ip.is_ipv6() {
-            write!(element, "for=\"[{ip}]\";")
-        } else {
-            write!(element, "for={ip};")
+        // The address is written once; both headers take it from there.
+        let mut prior = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(prior) => format!("{prior}, "),
+            None => String::with_capacity(40),
         };
-        let prior = headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-            .map(|v| format!("{v}, {ip}"))
-            .unwrap_or_else(|| ip.to_string());
-        if let Ok(value) = HeaderValue::from_str(&prior) {
-            headers.insert("x-forwarded-for", value);
+        let start = prior.len();
+        let _ = write!(prior, "{ip}");
+        let text = &prior[start..];
+        if ip.is_ipv6() {
+            let _ = write!(element, "for=\"[{text}]\";");
+        } else {
+            element.push_str("for=");
+            element.push_str(text);
+            element.push(';');
+        }
+        if let Ok(value) = HeaderValue::try_from(prior) {
+            headers.insert(X_FORWARDED_FOR, value);
         }
     }
-    if let Some(host) = host {
-        let _ = write!(element, "host=\"{host}\";");
-        if let Ok(value) = HeaderValue::from_str(host) {
-            headers.insert("x-forwarded-host", value);
-        }
+    if let Some((value, text)) = host.and_then(|h| Some((h, h.to_str().ok()?))) {
+        let _ = write!(element, "host=\"{text}\";");
+        headers.insert(X_FORWARDED_HOST, value.clone());
     }
     element.push_str("proto=");
     element.push_str(proto);
     headers.insert(
-        "x-forwarded-proto",
+        X_FORWARDED_PROTO,
         HeaderValue::from_static(if proto == "https" { "https" } else { "http" }),
     );
     if let Ok(value) = HeaderValue::from_str(&element) {
-        headers.append("forwarded", value);
+        headers.append(FORWARDED, value);
     }
+}
+
+/// What failed the TLS handshake of a connection that failed, when that was it.
+#[cfg(feature = "upstream-tls")]
+fn handshake_failure(error: &hyper_util::client::legacy::Error) -> Option<String> {
+    tls::handshake_failure(error)
+}
+
+/// Without TLS no handshake fails.
+#[cfg(not(feature = "upstream-tls"))]
+fn handshake_failure(_: &hyper_util::client::legacy::Error) -> Option<String> {
+    None
 }
 
 /// An error with its causes, for a diagnostics text.
@@ -705,5 +864,63 @@ impl Body for UpstreamBody {
             }
             Kind::Mapped { .. } => SizeHint::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // GATEWAY-1: without TLS built in, an https upstream is refused, naming the feature that
+    // adds it.
+    #[cfg(not(feature = "upstream-tls"))]
+    #[test]
+    fn https_upstreams_need_the_tls_feature() {
+        let error = Upstream::builder("https://hapi.internal/fhir")
+            .build()
+            .expect_err("https without TLS")
+            .to_string();
+        assert!(error.contains("`upstream-tls`"), "{error}");
+    }
+
+    #[cfg(feature = "upstream-tls")]
+    fn ca_pem() -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).unwrap().pem()
+    }
+
+    // GATEWAY-1: with TLS built in, https upstreams are accepted (http ones still are); other
+    // schemes are not.
+    #[cfg(feature = "upstream-tls")]
+    #[test]
+    fn https_upstreams_are_accepted_with_the_tls_feature() {
+        let upstream = Upstream::builder("https://hapi.internal:8443/fhir/")
+            .root_certificate_pem(ca_pem())
+            .build()
+            .expect("an https upstream");
+        assert_eq!(upstream.base(), "https://hapi.internal:8443/fhir");
+        Upstream::builder("http://hapi.internal/fhir")
+            .build()
+            .expect("an http upstream");
+        let error = Upstream::builder("ftp://hapi.internal/fhir")
+            .build()
+            .expect_err("ftp")
+            .to_string();
+        assert!(error.contains("http or https"), "{error}");
+    }
+
+    // GATEWAY-1: a malformed PEM is refused by build(), not a panic and not a failure later.
+    #[cfg(feature = "upstream-tls")]
+    #[test]
+    fn a_malformed_pem_is_a_build_error() {
+        let broken = ca_pem().replacen("MII", "M!I", 1);
+        let error = Upstream::builder("https://hapi.internal/fhir")
+            .root_certificate_pem(broken)
+            .build()
+            .expect_err("a malformed PEM")
+            .to_string();
+        assert!(error.contains("root_certificate_pem"), "{error}");
     }
 }

@@ -47,10 +47,48 @@ impl Rewriter {
 
     /// Rewrites the next chunk, appending the output to `out`. Bytes that may still be part of
     /// the base are held back until the next chunk (or [`finish`](Self::finish)).
+    ///
+    /// Between strings and inside strings that cannot be the base any more, whole spans up to
+    /// the next quote (or backslash) are copied at once; only the start of each string is
+    /// compared byte by byte.
     pub(crate) fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
         out.reserve(chunk.len());
-        for &byte in chunk {
-            self.byte(byte, out);
+        let mut rest = chunk;
+        while let Some(&first) = rest.first() {
+            match self.state {
+                State::Outside => {
+                    let Some(at) = memchr::memchr(b'"', rest) else {
+                        out.extend_from_slice(rest);
+                        return;
+                    };
+                    out.extend_from_slice(&rest[..=at]);
+                    self.state = State::Matching;
+                    self.matched = 0;
+                    rest = &rest[at + 1..];
+                }
+                State::Inside { escaped: true } => {
+                    out.push(first);
+                    self.state = State::Inside { escaped: false };
+                    rest = &rest[1..];
+                }
+                State::Inside { escaped: false } => {
+                    let Some(at) = memchr::memchr2(b'"', b'\\', rest) else {
+                        out.extend_from_slice(rest);
+                        return;
+                    };
+                    out.extend_from_slice(&rest[..=at]);
+                    self.state = if rest[at] == b'"' {
+                        State::Outside
+                    } else {
+                        State::Inside { escaped: true }
+                    };
+                    rest = &rest[at + 1..];
+                }
+                State::Matching => {
+                    self.matching(first, out);
+                    rest = &rest[1..];
+                }
+            }
         }
     }
 
@@ -142,6 +180,14 @@ impl Rewriter {
         self.matched = 0;
         self.state = state;
     }
+}
+
+/// The authority of a base URL (`fhir.internal:8103` of `http://fhir.internal:8103/fhir`):
+/// every occurrence of the base in a body, escaped slashes or not, contains it as it is, so a
+/// body without it has nothing to map.
+pub(crate) fn authority(base: &str) -> &str {
+    let rest = base.split_once("://").map_or(base, |(_, rest)| rest);
+    rest.split(['/', '?', '#']).next().unwrap_or(rest)
 }
 
 /// `value` with a leading `from` base (followed by its end, `/`, `?` or `#`) replaced by `to`;
@@ -264,6 +310,46 @@ mod tests {
                 );
             }
         }
+    }
+
+    // GATEWAY-2: the authority of the base is what every occurrence contains.
+    #[test]
+    fn the_authority_is_the_host_and_port() {
+        assert_eq!(authority(FROM), "fhir.internal:8103");
+        assert_eq!(authority("http://h"), "h");
+        assert_eq!(authority("https://h:1?x"), "h:1");
+    }
+
+    // GATEWAY-2: long strings, escapes and strings that only start like the base, in chunks of
+    // every size, give the same output as one byte at a time.
+    #[test]
+    fn spans_and_single_bytes_agree() {
+        let long = "x".repeat(300);
+        let input = format!(
+            r#"{{"a":"{long}\"{long}\\","h":"http://fhir","b":"{FROM}/P/1","c":"\/\/{FROM}","d":["{FROM}\/x",1,"{FROM}"]}}"#
+        );
+        let expected = whole(&input);
+        for size in 1..=input.len() {
+            let mut rewriter = Rewriter::new(FROM.into(), TO.into());
+            let mut out = Vec::new();
+            for chunk in input.as_bytes().chunks(size) {
+                rewriter.push(chunk, &mut out);
+            }
+            rewriter.finish(&mut out);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                expected,
+                "chunks of {size}"
+            );
+        }
+        assert!(
+            expected.contains(&format!(r#""b":"{TO}/P/1""#)),
+            "{expected}"
+        );
+        assert!(
+            expected.contains(&format!(r#"["{TO}\/x",1,"{TO}"]"#)),
+            "{expected}"
+        );
     }
 
     // GATEWAY-2: a body cut off inside a held-back prefix loses nothing.
