@@ -62,6 +62,7 @@ pub(crate) type MakeStore = Box<dyn FnOnce(Duration) -> Arc<dyn DynStore> + Send
 /// | [`caller_key`](Self::caller_key) | random per layer: set it when instances share a store |
 /// | [`foreign_job_status`](Self::foreign_job_status) | 404 |
 /// | [`max_running_jobs`](Self::max_running_jobs) | no limit |
+/// | [`max_concurrent_jobs`](Self::max_concurrent_jobs) | 8 per core |
 /// | [`max_jobs_per_caller`](Self::max_jobs_per_caller) | no limit |
 /// | [`min_poll_interval`](Self::min_poll_interval) | no limit |
 /// | [`body_timeout`](Self::body_timeout) | 60 s |
@@ -110,6 +111,7 @@ pub struct AsyncLayerBuilder {
     caller_key: Option<Vec<u8>>,
     foreign_status: StatusCode,
     max_running_jobs: Option<usize>,
+    max_concurrent_jobs: Option<usize>,
     max_jobs_per_caller: Option<usize>,
     min_poll_interval: Option<Duration>,
     body_timeout: Duration,
@@ -163,6 +165,7 @@ impl AsyncLayerBuilder {
             caller_key: None,
             foreign_status: StatusCode::NOT_FOUND,
             max_running_jobs: None,
+            max_concurrent_jobs: None,
             max_jobs_per_caller: None,
             min_poll_interval: None,
             body_timeout: Duration::from_secs(60),
@@ -427,10 +430,27 @@ impl AsyncLayerBuilder {
         self
     }
 
-    /// The most jobs this instance runs at once; further kick-offs get `429` with a
-    /// `throttled` OperationOutcome and `Retry-After` (KICK-8, SEC-13). Default: no limit.
+    /// The most unfinished jobs this instance accepts (queued or running); further kick-offs
+    /// get `429` with a `throttled` OperationOutcome and `Retry-After` (KICK-8, SEC-13).
+    /// Default: no limit.
     pub fn max_running_jobs(mut self, limit: usize) -> Self {
         self.max_running_jobs = Some(limit);
+        self
+    }
+
+    /// The most jobs this instance executes at once. Jobs accepted beyond it wait their turn,
+    /// in the order they were accepted: their polls answer `202` with `X-Progress: queued`, a
+    /// `DELETE` cancels them, shutdown drains them within its grace period (then records them
+    /// as failed), and in a shared store their instance's lease covers them, so a killed
+    /// instance's queued jobs are reported lost like its running ones, never stuck.
+    ///
+    /// A burst of bulk exports then runs a few at a time instead of all at once, each at full
+    /// speed, with memory bounded by this number (see `BENCHMARKS.md`). Jobs that mostly wait
+    /// for a slow upstream need a higher number than jobs that compute. Default: 8 per core
+    /// (`std::thread::available_parallelism`). To refuse rather than queue, set
+    /// [`max_running_jobs`](Self::max_running_jobs) too.
+    pub fn max_concurrent_jobs(mut self, limit: usize) -> Self {
+        self.max_concurrent_jobs = Some(limit);
         self
     }
 
@@ -521,6 +541,7 @@ impl AsyncLayerBuilder {
         }
         for (name, limit) in [
             ("max_running_jobs", self.max_running_jobs),
+            ("max_concurrent_jobs", self.max_concurrent_jobs),
             ("max_jobs_per_caller", self.max_jobs_per_caller),
         ] {
             if limit == Some(0) {
@@ -637,6 +658,9 @@ impl AsyncLayerBuilder {
             Clock::new(),
             instance,
             self.lease,
+            self.max_concurrent_jobs
+                .unwrap_or_else(default_concurrent_jobs)
+                .min(MAX_CONCURRENT_JOBS),
         ));
         let quotas = Quotas::new(self.max_running_jobs, self.max_jobs_per_caller);
         let polls = self.min_poll_interval.map(PollThrottle::new);
@@ -648,6 +672,17 @@ impl AsyncLayerBuilder {
             outside_base_reported: Default::default(),
         }))
     }
+}
+
+/// Jobs executed at once per core by default (`max_concurrent_jobs`).
+const CONCURRENT_JOBS_PER_CORE: usize = 8;
+
+/// More places to run than any instance has jobs: the semaphore's own limit is far higher.
+const MAX_CONCURRENT_JOBS: usize = 1 << 24;
+
+/// The default of `max_concurrent_jobs`: [`CONCURRENT_JOBS_PER_CORE`] per core.
+fn default_concurrent_jobs() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from) * CONCURRENT_JOBS_PER_CORE
 }
 
 /// The bases of `follow_links_on`, checked, without trailing `/`.
@@ -940,6 +975,7 @@ mod tests {
                 "foreign_job_status",
             ),
             (builder().max_running_jobs(0), "max_running_jobs"),
+            (builder().max_concurrent_jobs(0), "max_concurrent_jobs"),
             (builder().max_jobs_per_caller(0), "max_jobs_per_caller"),
             (builder().body_timeout(Duration::ZERO), "body_timeout"),
             (builder().lease(Duration::from_millis(10)), "lease"),

@@ -11,12 +11,18 @@ use tokio_util::sync::CancellationToken;
 use crate::admission::Admission;
 use crate::job::JobId;
 
-/// The longest `X-Progress` text sent, in characters (STATUS-4: under 100).
 /// The `X-Progress` header a job's progress is shown in (STATUS-4), and read from an upstream
 /// that runs the job itself.
 pub(crate) const X_PROGRESS: http::HeaderName = http::HeaderName::from_static("x-progress");
 
+/// The longest `X-Progress` text sent, in characters (STATUS-4: under 100).
 const MAX_PROGRESS_CHARS: usize = 99;
+
+/// The progress of a job waiting for a place to run (`max_concurrent_jobs`).
+pub(crate) const QUEUED: &str = "queued";
+
+/// The progress of a job that waited and now runs, until its handler reports its own.
+pub(crate) const RUNNING: &str = "running";
 
 /// Inserted into the extensions of every request a job replays to the inner service.
 ///
@@ -57,6 +63,8 @@ pub(crate) struct JobShared {
     admission: Mutex<Option<Admission>>,
     /// Set once the store has it running here: only then are its leases renewed.
     started: AtomicBool,
+    /// Set while it waits for a place to run (`max_concurrent_jobs`).
+    queued: AtomicBool,
     /// Set when progress changed since it was last written to the store.
     progress_changed: AtomicBool,
     /// The status of the inner service's first response, once its head arrived (0 before).
@@ -73,6 +81,7 @@ impl JobShared {
             progress: Mutex::new(None),
             admission: Mutex::new(None),
             started: AtomicBool::new(false),
+            queued: AtomicBool::new(false),
             progress_changed: AtomicBool::new(false),
             head: AtomicU16::new(0),
             changes: watch::Sender::new(0),
@@ -123,6 +132,24 @@ impl JobShared {
         self.started.load(Ordering::Acquire)
     }
 
+    /// The job waits for a place to run: pollers see `X-Progress: queued`, and a bulk kick-off
+    /// waiting for the inner service's first answer answers `202` at once.
+    pub(crate) fn mark_queued(&self) {
+        self.queued.store(true, Ordering::Release);
+        self.set_progress(QUEUED);
+        self.mark_changed();
+    }
+
+    /// The job left the queue and runs.
+    pub(crate) fn mark_dequeued(&self) {
+        self.queued.store(false, Ordering::Release);
+        self.set_progress(RUNNING);
+    }
+
+    pub(crate) fn is_queued(&self) -> bool {
+        self.queued.load(Ordering::Acquire)
+    }
+
     /// The progress, if it changed since the last call.
     pub(crate) fn take_changed_progress(&self) -> Option<Box<str>> {
         if self.progress_changed.swap(false, Ordering::AcqRel) {
@@ -132,12 +159,12 @@ impl JobShared {
         }
     }
 
-    /// Sets the progress text, kept to printable ASCII under 100 characters (STATUS-4).
     /// Marks the progress as not yet written to the store, after a failed write.
     pub(crate) fn progress_unshared(&self) {
         self.progress_changed.store(true, Ordering::Release);
     }
 
+    /// Sets the progress text, kept to printable ASCII under 100 characters (STATUS-4).
     pub(crate) fn set_progress(&self, text: &str) {
         let clean: Box<str> = text
             .chars()

@@ -153,19 +153,22 @@ where
 
 /// Merges `Prefer` into `Vary` unless it is already named (or `*` is).
 pub(crate) fn add_vary_prefer(headers: &mut http::HeaderMap) {
-    // The common case, on every eligible GET: no `Vary` yet.
-    if !headers.contains_key(VARY) {
-        headers.insert(VARY, HeaderValue::from_static("Prefer"));
-        return;
-    }
-    let named = headers.get_all(VARY).iter().any(|value| {
-        value.to_str().is_ok_and(|v| {
-            v.split(',')
-                .any(|n| n.trim() == "*" || n.trim().eq_ignore_ascii_case("prefer"))
-        })
-    });
-    if !named {
-        headers.append(VARY, HeaderValue::from_static("Prefer"));
+    // One lookup of the name: on every eligible GET, most often there is no `Vary` yet.
+    match headers.entry(VARY) {
+        http::header::Entry::Vacant(slot) => {
+            slot.insert(HeaderValue::from_static("Prefer"));
+        }
+        http::header::Entry::Occupied(mut slot) => {
+            let named = slot.iter().any(|value| {
+                value.to_str().is_ok_and(|v| {
+                    v.split(',')
+                        .any(|n| n.trim() == "*" || n.trim().eq_ignore_ascii_case("prefer"))
+                })
+            });
+            if !named {
+                slot.append(HeaderValue::from_static("Prefer"));
+            }
+        }
     }
 }
 

@@ -302,6 +302,10 @@ async fn answer_in_time(
             if runner.registry.changes(&id).is_none() {
                 return true;
             }
+            // A queued job has no answer to wait for yet: the kick-off answers `202` now.
+            if matches!(awaited, Awaited::ClientError) && job.is_queued() {
+                return false;
+            }
             if let (Awaited::ClientError, Some(head)) = (awaited, job.head()) {
                 if !head.is_client_error() {
                     return false;

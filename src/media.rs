@@ -44,7 +44,12 @@ pub(crate) fn is_ndjson(essence: &str) -> bool {
 /// unlike [`essence`], it copies nothing.
 #[cfg(feature = "upstream")]
 pub(crate) fn is_json_or_ndjson(content_type: &str) -> bool {
-    let essence = content_type.split(';').next().unwrap_or_default().trim();
+    // On every forwarded answer: a plain scan for the parameters, no `split` machinery.
+    let end = content_type
+        .bytes()
+        .position(|b| b == b';')
+        .unwrap_or(content_type.len());
+    let essence = content_type[..end].trim();
     JSON.iter()
         .chain(&NDJSON)
         .any(|known| essence.eq_ignore_ascii_case(known))

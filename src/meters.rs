@@ -7,12 +7,16 @@
 /// `throttled`, …, the same words as the audit trail).
 pub(crate) const REQUESTS: &str = "fhir_async_requests_total";
 
-/// Gauge: jobs registered to run in this process (waiting for the inner service or running).
+/// Gauge: jobs registered to run in this process (queued, waiting for the inner service, or
+/// running).
 pub(crate) const RUNNING: &str = "fhir_async_jobs_running";
 
+/// Gauge: jobs accepted here that wait for a place to run (`max_concurrent_jobs`).
+pub(crate) const QUEUED: &str = "fhir_async_jobs_queued";
+
 /// Counter: jobs that ended here, by `outcome` (`completed`, `failed`, `cancelled`, `lost`: the
-/// outcome could not be recorded; `not-started`: the store did not record its start in time, so
-/// it was not run; `orphaned`: a refused kick-off's record could not be taken back).
+/// outcome could not be recorded; `orphaned`: a refused kick-off's record could not be taken
+/// back).
 pub(crate) const FINISHED: &str = "fhir_async_jobs_finished_total";
 
 /// Counter: results the store refused because another instance had already failed the job as

@@ -13,7 +13,7 @@ use http::{HeaderName, Request, Response, StatusCode, header};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use std::future::Future;
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
@@ -65,6 +65,9 @@ pub(crate) struct Runner {
     pub(crate) registry: Registry,
     tracker: TaskTracker,
     watcher: AtomicBool,
+    /// Places to run: at most `max_concurrent_jobs` jobs execute at once; the rest wait for a
+    /// place in the order they were accepted (the semaphore is fair).
+    slots: Arc<Semaphore>,
 }
 
 impl Runner {
@@ -74,6 +77,7 @@ impl Runner {
         clock: Clock,
         instance: String,
         lease: Duration,
+        max_concurrent_jobs: usize,
     ) -> Self {
         Self {
             config,
@@ -84,6 +88,7 @@ impl Runner {
             registry: Registry::default(),
             tracker: TaskTracker::new(),
             watcher: AtomicBool::new(false),
+            slots: Arc::new(Semaphore::new(max_concurrent_jobs)),
         }
     }
 
@@ -137,11 +142,17 @@ pub(crate) fn spawn<S, ReqB>(
     ReqB: Send + 'static,
 {
     let NewJob {
-        record,
+        mut record,
         work,
         once,
         admission,
     } = new;
+    // One store write accepts and starts the job: it is created running here, under this
+    // instance's lease (renewed while it waits in the queue and while it runs).
+    record.state = JobState::Running {
+        instance: runner.instance.to_string(),
+        lease_until: later(runner.clock.now(), runner.lease),
+    };
     // The path only: queries can carry patient data, and logs are no place for it.
     let path = record.target.split('?').next().unwrap_or_default();
     let span = tracing::info_span!("fhir_async_job", job.id = %job.id, http.method = %record.method, http.path = %path);
@@ -188,6 +199,7 @@ pub(crate) fn spawn<S, ReqB>(
             tracing::info!("kick-off abandoned before its answer; the job was dropped");
             return;
         }
+        job.mark_started();
         tracing::info!("asynchronous job accepted");
         run(runner.clone(), job, inner, request, work).await;
     };
@@ -221,50 +233,35 @@ async fn run<S, ReqB>(
 {
     let config = &runner.config;
     let id = job.id;
-    match Box::pin(start(&runner, &job)).await {
-        Start::Started => job.mark_started(),
-        Start::Gone => {
-            tracing::info!("asynchronous job cancelled before it started");
-            return;
-        }
-        Start::Unrecorded => {
-            // Running it unrecorded would let the watcher of any instance declare it lost while
-            // it runs, and a client obeying "start it again" would run the work twice.
-            tracing::error!(
-                "the job store did not record the job's start in time; the request was not run"
-            );
-            let outcome = JobOutcome::Failed(synthesized(
-                StatusCode::SERVICE_UNAVAILABLE,
-                IssueCode::Transient,
-                "The job store was unavailable when this job was to start, so the request was not run. Send it \
-                 again.",
-            ));
-            Box::pin(record(&runner, id, outcome)).await;
-            metrics::counter!(meters::FINISHED, "outcome" => "not-started").increment(1);
-            return;
-        }
-    }
-
-    let started = tokio::time::Instant::now();
     let is_bulk = matches!(work, Work::Bulk(_));
-    let execution = match work {
-        Work::Interaction => Either::Left(execute(config, &job, inner, request)),
-        // Boxed: an export's state is large, and an interaction job should not carry its size.
-        Work::Bulk(spec) => Either::Right(Box::pin(bulk::export::execute(
-            config,
-            runner.clock,
-            &job,
-            spec,
-            inner,
-            request,
-        ))),
+    // Set once the job has a place to run: its duration counts from then.
+    let mut began = None;
+    let execution = async {
+        // Started in the store before it waits, so its lease is renewed while it is queued (a
+        // killed instance's queue is failed as lost, not stuck); cancellable while it waits
+        // (the `select!` below).
+        let _slot = take_slot(&runner, &job).await;
+        began = Some(tokio::time::Instant::now());
+        let execution = match work {
+            Work::Interaction => Either::Left(execute(config, &job, inner, request)),
+            // Boxed: an export's state is large, and an interaction job should not carry its size.
+            Work::Bulk(spec) => Either::Right(Box::pin(bulk::export::execute(
+                config,
+                runner.clock,
+                &job,
+                spec,
+                inner,
+                request,
+            ))),
+        };
+        guarded(execution, config.max_run_time).await
     };
-    let execution = guarded(execution, config.max_run_time);
     let outcome = tokio::select! {
         biased;
         () = job.cancel.cancelled() => None,
         outcome = execution => Some(outcome),
     };
+    let started = began.unwrap_or_else(tokio::time::Instant::now);
     let outcome = match outcome {
         Some(outcome) => outcome,
         None if runner.registry.is_stopping() => JobOutcome::Failed(synthesized(
@@ -296,58 +293,33 @@ async fn run<S, ReqB>(
     }
 }
 
-/// How recording a job's start ended.
-enum Start {
-    /// The store has it running here, under a lease: run it.
-    Started,
-    /// Cancelled (or taken by another instance) before it started: do not run it.
-    Gone,
-    /// The store did not answer in time: do not run it.
-    Unrecorded,
+/// A place to run: at once when one is free, else after the jobs accepted before it (the job
+/// shows `queued` meanwhile).
+async fn take_slot(runner: &Runner, job: &JobShared) -> Option<OwnedSemaphorePermit> {
+    if let Ok(slot) = runner.slots.clone().try_acquire_owned() {
+        return Some(slot);
+    }
+    job.mark_queued();
+    metrics::gauge!(meters::QUEUED).increment(1.0);
+    // Decremented however the wait ends (the job may be cancelled while it waits).
+    let _queued = scopeguard(|| metrics::gauge!(meters::QUEUED).decrement(1.0));
+    // The semaphore is never closed.
+    let slot = runner.slots.clone().acquire_owned().await.ok();
+    job.mark_dequeued();
+    slot
 }
 
-/// Records `Accepted → Running` here, trying again while the store is unavailable, for at most
-/// half a lease from now: past the lease, other instances would take an unstarted job for one
-/// whose instance died, and fail it.
-async fn start(runner: &Runner, job: &JobShared) -> Start {
-    let give_up = tokio::time::Instant::now() + runner.lease / 2;
-    let mut delay = Duration::from_millis(50);
-    let mut failed_before = false;
-    loop {
-        let lease_until = later(runner.clock.now(), runner.lease);
-        match runner
-            .store
-            .start(&job.id, &runner.instance, lease_until)
-            .await
-        {
-            Ok(true) => return Start::Started,
-            // An earlier attempt may have landed after all: then the job runs here already.
-            Ok(false) if failed_before => {
-                return match runner.store.get(&job.id, runner.clock.now()).await {
-                    Ok(Some(JobRecord {
-                        state: JobState::Running { instance, .. },
-                        ..
-                    })) if *instance == *runner.instance => Start::Started,
-                    Ok(_) => Start::Gone,
-                    Err(_) => Start::Unrecorded,
-                };
-            }
-            Ok(false) => return Start::Gone,
-            Err(error) => {
-                failed_before = true;
-                if tokio::time::Instant::now() + delay >= give_up {
-                    tracing::warn!(%error, "recording the job's start failed; giving up");
-                    return Start::Unrecorded;
-                }
-                tracing::warn!(%error, "recording the job's start failed; trying again");
-                tokio::select! {
-                    () = job.cancel.cancelled() => return Start::Gone,
-                    () = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(1));
+/// Runs `f` when dropped.
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
             }
         }
     }
+    Guard(Some(f))
 }
 
 /// Takes back a job whose kick-off was not answered `202`, trying again while the store is

@@ -51,7 +51,11 @@ LIMITS (durations as 250ms, 10s, 2m; a bare number is seconds):
     --idle-timeout D      close a connection on which nothing was read or written for D, e.g.
                           a stalled upload or a client that stopped reading (default 60s;
                           keep it above --reindex-secs for synchronous calls)
-    --max-running-jobs N  jobs run at once; more kick-offs get 429 (default 64; `off`)
+    --max-running-jobs N  unfinished jobs (queued or running); more kick-offs get 429
+                          (default 64; `off`)
+    --max-concurrent-jobs N
+                          jobs executed at once; later ones wait in order as `queued`
+                          (default: the layer's, 8 per core)
     --max-jobs-per-caller N
                           unfinished jobs per client with --auth; more get 429 (default 10;
                           `off`)
@@ -82,6 +86,7 @@ pub(crate) struct Options {
     /// How long a connection may go without a byte read or written.
     pub(crate) idle_timeout: Duration,
     pub(crate) max_running_jobs: Option<usize>,
+    pub(crate) max_concurrent_jobs: Option<usize>,
     pub(crate) max_jobs_per_caller: Option<usize>,
     pub(crate) min_poll_interval: Option<Duration>,
     /// `--completion redirect`: finished jobs answer `303` to their result.
@@ -162,6 +167,7 @@ pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, U
         header_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_secs(60),
         max_running_jobs: Some(64),
+        max_concurrent_jobs: None,
         max_jobs_per_caller: Some(10),
         min_poll_interval: Some(Duration::from_millis(250)),
         redirect: false,
@@ -275,6 +281,9 @@ pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, U
             }
             "--max-running-jobs" => {
                 options.max_running_jobs = off_or(&value("N")?, |raw| count(&flag, raw))?;
+            }
+            "--max-concurrent-jobs" => {
+                options.max_concurrent_jobs = Some(count(&flag, &value("N")?)?);
             }
             "--max-jobs-per-caller" => {
                 options.max_jobs_per_caller = off_or(&value("N")?, |raw| count(&flag, raw))?;
@@ -401,6 +410,8 @@ mod tests {
             "--max-running-jobs",
             "off",
             "--max-jobs-per-caller=3",
+            "--max-concurrent-jobs",
+            "2",
             "--min-poll-interval",
             "OFF",
             "--caller-key",
@@ -412,6 +423,7 @@ mod tests {
         assert_eq!(o.idle_timeout, Duration::from_secs(5));
         assert_eq!(o.max_running_jobs, None);
         assert_eq!(o.max_jobs_per_caller, Some(3));
+        assert_eq!(o.max_concurrent_jobs, Some(2));
         assert_eq!(o.min_poll_interval, None);
         assert_eq!(o.caller_key.as_deref(), Some("0123456789abcdef"));
         for bad in [
@@ -419,6 +431,7 @@ mod tests {
             &["--header-timeout", "off"],
             &["--idle-timeout", "soon"],
             &["--max-running-jobs", "0"],
+            &["--max-concurrent-jobs", "0"],
             &["--min-poll-interval", "-1"],
             &["--caller-key", "short"],
         ] {

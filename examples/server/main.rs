@@ -165,6 +165,9 @@ async fn main() -> ExitCode {
     if let Some(limit) = options.max_running_jobs {
         builder = builder.max_running_jobs(limit);
     }
+    if let Some(limit) = options.max_concurrent_jobs {
+        builder = builder.max_concurrent_jobs(limit);
+    }
     if let Some(limit) = options.max_jobs_per_caller {
         builder = builder.max_jobs_per_caller(limit);
     }

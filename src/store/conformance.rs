@@ -145,6 +145,7 @@ macro_rules! store_conformance_tests {
             status_4_progress_is_kept_until_the_job_ends
             design_renew_leases_reports_jobs_that_stopped_running_here
             design_fail_lapsed_fails_only_lapsed_running_jobs
+            design_jobs_created_running_are_leased_like_started_ones
             status_14_stored_responses_round_trip_exactly
             kick_9_create_once_returns_the_existing_job_for_a_repeated_key
             kick_9_create_once_never_matches_across_owners
@@ -683,6 +684,93 @@ pub async fn design_fail_lapsed_fails_only_lapsed_running_jobs<F: Fixture>(
         JobState::Failed(_)
     ));
     for rec in [&lapsed, &renewed, &accepted, &orphan] {
+        store.cancel(&rec.id, base).await.unwrap();
+    }
+}
+
+/// The layer accepts and starts a job in one write: a record created (or created once)
+/// `Running` is leased like one started later: `start` refuses it, `renew_leases` renews it,
+/// `fail_lapsed` fails it once its lease lapsed, and it finishes as usual.
+pub async fn design_jobs_created_running_are_leased_like_started_ones<F: Fixture>(
+    _: &F,
+    store: &F::Store,
+) {
+    // Far in the past, so that other tests' jobs sharing the store keep their leases.
+    let base = SystemTime::UNIX_EPOCH + 2_000_000 * SECOND;
+    let running = |instance: &str, lease_until| {
+        let mut rec = record(base);
+        rec.state = JobState::Running {
+            instance: instance.into(),
+            lease_until,
+        };
+        rec
+    };
+    let alive = running("alive", base + 100 * SECOND);
+    let dead = running("dead", base + SECOND);
+    let once = running("alive", base + 100 * SECOND).with_owner(Some("owner".into()));
+    store.create(alive.clone()).await.unwrap();
+    store.create(dead.clone()).await.unwrap();
+    assert_eq!(
+        store
+            .create_once(once.clone(), "key-created-running", base)
+            .await
+            .unwrap(),
+        Created::New
+    );
+    assert_eq!(
+        get(store, &alive.id, base).await.unwrap().state,
+        alive.state
+    );
+    assert!(
+        !store
+            .start(&alive.id, "other", base + 100 * SECOND)
+            .await
+            .unwrap(),
+        "a job created running is not started again"
+    );
+    let gone = store
+        .renew_leases("alive", &[alive.id, once.id], base + 200 * SECOND)
+        .await
+        .unwrap();
+    assert!(gone.is_empty(), "both still run on \"alive\": {gone:?}");
+    assert_eq!(
+        get(store, &once.id, base).await.unwrap().state,
+        JobState::Running {
+            instance: "alive".into(),
+            lease_until: base + 200 * SECOND
+        }
+    );
+    let lost = response(503, r#"{"resourceType":"OperationOutcome"}"#);
+    let failed = store
+        .fail_lapsed(
+            base + 2 * SECOND,
+            base + SECOND,
+            JobOutcome::Failed(lost.clone()),
+            base + 3600 * SECOND,
+        )
+        .await
+        .unwrap();
+    assert!(failed.contains(&dead.id), "the lapsed lease was noticed");
+    assert!(
+        !failed.contains(&alive.id) && !failed.contains(&once.id),
+        "renewed leases hold: {failed:?}"
+    );
+    assert_eq!(
+        get(store, &dead.id, base + 2 * SECOND).await.unwrap().state,
+        JobState::Failed(lost)
+    );
+    let outcome = JobOutcome::Completed(response(200, "{}"));
+    assert!(
+        store
+            .finish(&alive.id, outcome.clone(), base, base + 3600 * SECOND)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        get(store, &alive.id, base).await.unwrap().state,
+        JobState::Completed(response(200, "{}"))
+    );
+    for rec in [&alive, &dead, &once] {
         store.cancel(&rec.id, base).await.unwrap();
     }
 }

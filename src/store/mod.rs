@@ -162,7 +162,12 @@ impl StdError for StoreError {
 /// To change one operation of an existing store (count it, delay it, fail it), implement
 /// [`DelegateStore`] instead: every operation you do not write is passed on.
 pub trait JobStore: Send + Sync + 'static {
-    /// Records a newly accepted job. Fails with [`StoreError::Conflict`] if the id is taken, and
+    /// Records a newly accepted job, in the state its record has. The layer creates its jobs
+    /// [`Running`](JobState::Running) on their instance, under a lease (accepted and started in
+    /// one write), so the record must be indexed for [`renew_leases`](Self::renew_leases) and
+    /// [`fail_lapsed`](Self::fail_lapsed) as a started one is; an
+    /// [`Accepted`](JobState::Accepted) record is started later with [`Transition::Start`].
+    /// Fails with [`StoreError::Conflict`] if the id is taken, and
     /// with [`StoreError::Full`] if the store refuses new jobs because it keeps as many finished
     /// results as it may ([`MemoryStore`]'s caps); it must never evict an unexpired result to
     /// make room.

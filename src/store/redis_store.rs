@@ -352,7 +352,8 @@ return 1
 });
 
 /// `KEYS`: job, accepted, running, expiring. `ARGV`: id, state, response, finished, expires,
-/// ttl ms.
+/// ttl ms, channel ('' for none). When the job ended here, `updated {id}` is published on the
+/// channel in the same round trip.
 ///
 /// The job's idempotency key, if it still names the job, gets the same expiry when the job
 /// completes, and is deleted when it fails (a failed job does not count for a repeat).
@@ -383,6 +384,7 @@ if tonumber(ARGV[6]) > 0 then
 else
   redis.call('DEL', KEYS[1])
 end
+if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[7], 'updated ' .. ARGV[1]) end
 return 1
 ",
     )
@@ -425,13 +427,15 @@ return 1
     )
 });
 
-/// `KEYS`: job. `ARGV`: progress.
+/// `KEYS`: job. `ARGV`: progress, id, channel ('' for none). A change is published as
+/// `updated {id}` in the same round trip.
 static SET_PROGRESS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local job = redis.call('HMGET', KEYS[1], 'state', 'progress')
 if (job[1] == 'accepted' or job[1] == 'running') and job[2] ~= ARGV[1] then
   redis.call('HSET', KEYS[1], 'progress', ARGV[1])
+  if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[3], 'updated ' .. ARGV[2]) end
   return 1
 end
 return 0
@@ -621,7 +625,8 @@ impl JobStore for RedisStore {
     }
 
     async fn transition(&self, id: &JobId, transition: Transition<'_>) -> Result<bool, StoreError> {
-        let (applied, news): (i64, bool) = match transition {
+        // Ends and progress are announced by the scripts themselves, in the same round trip.
+        let applied: i64 = match transition {
             Transition::Start {
                 instance,
                 lease_until,
@@ -636,7 +641,7 @@ impl JobStore for RedisStore {
                     .invoke_async(&mut self.connection())
                     .await;
                 // A start is nobody's news: pollers see `Running` as they saw `Accepted`.
-                (started.map_err(store_error)?, false)
+                started.map_err(store_error)?
             }
             Transition::Finish {
                 outcome,
@@ -655,22 +660,22 @@ impl JobStore for RedisStore {
                     .arg(to_millis(finished_at))
                     .arg(to_millis(expires_at))
                     .arg(ttl_millis(finished_at, expires_at))
+                    .arg(self.announced_on())
                     .invoke_async(&mut self.connection())
                     .await;
-                (finished.map_err(store_error)?, true)
+                finished.map_err(store_error)?
             }
             Transition::Progress(progress) => {
                 let changed = SET_PROGRESS
                     .key(self.job_key(id))
                     .arg(progress)
+                    .arg(id.to_string())
+                    .arg(self.announced_on())
                     .invoke_async(&mut self.connection())
                     .await;
-                (changed.map_err(store_error)?, true)
+                changed.map_err(store_error)?
             }
         };
-        if applied == 1 && news {
-            self.announce(&[*id]).await?;
-        }
         Ok(applied == 1)
     }
 
@@ -844,6 +849,15 @@ impl RedisStore {
 
     /// Announces changed jobs on [`changes_channel`](Self::changes_channel), after the change
     /// is committed. Only with a pub/sub client: without one, nobody here listens.
+    /// The channel changes are announced on, or `""` when nobody listens (no pub/sub).
+    fn announced_on(&self) -> String {
+        if self.pubsub.is_some() {
+            self.changes_channel()
+        } else {
+            String::new()
+        }
+    }
+
     async fn announce(&self, ids: &[JobId]) -> Result<(), StoreError> {
         if self.pubsub.is_none() || ids.is_empty() {
             return Ok(());

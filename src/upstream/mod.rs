@@ -58,23 +58,24 @@ pub use rustls;
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use http::header::Entry;
 use http::header::{
-    ACCEPT_ENCODING, CONNECTION, CONTENT_LENGTH, CONTENT_LOCATION, CONTENT_TYPE, FORWARDED, HOST,
-    LINK, LOCATION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING,
-    UPGRADE,
+    ACCEPT_ENCODING, CONNECTION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_LOCATION, CONTENT_TYPE,
+    FORWARDED, HOST, LINK, LOCATION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
+    TRANSFER_ENCODING, UPGRADE,
 };
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Either, Empty};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -95,6 +96,10 @@ type Connector = tls::Connector;
 #[cfg(not(feature = "upstream-tls"))]
 type Connector = HttpConnector;
 
+/// A forwarded request's body: none (most requests: GET, DELETE), without an allocation, or the
+/// caller's, streamed.
+type Outgoing = Either<Empty<Bytes>, UnsyncBoxBody<Bytes, BoxError>>;
+
 /// Forwards every request to a FHIR server over HTTP; see the [module](self) documentation.
 ///
 /// Cheap to clone: clones share the connection pool.
@@ -104,7 +109,7 @@ pub struct Upstream {
 }
 
 struct Shared {
-    client: Client<Connector, UnsyncBoxBody<Bytes, BoxError>>,
+    client: Client<Connector, Outgoing>,
     /// The upstream's base path, without a trailing `/` (`/fhir/R4`, or empty).
     path: String,
     /// The whole upstream base (`origin` + `path`).
@@ -112,6 +117,8 @@ struct Shared {
     /// The upstream's scheme and authority, for each forwarded request's URI.
     scheme: Scheme,
     authority: Authority,
+    /// The upstream's authority as the `Host` of forwarded requests.
+    host: HeaderValue,
     /// Finds the upstream's authority in a body: a body without it has nothing to map.
     mentions: memchr::memmem::Finder<'static>,
     /// The public base, when fixed; otherwise `http(s)://{Host}{path}` of each request.
@@ -122,7 +129,7 @@ struct Shared {
 
 struct PublicBase {
     base: Arc<str>,
-    scheme: String,
+    scheme: &'static str,
     path: String,
 }
 
@@ -307,7 +314,8 @@ impl UpstreamBuilder {
                     BuildError(format!("public_base must be a URL, not {public:?}"))
                 })?;
                 let scheme = match parsed.scheme_str() {
-                    Some(s @ ("http" | "https")) => s.to_owned(),
+                    Some("http") => "http",
+                    Some("https") => "https",
                     _ => {
                         return Err(BuildError(format!(
                             "public_base must be an absolute http(s) URL, not {public:?}"
@@ -348,12 +356,24 @@ impl UpstreamBuilder {
         let mentions =
             memchr::memmem::Finder::new(rewrite::authority(&origin).as_bytes()).into_owned();
         let (scheme, authority) = (scheme.clone(), authority.clone());
+        // As hyper would write it: no user information, no default port.
+        let default_port = if https { 443 } else { 80 };
+        let host = match authority.port_u16().filter(|port| *port != default_port) {
+            Some(port) => format!("{}:{port}", authority.host()),
+            None => authority.host().to_owned(),
+        };
+        let host = HeaderValue::from_str(&host).map_err(|_| {
+            BuildError(format!(
+                "the upstream's host {host:?} is not a valid header"
+            ))
+        })?;
         Ok(Upstream {
             shared: Arc::new(Shared {
                 client,
                 mentions,
                 scheme,
                 authority,
+                host,
                 base: format!("{origin}{path}").into(),
                 path,
                 public,
@@ -440,9 +460,10 @@ impl Shared {
         B::Error: Into<BoxError>,
     {
         let (mut parts, body) = request.into_parts();
-        // The caller's host, as a header value (a cheap clone, no copy of the text).
-        let host_value = match parts.headers.get(HOST) {
-            Some(host) => host.to_str().is_ok().then(|| host.clone()),
+        // The upstream's host in place of the caller's (one lookup; hyper then leaves it), and
+        // the caller's kept for the `Forwarded` headers and the public base.
+        let host_value = match parts.headers.insert(HOST, self.host.clone()) {
+            Some(host) => host.to_str().is_ok().then_some(host),
             None => parts
                 .uri
                 .authority()
@@ -453,7 +474,7 @@ impl Shared {
             Some(public) => (
                 Arc::clone(&public.base),
                 public.path.as_str(),
-                public.scheme.as_str(),
+                public.scheme,
             ),
             None => match host {
                 Some(host) => (
@@ -514,19 +535,29 @@ impl Shared {
         parts.version = http::Version::HTTP_11;
         let headers = &mut parts.headers;
         remove_hop_by_hop(headers);
-        headers.remove(HOST);
+        // Room for the headers added below at once, not one growth of the map after another.
+        headers.reserve(4 + self.headers.len());
         forwarded(
             headers,
             parts.extensions.get::<SocketAddr>(),
             host_value.as_ref(),
             proto,
         );
-        // Bodies are mapped, so they must come uncompressed; compress outside the layer.
-        headers.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        // Bodies are mapped, so they should come uncompressed (compress outside the layer): a
+        // client's codings are replaced by identity. Without the header a server sends
+        // identity in practice, and whatever it sends is decoded before mapping.
+        if let Some(codings) = headers.get_mut(ACCEPT_ENCODING) {
+            *codings = HeaderValue::from_static("identity");
+        }
         for (name, value) in &self.headers {
             headers.insert(name.clone(), value.clone());
         }
-        let request = Request::from_parts(parts, body.map_err(Into::into).boxed_unsync());
+        let body = if body.is_end_stream() {
+            Either::Left(Empty::new())
+        } else {
+            Either::Right(body.map_err(Into::into).boxed_unsync())
+        };
+        let request = Request::from_parts(parts, body);
         let answer = tokio::time::timeout(self.response_timeout, self.client.request(request));
         match answer.await {
             Ok(Ok(response)) => self.answer(response, public_base).await,
@@ -565,6 +596,41 @@ impl Shared {
         }
     }
 
+    /// `Location`, `Content-Location` and `Link` on the public base.
+    fn map_url_headers(&self, headers: &mut HeaderMap, public: &str) {
+        for name in [LOCATION, CONTENT_LOCATION] {
+            let mapped = headers
+                .get(&name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| {
+                    rewrite::map_url(v, &self.base, public)
+                        .or_else(|| rewrite::map_path(v, &self.path, public))
+                })
+                .and_then(|v| HeaderValue::from_str(&v).ok());
+            if let Some(mapped) = mapped {
+                headers.insert(name, mapped);
+            }
+        }
+        let links: Vec<HeaderValue> = headers
+            .get_all(LINK)
+            .iter()
+            .map(|value| {
+                value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| rewrite::map_link(v, &self.base, public))
+                    .and_then(|v| HeaderValue::from_str(&v).ok())
+                    .unwrap_or_else(|| value.clone())
+            })
+            .collect();
+        if !links.is_empty() {
+            headers.remove(LINK);
+            for link in links {
+                headers.append(LINK, link);
+            }
+        }
+    }
+
     /// The upstream's answer, its URLs on the public base.
     async fn answer(
         &self,
@@ -574,67 +640,37 @@ impl Shared {
         let (mut parts, body) = response.into_parts();
         // The version spoken with the upstream is not the client's: the server answers in its own.
         parts.version = http::Version::default();
-        remove_hop_by_hop(&mut parts.headers);
-        for name in [LOCATION, CONTENT_LOCATION] {
-            let mapped = parts
-                .headers
-                .get(&name)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| {
-                    rewrite::map_url(v, &self.base, &public)
-                        .or_else(|| rewrite::map_path(v, &self.path, &public))
-                })
-                .and_then(|v| HeaderValue::from_str(&v).ok());
-            if let Some(mapped) = mapped {
-                parts.headers.insert(name, mapped);
-            }
+        let seen = Seen::of(&parts.headers);
+        if seen.hop_by_hop {
+            remove_hop_by_hop(&mut parts.headers);
         }
-        let links: Vec<HeaderValue> = parts
-            .headers
-            .get_all(LINK)
-            .iter()
-            .map(|value| {
-                value
-                    .to_str()
-                    .ok()
-                    .and_then(|v| rewrite::map_link(v, &self.base, &public))
-                    .and_then(|v| HeaderValue::from_str(&v).ok())
-                    .unwrap_or_else(|| value.clone())
-            })
-            .collect();
-        if !links.is_empty() {
-            parts.headers.remove(LINK);
-            for link in links {
-                parts.headers.append(LINK, link);
-            }
+        if seen.urls {
+            self.map_url_headers(&mut parts.headers, &public);
         }
-        let mapped = parts
-            .headers
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(media::is_json_or_ndjson);
-        if !mapped {
+        if !seen.json {
             return Response::from_parts(parts, UpstreamBody::plain(body));
         }
-        match encoding::decoded(&mut parts.headers, body) {
+        let decoded = if seen.encoded {
+            encoding::decoded(&mut parts.headers, body)
+        } else {
+            Ok(Decoding::Plain { body })
+        };
+        match decoded {
             Ok(decoded) => {
-                let declared = parts
-                    .headers
-                    .get(CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<usize>().ok());
-                let mut rewriter = Rewriter::new(Arc::clone(&self.base), Arc::clone(&public));
                 // A small body is mapped whole, so the client still gets a Content-Length (no
                 // chunked framing); a large one streams, its memory bounded.
-                if let Some(declared) = declared.filter(|length| *length <= WHOLE_BODY) {
-                    let limited = http_body_util::Limited::new(decoded, WHOLE_BODY.max(declared));
-                    return match limited.collect().await {
-                        Ok(collected) => {
-                            let plain = collected.to_bytes();
+                if let Some(declared) = seen.length.filter(|length| {
+                    // An encoded answer's length is not the decoded one's.
+                    matches!(decoded, Decoding::Plain { .. }) && *length <= WHOLE_BODY
+                }) {
+                    return match read_small(decoded, WHOLE_BODY.max(declared)).await {
+                        Ok(plain) => {
                             // Most answers name no URL on the upstream: passed on as they are.
                             let out = if self.mentions.find(&plain).is_none() {
                                 plain
                             } else {
+                                let mut rewriter =
+                                    Rewriter::new(Arc::clone(&self.base), Arc::clone(&public));
                                 let mut out = Vec::with_capacity(plain.len() + 64);
                                 rewriter.push(&plain, &mut out);
                                 rewriter.finish(&mut out);
@@ -657,6 +693,7 @@ impl Shared {
                         ),
                     };
                 }
+                let rewriter = Rewriter::new(Arc::clone(&self.base), Arc::clone(&public));
                 // Mapped as it streams: its length is not known beforehand.
                 parts.headers.remove(CONTENT_LENGTH);
                 Response::from_parts(parts, UpstreamBody::mapped(decoded, rewriter))
@@ -673,49 +710,169 @@ impl Shared {
     }
 }
 
+/// What an answer's headers hold, found in one pass over them (most answers have a few
+/// headers; a lookup per name would hash each name the forwarder asks about).
+#[derive(Default)]
+struct Seen {
+    /// `Content-Type` is FHIR JSON or NDJSON: the body is mapped.
+    json: bool,
+    /// `Content-Length`, when readable.
+    length: Option<usize>,
+    /// `Location`, `Content-Location` or `Link`: headers to map.
+    urls: bool,
+    /// `Content-Encoding`: decoded before mapping.
+    encoded: bool,
+    /// A hop-by-hop header.
+    hop_by_hop: bool,
+}
+
+impl Seen {
+    fn of(headers: &HeaderMap) -> Self {
+        let mut seen = Self::default();
+        for (name, value) in headers {
+            if name == CONTENT_TYPE {
+                seen.json = value.to_str().is_ok_and(media::is_json_or_ndjson);
+            } else if name == CONTENT_LENGTH {
+                seen.length = value.to_str().ok().and_then(|v| v.parse().ok());
+            } else if name == LOCATION || name == CONTENT_LOCATION || name == LINK {
+                seen.urls = true;
+            } else if name == CONTENT_ENCODING {
+                seen.encoded = true;
+            } else if HOP_BY_HOP.contains(name) {
+                seen.hop_by_hop = true;
+            }
+        }
+        seen
+    }
+}
+
+/// The whole of a small answer's `body`, at most `limit` bytes.
+///
+/// Not `Limited` and `collect`: the common case, one frame holding all of it (the body then
+/// ends, by its length), is taken as it is, without a copy or a buffer list.
+async fn read_small<B>(body: B, limit: usize) -> Result<Bytes, BoxError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let mut body = std::pin::pin!(body);
+    let mut first: Option<Bytes> = None;
+    let mut joined: Vec<u8> = Vec::new();
+    let mut length = 0;
+    while !body.is_end_stream() {
+        let Some(frame) = body.frame().await else {
+            break;
+        };
+        // Trailers, if any, carry no part of the resource.
+        let Ok(data) = frame.map_err(Into::into)?.into_data() else {
+            continue;
+        };
+        length += data.len();
+        if length > limit {
+            return Err(format!("the answer is longer than {limit} bytes").into());
+        }
+        match first.take() {
+            None if joined.is_empty() => first = Some(data),
+            earlier => {
+                if let Some(earlier) = earlier {
+                    joined.reserve(limit.min(64 * 1024));
+                    joined.extend_from_slice(&earlier);
+                }
+                joined.extend_from_slice(&data);
+            }
+        }
+    }
+    Ok(if joined.is_empty() {
+        first.unwrap_or_default()
+    } else {
+        Bytes::from(joined)
+    })
+}
+
 /// Adds `Forwarded` (RFC 7239) and the `X-Forwarded-*` headers proxies commonly set.
+///
+/// On every forwarded request, so written for speed: the client's address is written once,
+/// without `fmt`, into one buffer that both values share (one allocation), and `X-Forwarded-For`
+/// is looked up and set with one hash of its name.
 fn forwarded(
     headers: &mut HeaderMap,
     peer: Option<&SocketAddr>,
     host: Option<&HeaderValue>,
-    proto: &str,
+    proto: &'static str,
 ) {
-    use std::fmt::Write as _;
-
-    let mut element = String::with_capacity(64);
+    let host = host.filter(|h| h.to_str().is_ok());
+    let mut buffer = BytesMut::with_capacity(96 + host.map_or(0, |h| h.len()));
+    // `Forwarded`: `for=…;host="…";proto=…` (an IPv6 address quoted, in brackets).
     if let Some(peer) = peer {
-        let ip = peer.ip();
-        // The address is written once; both headers take it from there.
-        let mut prior = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(prior) => format!("{prior}, "),
-            None => String::with_capacity(40),
+        buffer.extend_from_slice(b"for=");
+        match peer.ip() {
+            IpAddr::V4(ip) => write_ipv4(&mut buffer, ip),
+            IpAddr::V6(ip) => {
+                buffer.extend_from_slice(b"\"[");
+                buffer.extend_from_slice(ip.to_string().as_bytes());
+                buffer.extend_from_slice(b"]\"");
+            }
+        }
+        buffer.extend_from_slice(b";");
+    }
+    if let Some(host) = host {
+        buffer.extend_from_slice(b"host=\"");
+        buffer.extend_from_slice(host.as_bytes());
+        buffer.extend_from_slice(b"\";");
+    }
+    buffer.extend_from_slice(b"proto=");
+    buffer.extend_from_slice(proto.as_bytes());
+    let element = buffer.split().freeze();
+    if let Some(peer) = peer {
+        // `X-Forwarded-For`: the address as written above, after any earlier proxies'.
+        let address = match peer.ip() {
+            IpAddr::V4(_) => {
+                let end = element.iter().position(|&b| b == b';').unwrap_or(4);
+                element.slice(4..end)
+            }
+            IpAddr::V6(ip) => Bytes::from(ip.to_string()),
         };
-        let start = prior.len();
-        let _ = write!(prior, "{ip}");
-        let text = &prior[start..];
-        if ip.is_ipv6() {
-            let _ = write!(element, "for=\"[{text}]\";");
-        } else {
-            element.push_str("for=");
-            element.push_str(text);
-            element.push(';');
-        }
-        if let Ok(value) = HeaderValue::try_from(prior) {
-            headers.insert(X_FORWARDED_FOR, value);
+        match headers.entry(X_FORWARDED_FOR) {
+            Entry::Vacant(slot) => {
+                if let Ok(value) = HeaderValue::from_maybe_shared(address) {
+                    slot.insert(value);
+                }
+            }
+            Entry::Occupied(mut slot) => {
+                let mut chain = BytesMut::from(slot.get().as_bytes());
+                chain.extend_from_slice(b", ");
+                chain.extend_from_slice(&address);
+                if let Ok(value) = HeaderValue::from_maybe_shared(chain.freeze()) {
+                    slot.insert(value);
+                }
+            }
         }
     }
-    if let Some((value, text)) = host.and_then(|h| Some((h, h.to_str().ok()?))) {
-        let _ = write!(element, "host=\"{text}\";");
-        headers.insert(X_FORWARDED_HOST, value.clone());
+    if let Some(host) = host {
+        headers.insert(X_FORWARDED_HOST, host.clone());
     }
-    element.push_str("proto=");
-    element.push_str(proto);
     headers.insert(
         X_FORWARDED_PROTO,
         HeaderValue::from_static(if proto == "https" { "https" } else { "http" }),
     );
-    if let Ok(value) = HeaderValue::from_str(&element) {
+    if let Ok(value) = HeaderValue::from_maybe_shared(element) {
         headers.append(FORWARDED, value);
+    }
+}
+
+/// Writes `ip` in dotted decimal.
+fn write_ipv4(buffer: &mut BytesMut, ip: Ipv4Addr) {
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            buffer.extend_from_slice(b".");
+        }
+        if octet >= 100 {
+            buffer.extend_from_slice(&[b'0' + octet / 100]);
+        }
+        if octet >= 10 {
+            buffer.extend_from_slice(&[b'0' + octet / 10 % 10]);
+        }
+        buffer.extend_from_slice(&[b'0' + octet % 10]);
     }
 }
 
@@ -760,13 +917,20 @@ pin_project! {
     #[project = KindProjection]
     enum Kind {
         Plain { #[pin] body: Incoming },
-        Mapped {
-            #[pin]
-            body: Decoding<Incoming>,
-            rewriter: Rewriter,
-            ended: bool,
-        },
+        // Boxed: rare (large or unsized FHIR JSON answers) and large; every answer is moved
+        // several times on its way out, so the common kinds stay small.
+        Mapped { mapped: Pin<Box<Mapped>> },
         Full { body: Option<Bytes> },
+    }
+}
+
+pin_project! {
+    /// A FHIR JSON or NDJSON answer mapped as it streams.
+    struct Mapped {
+        #[pin]
+        body: Decoding<Incoming>,
+        rewriter: Rewriter,
+        ended: bool,
     }
 }
 
@@ -780,9 +944,11 @@ impl UpstreamBody {
     fn mapped(body: Decoding<Incoming>, rewriter: Rewriter) -> Self {
         Self {
             kind: Kind::Mapped {
-                body,
-                rewriter,
-                ended: false,
+                mapped: Box::pin(Mapped {
+                    body,
+                    rewriter,
+                    ended: false,
+                }),
             },
         }
     }
@@ -802,6 +968,41 @@ impl fmt::Debug for UpstreamBody {
     }
 }
 
+/// The next frame of a mapped answer: its URLs on the public base.
+fn poll_mapped(
+    mut body: Pin<&mut Decoding<Incoming>>,
+    rewriter: &mut Rewriter,
+    ended: &mut bool,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    loop {
+        if *ended {
+            return Poll::Ready(None);
+        }
+        match std::task::ready!(body.as_mut().poll_frame(cx)) {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    let mut out = Vec::new();
+                    rewriter.push(&data, &mut out);
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+                    }
+                }
+                Err(frame) => return Poll::Ready(Some(Ok(frame))),
+            },
+            Some(Err(error)) => return Poll::Ready(Some(Err(error))),
+            None => {
+                *ended = true;
+                let mut out = Vec::new();
+                rewriter.finish(&mut out);
+                if !out.is_empty() {
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+                }
+            }
+        }
+    }
+}
+
 impl Body for UpstreamBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -815,36 +1016,10 @@ impl Body for UpstreamBody {
                 .poll_frame(cx)
                 .map(|frame| frame.map(|frame| frame.map_err(BoxError::from))),
             KindProjection::Full { body } => Poll::Ready(body.take().map(|b| Ok(Frame::data(b)))),
-            KindProjection::Mapped {
-                mut body,
-                rewriter,
-                ended,
-            } => loop {
-                if *ended {
-                    return Poll::Ready(None);
-                }
-                match std::task::ready!(body.as_mut().poll_frame(cx)) {
-                    Some(Ok(frame)) => match frame.into_data() {
-                        Ok(data) => {
-                            let mut out = Vec::new();
-                            rewriter.push(&data, &mut out);
-                            if !out.is_empty() {
-                                return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
-                            }
-                        }
-                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
-                    },
-                    Some(Err(error)) => return Poll::Ready(Some(Err(error))),
-                    None => {
-                        *ended = true;
-                        let mut out = Vec::new();
-                        rewriter.finish(&mut out);
-                        if !out.is_empty() {
-                            return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
-                        }
-                    }
-                }
-            },
+            KindProjection::Mapped { mapped } => {
+                let this = mapped.as_mut().project();
+                poll_mapped(this.body, this.rewriter, this.ended, cx)
+            }
         }
     }
 
@@ -852,7 +1027,7 @@ impl Body for UpstreamBody {
         match &self.kind {
             Kind::Plain { body } => body.is_end_stream(),
             Kind::Full { body } => body.is_none(),
-            Kind::Mapped { ended, .. } => *ended,
+            Kind::Mapped { mapped } => mapped.ended,
         }
     }
 
@@ -870,6 +1045,42 @@ impl Body for UpstreamBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // GATEWAY-1: `Forwarded` and `X-Forwarded-*` name the client's address (IPv4 written by
+    // hand, every octet width; IPv6 quoted in brackets), the host and the scheme, and a client
+    // behind earlier proxies keeps their `X-Forwarded-For` entries.
+    #[test]
+    fn gateway_1_forwarded_headers_name_the_client() {
+        let host = HeaderValue::from_static("fhir.example.org:8080");
+        for (peer, for_element, xff) in [
+            ("127.0.0.1:4000", "for=127.0.0.1", "127.0.0.1"),
+            ("0.0.0.0:1", "for=0.0.0.0", "0.0.0.0"),
+            ("255.10.100.9:1", "for=255.10.100.9", "255.10.100.9"),
+            ("[2001:db8::1]:443", "for=\"[2001:db8::1]\"", "2001:db8::1"),
+        ] {
+            let peer: SocketAddr = peer.parse().unwrap();
+            let mut headers = HeaderMap::new();
+            forwarded(&mut headers, Some(&peer), Some(&host), "https");
+            assert_eq!(
+                headers[FORWARDED],
+                format!("{for_element};host=\"fhir.example.org:8080\";proto=https").as_str()
+            );
+            assert_eq!(headers[X_FORWARDED_FOR], xff);
+            assert_eq!(headers[X_FORWARDED_HOST], "fhir.example.org:8080");
+            assert_eq!(headers[X_FORWARDED_PROTO], "https");
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.7"));
+        let peer: SocketAddr = "10.1.2.3:5".parse().unwrap();
+        forwarded(&mut headers, Some(&peer), None, "http");
+        assert_eq!(headers[X_FORWARDED_FOR], "203.0.113.7, 10.1.2.3");
+        assert_eq!(headers[FORWARDED], "for=10.1.2.3;proto=http");
+        assert!(!headers.contains_key(X_FORWARDED_HOST));
+        let mut headers = HeaderMap::new();
+        forwarded(&mut headers, None, None, "http");
+        assert_eq!(headers[FORWARDED], "proto=http");
+        assert!(!headers.contains_key(X_FORWARDED_FOR));
+    }
 
     // GATEWAY-1: without TLS built in, an https upstream is refused, naming the feature that
     // adds it.
