@@ -17,7 +17,7 @@
 //! With `--features redis` and `REDIS_URL`, or `--features postgres` and `DATABASE_URL` (loopback
 //! servers only), kick-off and completed polls also run against `RedisStore` and `PostgresStore`,
 //! as a ratio to the server's own raw rate measured in the same run (`redis-benchmark`,
-//! `pgbench -S` on a throwaway database). What the bench writes to either store is removed.
+//! `pgbench -N` for kick-offs and `pgbench -S` for polls, on a throwaway database). What the bench writes to either store is removed.
 //!
 //! `cargo bench --bench wire`;
 //! `REDIS_URL=redis://127.0.0.1:6379 DATABASE_URL=postgres://postgres@127.0.0.1:5432/test
@@ -1096,10 +1096,10 @@ fn stores(_: &mut Report, _: Settings, _: Option<f64>) {
     }
 }
 
-/// Clients of `pgbench -S`, and connections of the `PostgresStore` pool.
+/// Clients of `pgbench`, and connections of the `PostgresStore` pool.
 #[cfg(feature = "postgres")]
 const PGBENCH_CLIENTS: u32 = 8;
-/// How long `pgbench -S` runs.
+/// How long each `pgbench` run takes.
 #[cfg(feature = "postgres")]
 const PGBENCH_SECS: u64 = 5;
 
@@ -1219,15 +1219,23 @@ fn postgres_rows(report: &mut Report, settings: Settings, rows: &mut Vec<StoreRo
     let Some(url) = store_url("DATABASE_URL") else {
         return;
     };
-    let raw = pgbench_raw(&url);
+    // A kick-off writes (one committed transaction of `pgbench -N`); a poll reads (`-S`).
+    let raws = pgbench_raw(&url);
+    let (writes, reads) = match raws {
+        Ok((writes, reads)) => (Ok(writes), Ok(reads)),
+        Err(why) => (Err(why.clone()), Err(why)),
+    };
     let backend = Backend::Postgres(url);
-    for scenario in [Scenario::KickOff, Scenario::PollCompleted] {
+    for (scenario, raw) in [
+        (Scenario::KickOff, writes),
+        (Scenario::PollCompleted, reads),
+    ] {
         if let Some(run) = report.best_of_rounds(scenario, &backend, settings) {
             rows.push(StoreRow {
                 store: "postgres",
                 scenario,
                 run,
-                raw: raw.clone(),
+                raw,
             });
         }
     }
@@ -1353,10 +1361,12 @@ async fn delete_redis_keys(url: &str, prefix: &str) -> Result<(), String> {
     }
 }
 
-/// `pgbench -S` (select only, scale 1) with as many clients as the store's pool has
-/// connections, on a throwaway database created next to the one in `url` and dropped afterwards.
+/// `pgbench -N` (one write transaction each: updates and an insert, no contended branch rows)
+/// and `pgbench -S` (select only), scale 1, with as many clients as the store's pool has
+/// connections, on a throwaway database created next to the one in `url` and dropped
+/// afterwards: (writes, reads).
 #[cfg(feature = "postgres")]
-fn pgbench_raw(url: &str) -> Result<RawRate, String> {
+fn pgbench_raw(url: &str) -> Result<(RawRate, RawRate), String> {
     let name = format!("bench_pgbench_{}", std::process::id());
     let scratch = with_database(url, &name)
         .ok_or_else(|| format!("DATABASE_URL={url} is not postgres://…/database"))?;
@@ -1364,25 +1374,28 @@ fn pgbench_raw(url: &str) -> Result<RawRate, String> {
     run_tool("createdb", &[&maintenance, &name])?;
     let clients = PGBENCH_CLIENTS.to_string();
     let secs = PGBENCH_SECS.to_string();
-    let measured = run_tool("pgbench", &["-i", "-s", "1", "-q", &scratch]).and_then(|_| {
-        run_tool(
+    let rate = |mode: &str| -> Result<RawRate, String> {
+        let output = run_tool(
             "pgbench",
-            &["-S", "-c", &clients, "-j", "1", "-T", &secs, &scratch],
-        )
-    });
+            &[mode, "-c", &clients, "-j", "1", "-T", &secs, &scratch],
+        )?;
+        // `tps = 12345.678901 (without initial connection time)`
+        output
+            .lines()
+            .filter_map(|line| line.trim().strip_prefix("tps = "))
+            .find_map(|rest| rest.split_whitespace().next()?.parse().ok())
+            .map(|per_sec| RawRate {
+                what: format!("pgbench {mode} -c {clients}"),
+                per_sec,
+            })
+            .ok_or_else(|| format!("no tps in pgbench's output: {output:?}"))
+    };
+    let measured = run_tool("pgbench", &["-i", "-s", "1", "-q", &scratch])
+        .and_then(|_| Ok((rate("-N")?, rate("-S")?)));
     let dropped = run_tool("dropdb", &[&maintenance, "--if-exists", &name]);
-    let output = measured?;
+    let measured = measured?;
     dropped.map_err(|why| format!("measured, but the scratch database was not dropped: {why}"))?;
-    // `tps = 12345.678901 (without initial connection time)`
-    output
-        .lines()
-        .filter_map(|line| line.trim().strip_prefix("tps = "))
-        .find_map(|rest| rest.split_whitespace().next()?.parse().ok())
-        .map(|per_sec| RawRate {
-            what: format!("pgbench -S -c {clients}"),
-            per_sec,
-        })
-        .ok_or_else(|| format!("no tps in pgbench's output: {output:?}"))
+    Ok(measured)
 }
 
 /// `url` with its database replaced by `database`.

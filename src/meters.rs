@@ -15,8 +15,9 @@ pub(crate) const RUNNING: &str = "fhir_async_jobs_running";
 pub(crate) const QUEUED: &str = "fhir_async_jobs_queued";
 
 /// Counter: jobs that ended here, by `outcome` (`completed`, `failed`, `cancelled`, `lost`: the
-/// outcome could not be recorded; `orphaned`: a refused kick-off's record could not be taken
-/// back).
+/// outcome could not be recorded; `not-started`: the store did not record the start of a job
+/// with an Idempotency-Key in time, so it was not run; `orphaned`: a refused kick-off's record
+/// could not be taken back).
 pub(crate) const FINISHED: &str = "fhir_async_jobs_finished_total";
 
 /// Counter: results the store refused because another instance had already failed the job as

@@ -148,11 +148,17 @@ pub(crate) fn spawn<S, ReqB>(
         admission,
     } = new;
     // One store write accepts and starts the job: it is created running here, under this
-    // instance's lease (renewed while it waits in the queue and while it runs).
-    record.state = JobState::Running {
-        instance: runner.instance.to_string(),
-        lease_until: later(runner.clock.now(), runner.lease),
-    };
+    // instance's lease (renewed while it waits in the queue and while it runs). Not so with an
+    // Idempotency-Key: a repeat of a kick-off that was refused (its record landing late) must
+    // not be given that record before the record is taken back, and only a job started after
+    // its `202` tells the two apart (see `kickoff`).
+    let created_running = once.is_none();
+    if created_running {
+        record.state = JobState::Running {
+            instance: runner.instance.to_string(),
+            lease_until: later(runner.clock.now(), runner.lease),
+        };
+    }
     // The path only: queries can carry patient data, and logs are no place for it.
     let path = record.target.split('?').next().unwrap_or_default();
     let span = tracing::info_span!("fhir_async_job", job.id = %job.id, http.method = %record.method, http.path = %path);
@@ -199,7 +205,9 @@ pub(crate) fn spawn<S, ReqB>(
             tracing::info!("kick-off abandoned before its answer; the job was dropped");
             return;
         }
-        job.mark_started();
+        if created_running {
+            job.mark_started();
+        }
         tracing::info!("asynchronous job accepted");
         run(runner.clone(), job, inner, request, work).await;
     };
@@ -233,6 +241,33 @@ async fn run<S, ReqB>(
 {
     let config = &runner.config;
     let id = job.id;
+    if !job.is_started() {
+        // A job created running (most) started with its creation; others start here.
+        match Box::pin(start(&runner, &job)).await {
+            Start::Started => job.mark_started(),
+            Start::Gone => {
+                tracing::info!("asynchronous job cancelled before it started");
+                return;
+            }
+            Start::Unrecorded => {
+                // Running it unrecorded would let the watcher of any instance declare it lost while
+                // it runs, and a client obeying "start it again" would run the work twice.
+                tracing::error!(
+                    "the job store did not record the job's start in time; the request was not run"
+                );
+                let outcome = JobOutcome::Failed(synthesized(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    IssueCode::Transient,
+                    "The job store was unavailable when this job was to start, so the request was not run. Send it \
+                     again.",
+                ));
+                Box::pin(record(&runner, id, outcome)).await;
+                metrics::counter!(meters::FINISHED, "outcome" => "not-started").increment(1);
+                return;
+            }
+        }
+    }
+
     let is_bulk = matches!(work, Work::Bulk(_));
     // Set once the job has a place to run: its duration counts from then.
     let mut began = None;
@@ -320,6 +355,60 @@ fn scopeguard(f: impl FnOnce()) -> impl Drop {
         }
     }
     Guard(Some(f))
+}
+
+/// How recording a job's start ended.
+enum Start {
+    /// The store has it running here, under a lease: run it.
+    Started,
+    /// Cancelled (or taken by another instance) before it started: do not run it.
+    Gone,
+    /// The store did not answer in time: do not run it.
+    Unrecorded,
+}
+
+/// Records `Accepted → Running` here, trying again while the store is unavailable, for at most
+/// half a lease from now: past the lease, other instances would take an unstarted job for one
+/// whose instance died, and fail it.
+async fn start(runner: &Runner, job: &JobShared) -> Start {
+    let give_up = tokio::time::Instant::now() + runner.lease / 2;
+    let mut delay = Duration::from_millis(50);
+    let mut failed_before = false;
+    loop {
+        let lease_until = later(runner.clock.now(), runner.lease);
+        match runner
+            .store
+            .start(&job.id, &runner.instance, lease_until)
+            .await
+        {
+            Ok(true) => return Start::Started,
+            // An earlier attempt may have landed after all: then the job runs here already.
+            Ok(false) if failed_before => {
+                return match runner.store.get(&job.id, runner.clock.now()).await {
+                    Ok(Some(JobRecord {
+                        state: JobState::Running { instance, .. },
+                        ..
+                    })) if *instance == *runner.instance => Start::Started,
+                    Ok(_) => Start::Gone,
+                    Err(_) => Start::Unrecorded,
+                };
+            }
+            Ok(false) => return Start::Gone,
+            Err(error) => {
+                failed_before = true;
+                if tokio::time::Instant::now() + delay >= give_up {
+                    tracing::warn!(%error, "recording the job's start failed; giving up");
+                    return Start::Unrecorded;
+                }
+                tracing::warn!(%error, "recording the job's start failed; trying again");
+                tokio::select! {
+                    () = job.cancel.cancelled() => return Start::Gone,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
 }
 
 /// Takes back a job whose kick-off was not answered `202`, trying again while the store is

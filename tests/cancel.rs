@@ -1,11 +1,10 @@
 //! Cancelling jobs with `DELETE` on the status URL (§2.7 CANCEL, §7 scenarios 15 and 16), over a
-//! real socket unless a test says otherwise. CANCEL-6 (a job cancelled before it started never
-//! reaches the inner service) is proved on jobs waiting for a place to run, in
-//! `tests/job_queue.rs`: a job that does not wait starts when it is accepted.
+//! real socket unless a test says otherwise.
 
 mod support;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use axum::routing::post;
@@ -14,9 +13,10 @@ use http::{Method, StatusCode};
 use support::{BOUND, TestClient, assert_not_found, serve, within};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tower_fhir_async::store::conformance::Transitions;
+use tower_fhir_async::store::{DelegateStore, Transition};
 use tower_fhir_async::{
     AsyncLayer, JobContext, JobId, JobKind, JobOutcome, JobRecord, JobStore, MemoryStore,
-    StoredResponse,
+    StoreError, StoredResponse,
 };
 
 /// Sends a drop notice when the handler future that owns it is dropped.
@@ -305,4 +305,120 @@ async fn cancel_7_delete_of_unknown_or_malformed_id_is_404() {
     assert_eq!(store.len(), 1, "the real job was not touched");
     let done = client.poll_until_done(&status_url, 250).await;
     assert_eq!(done.status, StatusCode::OK, "{done:?}");
+}
+
+// CANCEL-6: a job cancelled before it started never reaches the inner service. A kick-off
+// with an Idempotency-Key (of a known caller) is recorded, answered, and only then started (others are created
+// running; for those, cancelling a job that waits for a place to run is `tests/job_queue.rs`).
+// The store holds the job between being recorded and being started until the DELETE has been
+// answered.
+#[tokio::test]
+async fn cancel_6_cancel_before_start_never_calls_the_inner_service() {
+    let store = GatedStore::default();
+    let (reached, open, mut started) = (
+        store.reached.clone(),
+        store.open.clone(),
+        store.take_started(),
+    );
+    let calls = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let calls = calls.clone();
+        move || {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async { "{}" }
+        }
+    };
+    let app = Router::new().route("/fhir/$reindex", post(handler)).layer(
+        AsyncLayer::builder(store.clone())
+            .caller_from_header(http::HeaderName::from_static("x-client"))
+            .build(),
+    );
+    let base = format!("http://{}/fhir", serve(app).await);
+    let client = TestClient::default();
+
+    let status_url = client
+        .kick_off(
+            Method::POST,
+            &format!("{base}/$reindex"),
+            &[
+                ("content-type", "application/fhir+json"),
+                ("idempotency-key", "cancel-before-start"),
+                ("x-client", "client-1"),
+            ],
+            r#"{"resourceType":"Parameters"}"#,
+        )
+        .await;
+    within("the job reaching its start", reached.notified()).await;
+    let cancelled = client
+        .send(Method::DELETE, &status_url, &[("x-client", "client-1")], "")
+        .await;
+    assert_eq!(cancelled.status, StatusCode::ACCEPTED, "{cancelled:?}");
+
+    open.notify_one();
+    let was_started = within("the job's start", started.recv())
+        .await
+        .expect("the store reports the start");
+    assert!(!was_started, "a cancelled job must not start");
+    for poll in 0..5 {
+        let polled = client
+            .send(Method::GET, &status_url, &[("x-client", "client-1")], "")
+            .await;
+        assert_not_found(&polled, &format!("poll {poll}"));
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        0,
+        "the inner service was never called"
+    );
+    assert_eq!(store.memory.len(), 0);
+}
+
+/// A `MemoryStore` whose `start` waits until the test opens the gate, and reports its answer.
+#[derive(Clone)]
+struct GatedStore {
+    memory: MemoryStore,
+    reached: Arc<Notify>,
+    open: Arc<Notify>,
+    started_tx: mpsc::UnboundedSender<bool>,
+    started_rx: Arc<std::sync::Mutex<Option<mpsc::UnboundedReceiver<bool>>>>,
+}
+
+impl Default for GatedStore {
+    fn default() -> Self {
+        let (started_tx, started_rx) = mpsc::unbounded_channel();
+        Self {
+            memory: MemoryStore::default(),
+            reached: Arc::default(),
+            open: Arc::default(),
+            started_tx,
+            started_rx: Arc::new(Some(started_rx).into()),
+        }
+    }
+}
+
+impl GatedStore {
+    fn take_started(&self) -> mpsc::UnboundedReceiver<bool> {
+        self.started_rx.lock().unwrap().take().expect("taken once")
+    }
+}
+
+impl DelegateStore for GatedStore {
+    type Inner = MemoryStore;
+
+    fn inner(&self) -> &MemoryStore {
+        &self.memory
+    }
+
+    async fn transition(&self, id: &JobId, transition: Transition<'_>) -> Result<bool, StoreError> {
+        if !matches!(transition, Transition::Start { .. }) {
+            return self.memory.transition(id, transition).await;
+        }
+        self.reached.notify_one();
+        self.open.notified().await;
+        let started = self.memory.transition(id, transition).await;
+        if let Ok(started) = &started {
+            let _ = self.started_tx.send(*started);
+        }
+        started
+    }
 }

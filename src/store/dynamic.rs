@@ -58,6 +58,22 @@ pub(crate) trait DynStore: Send + Sync + 'static {
 
 /// The transitions by name, for the layer's code.
 impl dyn DynStore {
+    /// [`Transition::Start`].
+    pub(crate) fn start<'a>(
+        &'a self,
+        id: &'a JobId,
+        instance: &'a str,
+        lease_until: SystemTime,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.transition(
+            id,
+            Transition::Start {
+                instance,
+                lease_until,
+            },
+        )
+    }
+
     /// [`Transition::Finish`].
     pub(crate) fn finish<'a>(
         &'a self,
