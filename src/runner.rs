@@ -269,34 +269,27 @@ async fn run<S, ReqB>(
     }
 
     let is_bulk = matches!(work, Work::Bulk(_));
-    // Set once the job has a place to run: its duration counts from then.
-    let mut began = None;
-    let execution = async {
-        // Started in the store before it waits, so its lease is renewed while it is queued (a
-        // killed instance's queue is failed as lost, not stuck); cancellable while it waits
-        // (the `select!` below).
-        let _slot = take_slot(&runner, &job).await;
-        began = Some(tokio::time::Instant::now());
-        let execution = match work {
-            Work::Interaction => Either::Left(execute(config, &job, inner, request)),
-            // Boxed: an export's state is large, and an interaction job should not carry its size.
-            Work::Bulk(spec) => Either::Right(Box::pin(bulk::export::execute(
-                config,
-                runner.clock,
-                &job,
-                spec,
-                inner,
-                request,
-            ))),
-        };
-        guarded(execution, config.max_run_time).await
-    };
-    let outcome = tokio::select! {
+    // Started in the store before it waits, so its lease is renewed while it is queued (a
+    // killed instance's queue is failed as lost, not stuck); cancellable while it waits. The
+    // work's future is made (boxed) only once there is a place: a queued job holds its request
+    // and little else.
+    let slot = tokio::select! {
         biased;
         () = job.cancel.cancelled() => None,
-        outcome = execution => Some(outcome),
+        slot = take_slot(&runner, &job) => Some(slot),
     };
-    let started = began.unwrap_or_else(tokio::time::Instant::now);
+    let started = tokio::time::Instant::now();
+    let outcome = match slot {
+        None => None,
+        Some(slot) => {
+            let outcome = Box::pin(execute_unless_cancelled(
+                &runner, &job, inner, request, work,
+            ))
+            .await;
+            drop(slot);
+            outcome
+        }
+    };
     let outcome = match outcome {
         Some(outcome) => outcome,
         None if runner.registry.is_stopping() => JobOutcome::Failed(synthesized(
@@ -325,6 +318,39 @@ async fn run<S, ReqB>(
     if !recorded && is_bulk {
         // Cancelled meanwhile, or the outcome is lost: its files must not outlive it.
         bulk::files::remove_job(&config.bulk, &id).await;
+    }
+}
+
+/// The job's work, under `max_run_time`; `None` when it was cancelled (or stopped by shutdown)
+/// first, which drops the inner future.
+async fn execute_unless_cancelled<S, ReqB>(
+    runner: &Runner,
+    job: &JobShared,
+    inner: S,
+    request: Request<RequestBody<ReqB>>,
+    work: Work,
+) -> Option<JobOutcome>
+where
+    S: Inner<ReqB>,
+    ReqB: Send + 'static,
+{
+    let config = &runner.config;
+    let execution = match work {
+        Work::Interaction => Either::Left(execute(config, job, inner, request)),
+        // Boxed: an export's state is large, and an interaction job should not carry its size.
+        Work::Bulk(spec) => Either::Right(Box::pin(bulk::export::execute(
+            config,
+            runner.clock,
+            job,
+            spec,
+            inner,
+            request,
+        ))),
+    };
+    tokio::select! {
+        biased;
+        () = job.cancel.cancelled() => None,
+        outcome = guarded(execution, config.max_run_time) => Some(outcome),
     }
 }
 
