@@ -21,7 +21,7 @@ use bytes::Bytes;
 use http::header::{CONTENT_LOCATION, CONTENT_TYPE, HOST};
 use http::{Request, Response, StatusCode};
 use http_body_util::{Empty, Full};
-use tower::{Layer, Service, ServiceExt, service_fn};
+use tower::{Layer, ServiceExt, service_fn};
 use tower_fhir_async::object_store::local::LocalFileSystem;
 use tower_fhir_async::{AsyncLayer, MemoryStore, RequestBody};
 

@@ -18,7 +18,7 @@ use http::{Method, StatusCode};
 use serde_json::Value;
 use support::{TestClient, serve, within};
 use tokio::sync::{Semaphore, mpsc};
-use tower_fhir_async::{AsyncLayer, AsyncLayerBuilder, JobStore, MemoryStore};
+use tower_fhir_async::{AsyncLayer, AsyncLayerBuilder, JobStore, MemoryStore, ShutdownHandle};
 
 #[derive(serde::Deserialize)]
 struct Hold {
@@ -48,18 +48,22 @@ struct Harness {
     base: String,
     started: mpsc::UnboundedReceiver<u32>,
     release: Arc<Semaphore>,
+    shutdown: ShutdownHandle,
 }
 
 impl Harness {
     async fn new(layer: AsyncLayerBuilder) -> Self {
         let (started_tx, started) = mpsc::unbounded_channel();
         let release = Arc::new(Semaphore::new(0));
-        let app = holding(started_tx, release.clone()).layer(layer.build());
+        let layer = layer.build();
+        let shutdown = layer.shutdown_handle();
+        let app = holding(started_tx, release.clone()).layer(layer);
         Self {
             client: TestClient::default(),
             base: format!("http://{}/fhir", serve(app).await),
             started,
             release,
+            shutdown,
         }
     }
 
@@ -247,28 +251,17 @@ async fn kick_5_a_queued_bulk_kick_off_answers_202_without_waiting_for_the_inner
 // the queued one both finish when released in time.
 #[tokio::test]
 async fn status_10_shutdown_drains_queued_jobs_within_the_grace_period() {
-    let layer = limited(1).build();
-    let handle = layer.shutdown_handle();
-    let (started_tx, mut started) = mpsc::unbounded_channel();
-    let release = Arc::new(Semaphore::new(0));
-    let base = format!(
-        "http://{}/fhir",
-        serve(holding(started_tx, release.clone()).layer(layer)).await
-    );
-    let client = TestClient::default();
-    let first = client
-        .kick_off(Method::POST, &format!("{base}/$hold?n=1"), &[], "")
-        .await;
-    within("the first job starting", started.recv()).await;
-    let second = client
-        .kick_off(Method::POST, &format!("{base}/$hold?n=2"), &[], "")
-        .await;
+    let mut harness = Harness::new(limited(1)).await;
+    let first = harness.kick_off(1).await;
+    assert_eq!(harness.next_started().await, 1);
+    let second = harness.kick_off(2).await;
+    let handle = harness.shutdown.clone();
     let shutdown = tokio::spawn(async move { handle.shutdown(Duration::from_secs(30)).await });
-    release.add_permits(2);
+    harness.release.add_permits(2);
     let report = within("shutdown", shutdown).await.expect("shutdown task");
     assert_eq!(report.stopped, 0, "{report:?}");
     for url in [first, second] {
-        let done = client.get(&url).await;
+        let done = harness.client.get(&url).await;
         assert_eq!(done.status, StatusCode::OK, "{done:?}");
         assert_eq!(done.json()["entry"][0]["response"]["status"], "200 OK");
     }
@@ -278,29 +271,21 @@ async fn status_10_shutdown_drains_queued_jobs_within_the_grace_period() {
 // recorded as failed (503 `transient`), like a running job that was stopped.
 #[tokio::test]
 async fn status_10_jobs_still_queued_when_grace_ends_are_failed() {
-    let layer = limited(1).build();
-    let handle = layer.shutdown_handle();
-    let (started_tx, mut started) = mpsc::unbounded_channel();
-    let release = Arc::new(Semaphore::new(0));
-    let base = format!(
-        "http://{}/fhir",
-        serve(holding(started_tx, release.clone()).layer(layer)).await
-    );
-    let client = TestClient::default();
-    let first = client
-        .kick_off(Method::POST, &format!("{base}/$hold?n=1"), &[], "")
-        .await;
-    within("the first job starting", started.recv()).await;
-    let second = client
-        .kick_off(Method::POST, &format!("{base}/$hold?n=2"), &[], "")
-        .await;
-    let report = within("shutdown", handle.shutdown(Duration::from_millis(200))).await;
+    let mut harness = Harness::new(limited(1)).await;
+    let first = harness.kick_off(1).await;
+    assert_eq!(harness.next_started().await, 1);
+    let second = harness.kick_off(2).await;
+    let report = within(
+        "shutdown",
+        harness.shutdown.shutdown(Duration::from_millis(200)),
+    )
+    .await;
     assert_eq!(
         report.stopped, 2,
         "the running and the queued job: {report:?}"
     );
     for url in [first, second] {
-        let done = client.get(&url).await;
+        let done = harness.client.get(&url).await;
         assert_eq!(done.status, StatusCode::OK, "{done:?}");
         let entry = &done.json()["entry"][0];
         assert_eq!(
@@ -313,7 +298,7 @@ async fn status_10_jobs_still_queued_when_grace_ends_are_failed() {
         );
     }
     assert!(
-        started.try_recv().is_err(),
+        harness.started.try_recv().is_err(),
         "the queued job never reached the inner service"
     );
 }
