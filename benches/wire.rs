@@ -24,7 +24,8 @@
 //! cargo bench --bench wire --features redis,postgres`. `WIRE_BENCH_ROUNDS` (default 3) sets the
 //! rounds, `WIRE_BENCH_SECS` (default 2) the measured seconds per scenario and round,
 //! `WIRE_BENCH_WARMUP_MS` (default 500) the unmeasured warm-up before them, and
-//! `WIRE_BENCH_CONNECTIONS` (default 32) the keep-alive HTTP/1.1 connections. Linux only: threads
+//! `WIRE_BENCH_CONNECTIONS` (default 32) the keep-alive HTTP/1.1 connections,
+//! `WIRE_BENCH_MAX_CONCURRENT_JOBS` the layer's `max_concurrent_jobs` (default: the layer's). Linux only: threads
 //! are found and measured through `/proc`.
 
 use std::net::SocketAddr;
@@ -352,6 +353,12 @@ fn fhir_routes() -> Router {
 
 fn layered(store: impl JobStore, scenario: Scenario) -> Router {
     let mut builder = AsyncLayer::builder(store).base_path("/fhir");
+    if let Some(limit) = std::env::var("WIRE_BENCH_MAX_CONCURRENT_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        builder = builder.max_concurrent_jobs(limit);
+    }
     if scenario == Scenario::BulkKickOffNoWait {
         builder = builder.kickoff_wait(Duration::ZERO);
     }

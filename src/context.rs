@@ -136,8 +136,8 @@ impl JobShared {
     /// waiting for the inner service's first answer answers `202` at once.
     pub(crate) fn mark_queued(&self) {
         self.queued.store(true, Ordering::Release);
+        // Wakes whoever waits on the job's changes (the progress is new).
         self.set_progress(QUEUED);
-        self.mark_changed();
     }
 
     /// The job left the queue and runs.
