@@ -1,5 +1,6 @@
-//! A small example (`examples/NAME.rs`) as a child process on a free port of 127.0.0.1, for the
-//! tests that drive the shipped examples as a client would. Killed and reaped when dropped.
+//! An example (`examples/NAME.rs`, or the demo server `examples/server/`) as a child process on
+//! a free port of 127.0.0.1, for the tests that drive the shipped examples as a client would.
+//! Killed and reaped when dropped. `support/demo.rs` builds the demo's harness on it.
 //!
 //! `cargo test` builds the examples first; `cargo test --test examples` alone does not, so run
 //! `cargo build --examples --all-features` before it (or `--example NAME` with the features the
@@ -29,10 +30,21 @@ impl Example {
     /// Starts `examples/{name}` with `--addr 127.0.0.1:0` and `args`, and waits until it has
     /// printed `listening on <base>` for `instances` instances.
     pub(crate) fn start(name: &str, args: &[&str], instances: usize) -> Self {
+        Self::start_with(name, args, instances, |_| {})
+    }
+
+    /// [`start`](Self::start), with `setup` adjusting the command first (its environment).
+    pub(crate) fn start_with(
+        name: &str,
+        args: &[&str],
+        instances: usize,
+        setup: impl FnOnce(&mut Command),
+    ) -> Self {
         let path = binary(name);
-        let mut child = Command::new(&path)
-            .args(["--addr", "127.0.0.1:0"])
-            .args(args)
+        let mut command = Command::new(&path);
+        command.args(["--addr", "127.0.0.1:0"]).args(args);
+        setup(&mut command);
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -79,7 +91,8 @@ impl Example {
                     let exited = example.child.try_wait().ok().flatten();
                     panic!(
                         "examples/{name} announced {} of {instances} bases ({err}; exited: \
-                         {exited:?}). Its log:\n{}",
+                         {exited:?}); was it built with the features its flags need (`--store \
+                         redis://…` needs `redis`)? Its log:\n{}",
                         example.bases.len(),
                         example.log_tail()
                     );
@@ -107,6 +120,12 @@ impl Example {
             .strip_suffix("/fhir")
             .expect("base ends with /fhir");
         format!("{origin}{path}")
+    }
+
+    /// SIGKILL: no shutdown, no goodbye to the store.
+    pub(crate) fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL the example");
+        self.child.wait().expect("reap the example");
     }
 
     /// The last lines of its log (stderr).
@@ -151,11 +170,18 @@ pub(crate) fn binary(name: &str) -> PathBuf {
             )
         });
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let source = root.join("examples").join(format!("{name}.rs"));
-    let newest = [newest_source(&root.join("src")), modified(&source)]
-        .into_iter()
-        .flatten()
-        .max_by_key(|(modified, _)| *modified);
+    // A one-file example, or one in a folder of its own (the demo server).
+    let examples = root.join("examples");
+    let file = examples.join(format!("{name}.rs"));
+    let folder = examples.join(name);
+    let newest = [
+        newest_source(&root.join("src")),
+        modified(&file),
+        newest_source(&folder),
+    ]
+    .into_iter()
+    .flatten()
+    .max_by_key(|(modified, _)| *modified);
     if let Some((modified, source)) = newest {
         assert!(
             modified <= built,
