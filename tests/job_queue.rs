@@ -200,6 +200,7 @@ async fn cancel_1_cancel_2_cancel_6_a_queued_job_is_cancelled_and_never_runs() {
 
 // Issue #15, KICK-5: a bulk kick-off whose job has to wait answers 202 at once instead of
 // waiting `kickoff_wait` for an inner answer that cannot come before the job runs.
+#[cfg(feature = "bulk")]
 #[tokio::test]
 async fn kick_5_a_queued_bulk_kick_off_answers_202_without_waiting_for_the_inner_service() {
     let (started_tx, mut started) = mpsc::unbounded_channel();
