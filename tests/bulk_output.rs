@@ -490,6 +490,74 @@ async fn bulk_7_invalid_ndjson_lines_go_to_the_error_file() {
     );
 }
 
+// BULK-7, BULK-10: a resource's own `type` element (Encounter.type is a list of
+// CodeableConcepts, Group.type a code) is the resource's business: such resources are exported
+// like any other, from NDJSON lines, from searchset entries, and as a page that is one resource.
+#[tokio::test]
+async fn bulk_7_resources_with_a_type_element_are_exported() {
+    async fn lines() -> Response {
+        ndjson(concat!(
+            "{\"resourceType\":\"Encounter\",\"id\":\"e1\",\"type\":[{\"text\":\"checkup\"}]}\n",
+            "{\"resourceType\":\"Group\",\"id\":\"g1\",\"type\":\"person\",\"actual\":true}\n",
+            "{\"type\":{\"text\":\"x\"},\"resourceType\":\"Encounter\",\"id\":\"e2\"}\n",
+        ))
+    }
+    async fn page() -> Response {
+        fhir_json(
+            StatusCode::OK,
+            &json!({"resourceType": "Bundle", "type": "searchset", "entry": [
+                {"resource": {"resourceType": "Encounter", "id": "e3", "type": [{"text": "visit"}]}},
+                {"resource": {"resourceType": "Encounter", "id": "e4", "type": {"text": "odd"}}},
+            ]}),
+        )
+    }
+    async fn one() -> Response {
+        fhir_json(
+            StatusCode::OK,
+            &json!({"resourceType": "Encounter", "id": "e5", "type": [{"text": "single"}]}),
+        )
+    }
+    let routes = Router::new()
+        .route("/fhir/$export", get(lines))
+        .route("/fhir/Encounter", get(page))
+        .route("/fhir/Encounter/e5", get(one));
+    let server = start(routes, |b| b).await;
+    // The export's target, and the ids it should write per type.
+    type Expected = &'static [(&'static str, &'static [&'static str])];
+    let cases: [(&str, Expected); 3] = [
+        (
+            "/$export",
+            &[("Encounter", &["e1", "e2"]), ("Group", &["g1"])],
+        ),
+        (
+            "/Encounter?_outputFormat=ndjson",
+            &[("Encounter", &["e3", "e4"])],
+        ),
+        (
+            "/Encounter/e5?_outputFormat=ndjson",
+            &[("Encounter", &["e5"])],
+        ),
+    ];
+    for (target, expected) in cases {
+        let status_url = server.export(target).await;
+        let manifest = server.manifest(&status_url).await;
+        let by_type = lines_by_type(&fetch(&server.client, &manifest, "output").await);
+        let got: Vec<(&str, Vec<String>)> = by_type
+            .iter()
+            .map(|(kind, lines)| (kind.as_str(), ids(lines)))
+            .collect();
+        let expected: Vec<(&str, Vec<String>)> = expected
+            .iter()
+            .map(|(kind, ids)| (*kind, ids.iter().map(|id| id.to_string()).collect()))
+            .collect();
+        assert_eq!(got, expected, "{target}: {manifest}");
+        assert!(
+            fetch(&server.client, &manifest, "error").await.is_empty(),
+            "{target}: no error file: {manifest}"
+        );
+    }
+}
+
 // BULK-7: an NDJSON stream that breaks off half-way keeps the lines read so far and says so in
 // the error file; the job completes.
 #[tokio::test]

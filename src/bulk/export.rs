@@ -17,6 +17,7 @@ use serde_json::value::RawValue;
 use crate::BoxError;
 use crate::body::RequestBody;
 use crate::bulk::files::{FileSet, is_resource_type};
+use crate::bulk::line;
 use crate::bulk::linked::{self, UpstreamFiles};
 use crate::bulk::manifest::{FileEntry, ManifestHead, manifest};
 use crate::bulk::select::ExportParams;
@@ -542,7 +543,12 @@ impl Export<'_> {
         if line.is_empty() {
             return Ok(());
         }
-        match serde_json::from_slice::<TypeOnly<'_>>(line) {
+        // The scanner accepts well-formed resources; anything else is read by serde_json,
+        // whose message says what is wrong.
+        if let Some(resource_type) = line::resource_type(line) {
+            return self.resource(resource_type, line).await;
+        }
+        match serde_json::from_slice::<ResourceType<'_>>(line) {
             Ok(head) => self.resource(&head.resource_type, line).await,
             Err(error) => {
                 self.error(&format!(
@@ -586,7 +592,7 @@ impl Export<'_> {
             // No content: nothing to export.
             return Ok(None);
         }
-        let head = match serde_json::from_slice::<TypeOnly<'_>>(&body) {
+        let head = match serde_json::from_slice::<PageHead<'_>>(&body) {
             Ok(head) => head,
             Err(error) => {
                 let why =
@@ -596,8 +602,8 @@ impl Export<'_> {
                 return Ok(None);
             }
         };
-        let is_searchset =
-            head.resource_type == "Bundle" && head.kind.as_deref() == Some("searchset");
+        let is_searchset = head.resource_type == "Bundle"
+            && head.kind.is_some_and(|kind| kind.get() == r#""searchset""#);
         if !is_searchset {
             // Any other answer is one resource.
             self.resource(&head.resource_type, &compact(&body)).await?;
@@ -621,7 +627,7 @@ impl Export<'_> {
                 continue;
             };
             let line = compact(resource.get().as_bytes());
-            match serde_json::from_slice::<TypeOnly<'_>>(&line) {
+            match serde_json::from_slice::<ResourceType<'_>>(&line) {
                 Ok(head)
                     if entry.search.as_ref().and_then(|s| s.mode.as_deref()) == Some("outcome") =>
                 {
@@ -730,7 +736,7 @@ where
     if is_json {
         if let Ok(collected) = Limited::new(response.into_body(), limit).collect().await {
             let body = collected.to_bytes();
-            if serde_json::from_slice::<TypeOnly<'_>>(&body)
+            if serde_json::from_slice::<ResourceType<'_>>(&body)
                 .is_ok_and(|head| head.resource_type == "OperationOutcome")
             {
                 return StoredResponse {
@@ -798,13 +804,22 @@ struct NativeFile {
     url: String,
 }
 
-/// The fields read of every resource.
+/// The field read of every resource. Nothing else: a resource's own `type` (Encounter.type,
+/// a list of CodeableConcepts) is none of the export's business.
 #[derive(Deserialize)]
-struct TypeOnly<'a> {
+struct ResourceType<'a> {
+    #[serde(rename = "resourceType", borrow)]
+    resource_type: Cow<'a, str>,
+}
+
+/// The fields read of a JSON page: a Bundle's `type` is a code; any other resource's `type`
+/// is whatever that resource says it is.
+#[derive(Deserialize)]
+struct PageHead<'a> {
     #[serde(rename = "resourceType", borrow)]
     resource_type: Cow<'a, str>,
     #[serde(rename = "type", default, borrow)]
-    kind: Option<Cow<'a, str>>,
+    kind: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]

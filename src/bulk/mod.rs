@@ -15,6 +15,8 @@ pub(crate) mod export;
 #[cfg(feature = "bulk")]
 pub(crate) mod files;
 #[cfg(feature = "bulk")]
+mod line;
+#[cfg(feature = "bulk")]
 mod linked;
 #[cfg(feature = "bulk")]
 mod manifest;
