@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 
 use http::header::VARY;
 use http::{HeaderValue, Response};
@@ -58,6 +58,10 @@ pin_project! {
             fut: S::Future,
             vary: bool,
         },
+        // The inner service refused to become ready.
+        Failed {
+            error: Option<S::Error>,
+        },
         Own {
             fut: OwnFuture,
         },
@@ -71,14 +75,26 @@ pin_project! {
 }
 
 impl<S: Service<R>, R> ResponseFuture<S, R> {
-    pub(crate) fn pass_through(service: S, request: R, vary: bool) -> Self {
-        Self {
-            kind: Kind::Waiting {
+    /// Passes `request` to `service`, a clone of the inner service that was never driven to
+    /// readiness. Most services are ready at once (axum's `Router` always is): they are asked
+    /// here and called at once, so the request is not moved into this future and out again.
+    /// One that is not ready is asked again by the future with the task's waker (a service
+    /// must wake the waker of its latest `poll_ready`), so the no-op waker used here is never
+    /// the one it relies on.
+    pub(crate) fn pass_through(mut service: S, request: R, vary: bool) -> Self {
+        let kind = match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(())) => Kind::Called {
+                fut: service.call(request),
+                vary,
+            },
+            Poll::Ready(Err(error)) => Kind::Failed { error: Some(error) },
+            Poll::Pending => Kind::Waiting {
                 service,
                 request: Some(request),
                 vary,
             },
-        }
+        };
+        Self { kind }
     }
 
     pub(crate) fn own(fut: OwnFuture) -> Self {
@@ -130,6 +146,10 @@ where
                     }
                     return Poll::Ready(Ok(response.map(ResponseBody::inner)));
                 }
+                KindProj::Failed { error } => match error.take() {
+                    Some(error) => return Poll::Ready(Err(error)),
+                    None => panic!("ResponseFuture polled after it completed"),
+                },
                 KindProj::Own { fut } => {
                     return Poll::Ready(Ok(ready!(fut.as_mut().poll(cx)).map(ResponseBody::own)));
                 }
@@ -151,12 +171,15 @@ where
     }
 }
 
+/// Made at compile time: `from_static` at run time checks every byte.
+const PREFER_VALUE: HeaderValue = HeaderValue::from_static("Prefer");
+
 /// Merges `Prefer` into `Vary` unless it is already named (or `*` is).
 pub(crate) fn add_vary_prefer(headers: &mut http::HeaderMap) {
     // One lookup of the name: on every eligible GET, most often there is no `Vary` yet.
     match headers.entry(VARY) {
         http::header::Entry::Vacant(slot) => {
-            slot.insert(HeaderValue::from_static("Prefer"));
+            slot.insert(PREFER_VALUE);
         }
         http::header::Entry::Occupied(mut slot) => {
             let named = slot.iter().any(|value| {
@@ -166,7 +189,7 @@ pub(crate) fn add_vary_prefer(headers: &mut http::HeaderMap) {
                 })
             });
             if !named {
-                slot.append(HeaderValue::from_static("Prefer"));
+                slot.append(PREFER_VALUE);
             }
         }
     }

@@ -129,9 +129,7 @@ where
             return ResponseFuture::own(Box::pin(routes::handle(shared, route, parts)));
         }
 
-        let mut preferences = if prefer::has_prefer(request.headers())
-            && prefer::mentions_respond_async(request.headers())
-        {
+        let mut preferences = if prefer::mentions_respond_async(request.headers()) {
             AsyncPreferences::from_headers(request.headers())
         } else {
             AsyncPreferences::default()

@@ -21,15 +21,21 @@ const MINIMUM_FILE_SIZE: &str = "_minimumFileSize";
 /// Whether `uri` names one of the bulk operations (e.g. `$export`) while the bulk pattern is on.
 /// Cheap for other requests: one byte search unless the path has a `$`.
 pub(crate) fn is_operation_request(config: &BulkConfig, uri: &Uri) -> bool {
-    config.enabled
-        && memchr::memchr(b'$', uri.path().as_bytes()).is_some()
-        && names_operation(config, uri)
+    config.enabled && names_operation(config, uri)
 }
 
-/// Whether the request's last path segment is one of the bulk operations.
+/// Whether the request's last path segment is one of the bulk operations. Compared from the
+/// end, without looking for the last `/`: on the pass-through path this is a length test and a
+/// short comparison per operation.
 fn names_operation(config: &BulkConfig, uri: &Uri) -> bool {
-    let last = uri.path().rsplit('/').next().unwrap_or_default();
-    config.operations.iter().any(|op| op == last)
+    let path = uri.path().as_bytes();
+    config.operations.iter().any(|op| {
+        let op = op.as_bytes();
+        // Byte by byte from the end (no `memcmp` call): most paths differ in their last byte.
+        path.len() > op.len()
+            && path.iter().rev().zip(op.iter().rev()).all(|(a, b)| a == b)
+            && path[path.len() - op.len() - 1] == b'/'
+    })
 }
 
 /// Whether a kick-off might take the bulk pattern, judged from its URI alone (before its body
