@@ -25,7 +25,9 @@
 //! rounds, `WIRE_BENCH_SECS` (default 2) the measured seconds per scenario and round,
 //! `WIRE_BENCH_WARMUP_MS` (default 500) the unmeasured warm-up before them, and
 //! `WIRE_BENCH_CONNECTIONS` (default 32) the keep-alive HTTP/1.1 connections,
-//! `WIRE_BENCH_MAX_CONCURRENT_JOBS` the layer's `max_concurrent_jobs` (default: the layer's). Linux only: threads
+//! `WIRE_BENCH_MAX_CONCURRENT_JOBS` the layer's `max_concurrent_jobs` (default: the layer's),
+//! `WIRE_BENCH_ONLY` (parts of scenario names, comma-separated) the memory-store scenarios that
+//! run besides bare hello. Linux only: threads
 //! are found and measured through `/proc`.
 
 use std::net::SocketAddr;
@@ -49,6 +51,7 @@ const SECS_VAR: &str = "WIRE_BENCH_SECS";
 const WARMUP_VAR: &str = "WIRE_BENCH_WARMUP_MS";
 const CONNECTIONS_VAR: &str = "WIRE_BENCH_CONNECTIONS";
 const ROUNDS_VAR: &str = "WIRE_BENCH_ROUNDS";
+const ONLY_VAR: &str = "WIRE_BENCH_ONLY";
 
 /// Below this share of the window on a CPU, neither thread of a memory scenario was the
 /// bottleneck: the machine was busy with something else.
@@ -83,6 +86,9 @@ fn main() -> ExitCode {
     for round in 1..=settings.rounds {
         println!("round {round}:");
         for (scenario, runs) in Scenario::ALL.into_iter().zip(&mut runs) {
+            if !scenario.selected() {
+                continue;
+            }
             runs.extend(report.measure(scenario, &Backend::Memory, settings));
         }
     }
@@ -107,7 +113,8 @@ fn main() -> ExitCode {
     let mut missed = Vec::new();
     for (scenario, run) in Scenario::ALL.into_iter().zip(&best) {
         let Some(run) = run else {
-            println!("{:<30}{:>9}", scenario.name(), "failed");
+            let why = if scenario.selected() { "failed" } else { "skipped" };
+            println!("{:<30}{:>9}", scenario.name(), why);
             continue;
         };
         let ratio = bare.map(|bare| run.rate() / bare);
@@ -245,6 +252,15 @@ impl Scenario {
         Self::BulkKickOff,
         Self::BulkKickOffNoWait,
     ];
+
+    /// Whether this scenario runs: all do, unless `WIRE_BENCH_ONLY` names some (any part of
+    /// their names, comma-separated); bare hello, the baseline, always runs.
+    fn selected(self) -> bool {
+        let Ok(only) = std::env::var(ONLY_VAR) else {
+            return true;
+        };
+        self == Self::Bare || only.split(',').any(|part| self.name().contains(part.trim()))
+    }
 
     fn name(self) -> &'static str {
         match self {
