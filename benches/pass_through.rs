@@ -58,7 +58,9 @@ fn count(spec: &str) {
         }
     }
     match side {
-        "bare" => calls(inner(), n, || case_request(case).map(RequestBody::streaming)),
+        "bare" => calls(inner(), n, || {
+            case_request(case).map(RequestBody::streaming)
+        }),
         "layered" => calls(layered_service(), n, || case_request(case)),
         _ => {
             eprintln!("{COUNT_VAR}: side is bare or layered, not {side:?}");
@@ -108,7 +110,12 @@ where
     });
 }
 
-const CASES: [&str; 4] = ["no prefer", "prefer return=minimal", "status-like path", "post"];
+const CASES: [&str; 4] = [
+    "no prefer",
+    "prefer return=minimal",
+    "status-like path",
+    "post",
+];
 
 /// The request of each case. The bare service gets the same requests as the layered one, so
 /// that the difference is the layer's work only (dropping a request with one header more costs
@@ -136,7 +143,8 @@ fn layered(bencher: Bencher<'_, '_>, case: &str) {
     drive(bencher, layered_service(), move || case_request(case));
 }
 
-fn layered_service() -> impl Service<Request<Empty<Bytes>>, Response: Send, Error: std::fmt::Debug> {
+fn layered_service() -> impl Service<Request<Empty<Bytes>>, Response: Send, Error: std::fmt::Debug>
+{
     AsyncLayer::builder(MemoryStore::default())
         .base_url("https://fhir.example.org/fhir")
         .build()

@@ -113,7 +113,11 @@ fn main() -> ExitCode {
     let mut missed = Vec::new();
     for (scenario, run) in Scenario::ALL.into_iter().zip(&best) {
         let Some(run) = run else {
-            let why = if scenario.selected() { "failed" } else { "skipped" };
+            let why = if scenario.selected() {
+                "failed"
+            } else {
+                "skipped"
+            };
             println!("{:<30}{:>9}", scenario.name(), why);
             continue;
         };
@@ -259,7 +263,10 @@ impl Scenario {
         let Ok(only) = std::env::var(ONLY_VAR) else {
             return true;
         };
-        self == Self::Bare || only.split(',').any(|part| self.name().contains(part.trim()))
+        self == Self::Bare
+            || only
+                .split(',')
+                .any(|part| self.name().contains(part.trim()))
     }
 
     fn name(self) -> &'static str {

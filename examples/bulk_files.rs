@@ -94,10 +94,10 @@ async fn run() -> Result<(), String> {
 
     std::fs::create_dir_all(&files).map_err(|err| format!("--files {}: {err}", files.display()))?;
     // Automatic cleanup: exports removed by DELETE or expiry leave no empty folders behind.
-    // For S3 or an S3-compatible store (MinIO, Ceph, R2), turn on object_store's `aws` feature
-    // (the version `tower_fhir_async::object_store` re-exports) and pass instead
-    // `Arc::new(AmazonS3Builder::from_env().with_bucket_name("fhir-exports").build()?)`, with
-    // `.with_endpoint("http://minio:9000").with_allow_http(true)` for a local one.
+    // For S3 or an S3-compatible store (MinIO, Ceph, R2), turn on this crate's `s3` feature and
+    // pass instead `tower_fhir_async::s3::file_store("s3://fhir-exports/files")?`: region and
+    // credentials from the AWS_* environment variables, with AWS_ENDPOINT=http://minio:9000
+    // and AWS_ALLOW_HTTP=true for a local one.
     let folder = LocalFileSystem::new_with_prefix(&files)
         .map_err(|err| format!("--files {}: {err}", files.display()))?
         .with_automatic_cleanup(true);

@@ -101,6 +101,8 @@ mod redact;
 mod registry;
 mod routes;
 mod runner;
+#[cfg(feature = "s3")]
+pub mod s3;
 mod service;
 mod shutdown;
 mod state;

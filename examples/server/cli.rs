@@ -20,7 +20,9 @@ FLAGS:
                           jobs between several servers, `redis://HOST:PORT` (build with
                           --features redis) or `postgres://USER@HOST/DB` (--features postgres)
     --files DIR           keep bulk export files in folder DIR (created if missing) instead of
-                          memory; give servers that share a --store the same DIR
+                          memory; give servers that share a --store the same DIR. Or
+                          s3://BUCKET/PREFIX (build with --features s3): files in S3 or an
+                          S3-compatible store, configured by the AWS_* environment variables
     --compress            gzip the FHIR answers for clients that accept gzip, with the
                           compression inside the async layer (as a server with its own
                           compression would have it)
@@ -217,7 +219,10 @@ pub(crate) fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, U
             "--files" => {
                 let raw = value("DIR")?;
                 if raw.trim().is_empty() {
-                    return Err(UsageError("--files needs a folder: --files DIR".into()));
+                    return Err(UsageError(
+                        "--files needs a folder or an S3 URL: --files DIR or --files s3://BUCKET/PREFIX"
+                            .into(),
+                    ));
                 }
                 options.files = Some(raw.into());
             }

@@ -130,7 +130,30 @@ async fn main() -> ExitCode {
         .base_url(&public_base)
         .max_wait(Duration::from_secs(10))
         .max_run_time(MAX_RUN_TIME);
-    if let Some(dir) = &options.files {
+    if let Some(url) = options
+        .files
+        .as_ref()
+        .and_then(|f| f.to_str())
+        .filter(|f| f.starts_with("s3://"))
+    {
+        // Bulk files in S3 or an S3-compatible store (feature `s3`): bucket and prefix from the
+        // URL, region, credentials and endpoint from the `AWS_*` environment variables.
+        #[cfg(feature = "s3")]
+        match tower_fhir_async::s3::file_store(url) {
+            Ok(files) => builder = builder.file_store(files),
+            Err(err) => {
+                eprintln!("error: cannot keep bulk files in {url}: {err}");
+                return ExitCode::from(2);
+            }
+        }
+        #[cfg(not(feature = "s3"))]
+        {
+            eprintln!(
+                "error: --files {url} needs the s3 feature: cargo run --example server --features s3 -- …"
+            );
+            return ExitCode::from(2);
+        }
+    } else if let Some(dir) = &options.files {
         // Bulk files in a folder: servers sharing a job store and this folder serve each
         // other's exports.
         let files = std::fs::create_dir_all(dir)
