@@ -197,7 +197,42 @@ pub(crate) fn add_vary_prefer(headers: &mut http::HeaderMap) {
 
 #[cfg(test)]
 mod tests {
+    use std::future::poll_fn;
+
+    use bytes::Bytes;
+    use http::Request;
+    use http_body_util::Empty;
+
     use super::*;
+
+    type Mock = tower_test::mock::Mock<Request<()>, Response<Empty<Bytes>>>;
+
+    // A passed-through request reaches a service that is not ready at once when it becomes ready
+    // (the future asks again with the task's waker), and a readiness error is the call's error.
+    #[tokio::test]
+    async fn pass_through_waits_for_readiness_and_reports_its_error() {
+        let (service, mut handle): (Mock, _) = tower_test::mock::pair();
+        handle.allow(0);
+        let mut future = Box::pin(ResponseFuture::pass_through(
+            service,
+            Request::new(()),
+            true,
+        ));
+        let pending = poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx).is_pending())).await;
+        assert!(pending, "not ready: the request waits");
+        handle.allow(1);
+        let answer = tokio::spawn(future);
+        let (_, respond) = handle.next_request().await.expect("the request arrives");
+        respond.send_response(Response::new(Empty::new()));
+        let response = answer.await.expect("no panic").expect("an answer");
+        assert_eq!(response.headers()[VARY], "Prefer");
+
+        let (service, mut handle): (Mock, _) = tower_test::mock::pair();
+        handle.send_error("not available");
+        let result = ResponseFuture::pass_through(service, Request::new(()), false).await;
+        let error = result.err().expect("the readiness error");
+        assert_eq!(error.to_string(), "not available");
+    }
 
     // PREFER-11: `Vary: Prefer` is merged, never duplicated, never overwrites.
     #[test]
