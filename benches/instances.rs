@@ -175,6 +175,14 @@ async fn run() -> Result<bool, String> {
             stats.downloads
         );
     }
+    for (name, stats) in [("one instance", &alone), ("ten instances", &run)] {
+        let answers: Vec<String> = stats
+            .answers
+            .iter()
+            .map(|(k, n)| format!("{k}: {n}"))
+            .collect();
+        println!("answers, {name}: {}", answers.join(", "));
+    }
     println!(
         "ten / one: kick-offs {:.2}×, polls {:.2}× (all on this machine's two cores)",
         (run.kick_offs as f64 / run.secs) / (alone.kick_offs as f64 / alone.secs).max(1e-9),
@@ -247,6 +255,17 @@ struct Stats {
     downloads: u64,
     secs: f64,
     jobs: Arc<Mutex<Vec<Job>>>,
+    /// Answers by request kind and status ("kick-off 202", "poll error" …).
+    answers: std::collections::BTreeMap<String, u64>,
+}
+
+/// Counts one answer of `kind`: its status, or "error" when none came.
+fn tally(answers: &mut HashMap<String, u64>, kind: &str, status: Result<StatusCode, &String>) {
+    let key = match status {
+        Ok(status) => format!("{kind} {}", status.as_u16()),
+        Err(_) => format!("{kind} error"),
+    };
+    *answers.entry(key).or_default() += 1;
 }
 
 /// `clients` clients against `instances` for `length`; with `victims`, those instances are
@@ -289,6 +308,7 @@ async fn traffic(
             };
             let (mut kick_offs, mut polls, mut downloads) = (0u64, 0u64, 0u64);
             let mut mine: Vec<Job> = Vec::new();
+            let mut answers: HashMap<String, u64> = HashMap::new();
             while started.elapsed() < length {
                 let addr = &addrs[next(addrs.len() as u64) as usize];
                 let roll = next(100);
@@ -299,7 +319,9 @@ async fn traffic(
                         _ => (Method::GET, "/fhir/Patient?_count=5"),
                     };
                     let url = format!("http://{addr}{path}");
-                    if let Ok(Some(location)) = http.kick_off(method, &url).await {
+                    let answer = http.kick_off(method, &url).await;
+                    tally(&mut answers, "kick-off", answer.as_ref().map(|(s, _)| *s));
+                    if let Ok((_, Some(location))) = answer {
                         kick_offs += 1;
                         mine.push(Job {
                             url: location,
@@ -309,8 +331,14 @@ async fn traffic(
                     }
                 } else if roll < 90 {
                     let job = &mine[next(mine.len() as u64) as usize];
+                    if job.cancelled {
+                        // Gone: polls go to jobs that may still answer.
+                        continue;
+                    }
                     let via = rewrite(&job.url, addr);
-                    if let Ok((status, body)) = http.send(Method::GET, &via).await {
+                    let answer = http.send(Method::GET, &via).await;
+                    tally(&mut answers, "poll", answer.as_ref().map(|(s, _)| *s));
+                    if let Ok((status, body)) = answer {
                         polls += 1;
                         // A finished export: download one of its files through another instance.
                         if status == StatusCode::OK && body.starts_with(b"{\"error\"") {
@@ -334,15 +362,18 @@ async fn traffic(
                 }
             }
             jobs.lock().expect("jobs").extend(mine);
-            (kick_offs, polls, downloads)
+            (kick_offs, polls, downloads, answers)
         }));
     }
     let mut stats = Stats::default();
     for task in tasks {
-        if let Ok((k, p, d)) = task.await {
+        if let Ok((k, p, d, answers)) = task.await {
             stats.kick_offs += k;
             stats.polls += p;
             stats.downloads += d;
+            for (answer, n) in answers {
+                *stats.answers.entry(answer).or_default() += n;
+            }
         }
     }
     stats.secs = started.elapsed().as_secs_f64();
@@ -377,10 +408,14 @@ impl Http {
             .map(|(s, _, b)| (s, b))
     }
 
-    /// A kick-off with `Prefer: respond-async`: its status URL when accepted.
-    async fn kick_off(&self, method: Method, url: &str) -> Result<Option<String>, String> {
+    /// A kick-off with `Prefer: respond-async`: its status, and its status URL when accepted.
+    async fn kick_off(
+        &self,
+        method: Method,
+        url: &str,
+    ) -> Result<(StatusCode, Option<String>), String> {
         let (status, location, _) = self.request(method, url, true).await?;
-        Ok(location.filter(|_| status == StatusCode::ACCEPTED))
+        Ok((status, location.filter(|_| status == StatusCode::ACCEPTED)))
     }
 
     async fn request(
@@ -442,6 +477,9 @@ impl Instance {
                 "--files",
                 &format!("s3://{bucket}/files"),
             ])
+            // All the bench's clients are one caller: the demo's per-caller limits off.
+            .args(["--max-jobs-per-caller", "off", "--min-poll-interval", "off"])
+            .args(["--max-running-jobs", "off"])
             .env("AWS_ENDPOINT", s3)
             .env("AWS_ALLOW_HTTP", "true")
             .env("AWS_ACCESS_KEY_ID", "bench")
