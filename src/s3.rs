@@ -43,12 +43,13 @@ use object_store::client::{
     HttpResponse, HttpResponseBody, HttpService,
 };
 use object_store::prefix::PrefixStore;
-use object_store::{ClientOptions, ObjectStore};
+use object_store::{ClientConfigKey, ClientOptions, ObjectStore};
 use rustls::{ClientConfig, RootCertStore};
 
 use crate::config::BuildError;
 
-/// How long a connection to the object store may take to open.
+/// How long a connection to the object store may take to open, unless the builder's
+/// `ClientOptions` say otherwise (`object_store`'s own default).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The bulk data file store for `url`, `s3://BUCKET` or `s3://BUCKET/PREFIX`, configured from
@@ -96,13 +97,18 @@ fn parse(url: &str) -> Result<(&str, &str), BuildError> {
 
 /// An [`HttpConnector`] for `object_store` made of hyper, hyper-util's pooled client and
 /// rustls: `https` with the platform's certificate authorities, `http` when the store allows it
-/// (`AWS_ALLOW_HTTP`). Connection errors and broken requests are reported as retryable, as
-/// `object_store` expects.
+/// (`AWS_ALLOW_HTTP`). Connection errors, broken requests and timeouts are reported as
+/// retryable, as `object_store` expects. Of the builder's `ClientOptions` it applies `timeout`
+/// (until the answer's head; 30 s by default) and `connect_timeout` (5 s by default); proxies
+/// and the other HTTP settings are not supported.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct HyperConnector;
 
 impl HttpConnector for HyperConnector {
-    fn connect(&self, _options: &ClientOptions) -> object_store::Result<HttpClient> {
+    fn connect(&self, options: &ClientOptions) -> object_store::Result<HttpClient> {
+        let timeout = setting(options, ClientConfigKey::Timeout)?;
+        let connect_timeout =
+            setting(options, ClientConfigKey::ConnectTimeout)?.unwrap_or(CONNECT_TIMEOUT);
         let mut roots = RootCertStore::empty();
         let native = rustls_native_certs::load_native_certs();
         let (added, _) = roots.add_parsable_certificates(native.certs);
@@ -123,7 +129,7 @@ impl HttpConnector for HyperConnector {
             .with_no_client_auth();
         let mut tcp = TcpConnector::new();
         tcp.enforce_http(false);
-        tcp.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        tcp.set_connect_timeout(Some(connect_timeout));
         tcp.set_nodelay(true);
         let connector = HttpsConnectorBuilder::new()
             .with_tls_config(config)
@@ -131,13 +137,31 @@ impl HttpConnector for HyperConnector {
             .enable_http1()
             .wrap_connector(tcp);
         let client = Client::builder(TokioExecutor::new()).build(connector);
-        Ok(HttpClient::new(Hyper { client }))
+        Ok(HttpClient::new(Hyper { client, timeout }))
     }
+}
+
+/// A duration of `options`, as `object_store` writes it (`30s`, `5 seconds` …).
+fn setting(
+    options: &ClientOptions,
+    key: ClientConfigKey,
+) -> object_store::Result<Option<Duration>> {
+    let Some(text) = options.get_config_value(&key) else {
+        return Ok(None);
+    };
+    humantime::parse_duration(&text)
+        .map(Some)
+        .map_err(|error| object_store::Error::Generic {
+            store: "S3",
+            source: format!("{key:?} {text:?} is not a duration: {error}").into(),
+        })
 }
 
 #[derive(Debug)]
 struct Hyper {
     client: Client<HttpsConnector<TcpConnector>, HttpRequestBody>,
+    /// Until the answer's head.
+    timeout: Option<Duration>,
 }
 
 type Call<'a> = Pin<Box<dyn Future<Output = Result<HttpResponse, HttpError>> + Send + 'a>>;
@@ -150,7 +174,14 @@ impl HttpService for Hyper {
         Self: 'a,
     {
         Box::pin(async move {
-            let response = self.client.request(request).await.map_err(|error| {
+            let answer = self.client.request(request);
+            let answer = match self.timeout {
+                Some(timeout) => tokio::time::timeout(timeout, answer)
+                    .await
+                    .map_err(|elapsed| HttpError::new(HttpErrorKind::Timeout, elapsed))?,
+                None => answer.await,
+            };
+            let response = answer.map_err(|error| {
                 let kind = if error.is_connect() {
                     HttpErrorKind::Connect
                 } else {

@@ -20,7 +20,7 @@ use http::{Method, StatusCode};
 use support::bulk::{fetch, ids, lines_by_type, ndjson, start_with_files};
 use support::{TestClient, assert_not_found};
 use tower_fhir_async::object_store::aws::AmazonS3Builder;
-use tower_fhir_async::object_store::{ObjectStore, RetryConfig};
+use tower_fhir_async::object_store::{ClientOptions, ObjectStore, RetryConfig};
 use tower_fhir_async::s3;
 
 fn endpoint() -> String {
@@ -164,6 +164,44 @@ async fn bulk_6_unreachable_s3_fails_the_export() {
         diagnostics.contains("could not be written"),
         "{diagnostics}"
     );
+}
+
+// BULK-6: an object store that accepts connections but never answers fails the export once the
+// builder's `ClientOptions` timeout passes; the job does not hang.
+#[tokio::test]
+async fn bulk_6_stalled_s3_fails_the_export_after_the_timeout() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a port");
+    let address = listener.local_addr().expect("its address");
+    // Accepts, reads nothing, answers nothing; holds the connections until the test ends.
+    let stalled = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let stalling = builder(&format!("http://{address}"), "stalled")
+        .with_client_options(ClientOptions::new().with_timeout(Duration::from_millis(500)))
+        .with_retry(RetryConfig {
+            max_retries: 0,
+            retry_timeout: Duration::from_secs(1),
+            ..RetryConfig::default()
+        });
+    let files = s3::file_store_with(stalling, "").expect("an S3 file store");
+    let routes = Router::new().route(
+        "/fhir/$export",
+        get(|| async { ndjson(observations(6_000)) }),
+    );
+    let server = start_with_files(routes, files, |b| b).await;
+    let status_url = server.export("/$export").await;
+    let reply = server.finished(&status_url).await;
+    assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR, "{reply:?}");
+    assert!(
+        String::from_utf8_lossy(&reply.body).contains("could not be written"),
+        "{reply:?}"
+    );
+    stalled.abort();
 }
 
 // The URL form of `s3::file_store`: a bucket and an optional prefix, anything else refused with
