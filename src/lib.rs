@@ -58,7 +58,9 @@
 //!   [`UpstreamFiles`] and the [`object_store`] re-export. Without it the layer does not
 //!   recognise bulk requests: `$export` and requests with `_outputFormat` pass through, or run as
 //!   interaction jobs with `Prefer: respond-async`, like any other request.
-//! - `redis`, `postgres`: `RedisStore` and `PostgresStore`, jobs shared by many instances.
+//! - `redis`, `postgres`: `RedisStore` and `PostgresStore`, jobs shared by many instances;
+//!   `redis-cluster`: `RedisClusterStore`, the same on a Redis Cluster.
+//! - `s3`: `s3::file_store`, bulk data files in Amazon S3 or an S3-compatible store.
 //! - `upstream`: [`upstream::Upstream`](crate::upstream), any FHIR server behind the layer over
 //!   HTTP (a gateway); `upstream-tls`: `https` upstreams, by rustls.
 //! - `test-util`: the store conformance suite (`store::conformance`).
@@ -135,6 +137,8 @@ pub use service::AsyncService;
 pub use shutdown::{ShutdownHandle, ShutdownReport};
 #[cfg(feature = "postgres")]
 pub use store::PostgresStore;
+#[cfg(feature = "redis-cluster")]
+pub use store::RedisClusterStore;
 pub use store::{JobStore, MemoryStore, StoreError};
 #[cfg(feature = "redis")]
 pub use store::{RedisStore, redis};

@@ -14,6 +14,10 @@ mod dynamic;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
+#[cfg(feature = "redis-cluster")]
+mod redis_cluster;
+#[cfg(feature = "redis")]
+mod redis_core;
 #[cfg(feature = "redis")]
 mod redis_store;
 mod retained;
@@ -38,6 +42,8 @@ pub(crate) use dynamic::{Bounded, DynStore};
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresStore;
+#[cfg(feature = "redis-cluster")]
+pub use redis_cluster::RedisClusterStore;
 #[cfg(feature = "redis")]
 pub use redis_store::RedisStore;
 
