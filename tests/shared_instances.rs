@@ -383,6 +383,168 @@ impl Backend for PostgresBackend {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// A Redis Cluster (feature `redis-cluster`): the same scenarios on `RedisClusterStore`
+
+#[cfg(feature = "redis-cluster")]
+mod cluster {
+    use super::*;
+    use tower_fhir_async::RedisClusterStore;
+
+    /// `REDIS_CLUSTER_URLS` (default the three masters `.ci/run` starts).
+    pub(super) fn cluster_urls() -> Vec<String> {
+        let urls = std::env::var("REDIS_CLUSTER_URLS").unwrap_or_else(|_| {
+            "redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002".into()
+        });
+        let urls: Vec<String> = urls.split(',').map(|u| u.trim().to_owned()).collect();
+        for url in &urls {
+            require_loopback("REDIS_CLUSTER_URLS", url);
+        }
+        urls
+    }
+
+    fn no_cluster(why: impl std::fmt::Display) -> ! {
+        panic!(
+            "cannot reach the Redis Cluster at {:?}: {why}. `bash .ci/run` starts one on \
+             127.0.0.1:7000-7002, or set REDIS_CLUSTER_URLS",
+            cluster_urls()
+        )
+    }
+
+    /// Plain connections to every master, for looking behind the stores' backs.
+    async fn masters() -> Vec<MultiplexedConnection> {
+        let mut first = redis_connection(&cluster_urls()[0]).await;
+        let nodes: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut first)
+            .await
+            .unwrap_or_else(|err| no_cluster(err));
+        let mut masters = Vec::new();
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            if fields.get(2).is_some_and(|f| f.contains("master")) {
+                let address = fields[1].split('@').next().unwrap_or_default();
+                masters.push(redis_connection(&format!("redis://{address}")).await);
+            }
+        }
+        masters
+    }
+
+    pub(super) struct ClusterBackend {
+        prefix: String,
+        /// The demo's place is the default prefix, shared: only these jobs are the test's.
+        shared: Option<Mutex<Vec<JobId>>>,
+    }
+
+    impl Backend for ClusterBackend {
+        type Store = RedisClusterStore;
+
+        async fn open(test: &str) -> Self {
+            drop(masters().await);
+            Self {
+                prefix: format!("shared-instances-{}:{test}:", JobId::new()),
+                shared: None,
+            }
+        }
+
+        async fn open_for_demo() -> Self {
+            drop(masters().await);
+            Self {
+                prefix: RedisClusterStore::DEFAULT_PREFIX.to_owned(),
+                shared: Some(Mutex::new(Vec::new())),
+            }
+        }
+
+        fn demo_store_url(&self) -> String {
+            assert_eq!(self.prefix, RedisClusterStore::DEFAULT_PREFIX);
+            let nodes: Vec<String> = cluster_urls()
+                .iter()
+                .map(|url| url.trim_start_matches("redis://").to_owned())
+                .collect();
+            format!("redis-cluster://{}", nodes.join(","))
+        }
+
+        async fn connect(&self) -> RedisClusterStore {
+            match tokio::time::timeout(SETUP_WAIT, RedisClusterStore::connect(cluster_urls())).await
+            {
+                Ok(Ok(store)) => store.with_prefix(self.prefix.clone()),
+                Ok(Err(err)) => no_cluster(err),
+                Err(_) => no_cluster("no connection within 10 s"),
+            }
+        }
+
+        async fn cancel_listeners(&self) -> usize {
+            // A store subscribes to its partitions' channels in order: the last one counts
+            // stores that subscribed to all. Only the master serving its slot knows them.
+            let last = RedisClusterStore::DEFAULT_PARTITIONS - 1;
+            let channel = format!("{}{{{last}}}changed", self.prefix);
+            let mut listeners = 0;
+            for mut master in masters().await {
+                let counts: Vec<(String, usize)> = redis::cmd("PUBSUB")
+                    .arg("SHARDNUMSUB")
+                    .arg(&channel)
+                    .query_async(&mut master)
+                    .await
+                    .expect("PUBSUB SHARDNUMSUB");
+                listeners += counts.into_iter().map(|(_, count)| count).sum::<usize>();
+            }
+            listeners
+        }
+
+        fn track(&self, id: JobId) {
+            if let Some(jobs) = &self.shared {
+                jobs.lock().unwrap().push(id);
+            }
+        }
+
+        async fn cleanup(&self) {
+            let store = self.connect().await;
+            if let Some(jobs) = &self.shared {
+                let jobs = std::mem::take(&mut *jobs.lock().unwrap());
+                for id in jobs {
+                    // A cancel removes the job and its index entries wherever they are.
+                    store
+                        .cancel(&id, SystemTime::now())
+                        .await
+                        .expect("deleting the test's job");
+                }
+                return;
+            }
+            for mut master in masters().await {
+                let mut cursor = 0u64;
+                loop {
+                    let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(format!("{}*", self.prefix))
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut master)
+                        .await
+                        .expect("SCAN for the test's keys");
+                    let mut pipe = redis::pipe();
+                    for key in &keys {
+                        pipe.cmd("DEL").arg(key).ignore();
+                    }
+                    if !keys.is_empty() {
+                        let () = pipe
+                            .query_async(&mut master)
+                            .await
+                            .expect("DEL the test's keys");
+                    }
+                    if next == 0 {
+                        break;
+                    }
+                    cursor = next;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(feature = "redis-cluster")]
+use cluster::ClusterBackend;
+
 /// Runs `scenario` with `backend`, then cleans up, also when the scenario panics.
 async fn run<B, F, Fut>(backend: B, scenario: F)
 where
@@ -1084,5 +1246,81 @@ async fn status_3_postgres_long_poll_wakes_across_instances() {
             .await;
         },
     )
+    .await;
+}
+
+// The same scenarios on a Redis Cluster (`RedisClusterStore`: sharded pub/sub, partitions).
+
+// Issue #16 item 1, CANCEL-1, CANCEL-3, STATUS-4 on a Redis Cluster.
+#[cfg(feature = "redis-cluster")]
+#[tokio::test(flavor = "multi_thread")]
+async fn item_16_cancel_3_status_4_cluster_delete_through_another_instance_stops_the_work() {
+    run(ClusterBackend::open("cancel").await, |backend| {
+        cancel_through_another_instance(backend, "redis cluster", None, true)
+    })
+    .await;
+}
+
+// Issue #16 item 1, CANCEL-3: the cancel and progress are pushed through sharded pub/sub.
+#[cfg(feature = "redis-cluster")]
+#[tokio::test(flavor = "multi_thread")]
+async fn item_16_cancel_3_cluster_cancel_is_pushed_not_polled() {
+    run(ClusterBackend::open("push").await, |backend| {
+        cancel_through_another_instance(
+            backend,
+            "redis cluster push",
+            Some(3600 * SECOND),
+            true,
+        )
+    })
+    .await;
+}
+
+// Issue #16 item 1, STATUS-5, STATUS-14 on a Redis Cluster.
+#[cfg(feature = "redis-cluster")]
+#[tokio::test(flavor = "multi_thread")]
+async fn item_16_status_5_cluster_results_survive_a_restart() {
+    run(
+        ClusterBackend::open("restart").await,
+        results_survive_a_restart,
+    )
+    .await;
+}
+
+// Issue #16 item 1, STATUS-10: the demo on `--store redis-cluster://…`, killed with SIGKILL.
+#[cfg(feature = "redis-cluster")]
+#[tokio::test(flavor = "multi_thread")]
+async fn item_16_status_10_cluster_jobs_of_a_killed_process_fail_as_transient() {
+    run(ClusterBackend::open_for_demo().await, |backend| {
+        jobs_of_a_killed_instance_fail(backend, "redis cluster")
+    })
+    .await;
+}
+
+// Issue #16 item 1, BULK-13, CANCEL-5 on a Redis Cluster.
+#[cfg(feature = "redis-cluster")]
+#[tokio::test(flavor = "multi_thread")]
+async fn item_16_bulk_13_cluster_bulk_files_through_another_instance() {
+    run(
+        ClusterBackend::open("bulk").await,
+        bulk_files_through_another_instance,
+    )
+    .await;
+}
+
+// Issue #16 item 1, STATUS-3: a long poll wakes across instances through sharded pub/sub.
+#[cfg(feature = "redis-cluster")]
+#[tokio::test(flavor = "multi_thread")]
+async fn item_16_status_3_cluster_long_poll_wakes_across_instances() {
+    run(ClusterBackend::open("longpoll").await, |backend| async move {
+        let first = backend.connect().await;
+        let second = backend.connect().await;
+        let stores = std::sync::Mutex::new(vec![second, first]);
+        long_poll::long_poll_wakes_across_instances(
+            || stores.lock().unwrap().pop().expect("two stores"),
+            false,
+        )
+        .await;
+    })
     .await;
 }

@@ -18,7 +18,9 @@ FLAGS:
     --patients N          number of synthetic patients to generate (default 1000)
     --store BACKEND       job store for the async layer: `memory` (default), or, to share
                           jobs between several servers, `redis://HOST:PORT` (build with
-                          --features redis) or `postgres://USER@HOST/DB` (--features postgres)
+                          --features redis), `redis-cluster://HOST:PORT,HOST:PORT,...` (a
+                          Redis Cluster, any of its nodes; --features redis-cluster) or
+                          `postgres://USER@HOST/DB` (--features postgres)
     --files DIR           keep bulk export files in folder DIR (created if missing) instead of
                           memory; give servers that share a --store the same DIR. Or
                           s3://BUCKET/PREFIX (build with --features s3): files in S3 or an
@@ -104,12 +106,15 @@ pub(crate) enum StoreChoice {
     Memory,
     #[cfg(feature = "redis")]
     Redis(String),
+    /// The `redis://HOST:PORT` URLs of some nodes of a Redis Cluster.
+    #[cfg(feature = "redis-cluster")]
+    RedisCluster(Vec<String>),
     #[cfg(feature = "postgres")]
     Postgres(String),
 }
 
 /// A backend this build was compiled without.
-#[cfg(not(all(feature = "redis", feature = "postgres")))]
+#[cfg(not(all(feature = "redis", feature = "redis-cluster", feature = "postgres")))]
 fn needs_feature(raw: &str, feature: &str) -> UsageError {
     UsageError(format!(
         "store backend {raw} needs the `{feature}` feature: cargo run --example server --features {feature} -- --store {raw}"
@@ -120,6 +125,22 @@ fn needs_feature(raw: &str, feature: &str) -> UsageError {
 fn store_choice(raw: &str) -> Result<StoreChoice, UsageError> {
     if raw == "memory" {
         Ok(StoreChoice::Memory)
+    } else if let Some(nodes) = raw.strip_prefix("redis-cluster://") {
+        let nodes: Vec<String> = nodes
+            .split(',')
+            .map(str::trim)
+            .filter(|node| !node.is_empty())
+            .map(|node| format!("redis://{node}"))
+            .collect();
+        if nodes.is_empty() {
+            return Err(UsageError(format!(
+                "{raw:?} names no node; use redis-cluster://HOST:PORT,HOST:PORT,..."
+            )));
+        }
+        #[cfg(feature = "redis-cluster")]
+        return Ok(StoreChoice::RedisCluster(nodes));
+        #[cfg(not(feature = "redis-cluster"))]
+        return Err(needs_feature(raw, "redis-cluster"));
     } else if raw.starts_with("redis://") || raw.starts_with("rediss://") {
         #[cfg(feature = "redis")]
         return Ok(StoreChoice::Redis(raw.to_owned()));
@@ -132,7 +153,8 @@ fn store_choice(raw: &str) -> Result<StoreChoice, UsageError> {
         return Err(needs_feature(raw, "postgres"));
     } else {
         Err(UsageError(format!(
-            "unknown store backend {raw:?}; use memory, redis://HOST:PORT or postgres://USER@HOST/DB"
+            "unknown store backend {raw:?}; use memory, redis://HOST:PORT, \
+             redis-cluster://HOST:PORT,HOST:PORT,... or postgres://USER@HOST/DB"
         )))
     }
 }
@@ -375,6 +397,23 @@ mod tests {
         assert!(err.0.starts_with("unknown store backend"), "{}", err.0);
         assert!(
             matches!(run(&["--store", "memory"]), Ok(Command::Run(o)) if o.store == StoreChoice::Memory)
+        );
+        let err = run(&["--store", "redis-cluster://,"]).unwrap_err();
+        assert!(err.0.contains("names no node"), "{}", err.0);
+        #[cfg(feature = "redis-cluster")]
+        assert!(matches!(
+            run(&["--store", "redis-cluster://127.0.0.1:7000, 127.0.0.1:7001"]),
+            Ok(Command::Run(o)) if o.store == StoreChoice::RedisCluster(vec![
+                "redis://127.0.0.1:7000".into(),
+                "redis://127.0.0.1:7001".into(),
+            ])
+        ));
+        #[cfg(not(feature = "redis-cluster"))]
+        assert!(
+            run(&["--store", "redis-cluster://127.0.0.1:7000"])
+                .unwrap_err()
+                .0
+                .contains("--features redis-cluster")
         );
         assert!(run(&["--base-url", "fhir.example.org"]).is_err());
         assert!(run(&["--patients"]).is_err());

@@ -115,6 +115,16 @@ async fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         },
+        #[cfg(feature = "redis-cluster")]
+        cli::StoreChoice::RedisCluster(nodes) => {
+            match tower_fhir_async::RedisClusterStore::connect(nodes).await {
+                Ok(store) => AsyncLayer::builder(store),
+                Err(err) => {
+                    eprintln!("error: cannot use the Redis Cluster at {nodes:?}: {err}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
         #[cfg(feature = "postgres")]
         cli::StoreChoice::Postgres(url) => match postgres_store(url).await {
             Ok(store) => AsyncLayer::builder(store),
