@@ -1266,12 +1266,7 @@ async fn item_16_cancel_3_status_4_cluster_delete_through_another_instance_stops
 #[tokio::test(flavor = "multi_thread")]
 async fn item_16_cancel_3_cluster_cancel_is_pushed_not_polled() {
     run(ClusterBackend::open("push").await, |backend| {
-        cancel_through_another_instance(
-            backend,
-            "redis cluster push",
-            Some(3600 * SECOND),
-            true,
-        )
+        cancel_through_another_instance(backend, "redis cluster push", Some(3600 * SECOND), true)
     })
     .await;
 }
@@ -1312,15 +1307,18 @@ async fn item_16_bulk_13_cluster_bulk_files_through_another_instance() {
 #[cfg(feature = "redis-cluster")]
 #[tokio::test(flavor = "multi_thread")]
 async fn item_16_status_3_cluster_long_poll_wakes_across_instances() {
-    run(ClusterBackend::open("longpoll").await, |backend| async move {
-        let first = backend.connect().await;
-        let second = backend.connect().await;
-        let stores = std::sync::Mutex::new(vec![second, first]);
-        long_poll::long_poll_wakes_across_instances(
-            || stores.lock().unwrap().pop().expect("two stores"),
-            false,
-        )
-        .await;
-    })
+    run(
+        ClusterBackend::open("longpoll").await,
+        |backend| async move {
+            let first = backend.connect().await;
+            let second = backend.connect().await;
+            let stores = std::sync::Mutex::new(vec![second, first]);
+            long_poll::long_poll_wakes_across_instances(
+                || stores.lock().unwrap().pop().expect("two stores"),
+                false,
+            )
+            .await;
+        },
+    )
     .await;
 }

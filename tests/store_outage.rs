@@ -28,7 +28,7 @@ use support::{Reply, TestClient, serve};
 use tokio::sync::Notify;
 use tower_fhir_async::redis::Client;
 use tower_fhir_async::redis::aio::ConnectionManager;
-use tower_fhir_async::{AsyncLayer, JobId, RedisStore, StoreError};
+use tower_fhir_async::{AsyncLayer, JobId, JobStore, RedisStore, StoreError};
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -196,6 +196,34 @@ fn assert_held_result(reply: &Reply) {
 // Redis is back; and the same layer accepts new jobs again.
 #[tokio::test(flavor = "current_thread")]
 async fn e7_redis_outage_is_503_transient_and_a_finished_result_survives_it() {
+    // Declared before the store, so the server is killed before its directory is removed.
+    let dir = TempDir::new();
+    let redis = RedisServer::start(free_port(), &dir.0).await;
+    let store = tokio::time::timeout(10 * SECOND, RedisStore::connect(&redis.url()))
+        .await
+        .expect("RedisStore::connect within 10 s")
+        .expect("RedisStore::connect to the test's redis-server");
+    outage_survives(store, redis).await;
+}
+
+/// A store server a test can take away and bring back with its data.
+trait Outage {
+    fn stop(&mut self);
+    async fn restart(&mut self);
+}
+
+impl Outage for RedisServer {
+    fn stop(&mut self) {
+        RedisServer::stop(self);
+    }
+
+    async fn restart(&mut self) {
+        RedisServer::restart(self).await;
+    }
+}
+
+/// The outage scenario of `e7_…`, on `store`, whose server is `server`.
+async fn outage_survives<S: JobStore>(store: S, mut redis: impl Outage) {
     let captured = Captured::default();
     let _log_on_panic = LogOnPanic(captured.clone());
     let subscriber = tracing_subscriber::fmt()
@@ -207,15 +235,7 @@ async fn e7_redis_outage_is_503_transient_and_a_finished_result_survives_it() {
     // subscriber.
     let _subscriber = tracing::subscriber::set_default(subscriber);
 
-    // Declared before the server, so the server is killed before its directory is removed.
-    let dir = TempDir::new();
-    let mut redis = RedisServer::start(free_port(), &dir.0).await;
-
     // 1. The layer on its own Redis, in front of an axum Router served on 127.0.0.1:0.
-    let store = tokio::time::timeout(10 * SECOND, RedisStore::connect(&redis.url()))
-        .await
-        .expect("RedisStore::connect within 10 s")
-        .expect("RedisStore::connect to the test's redis-server");
     let layer = AsyncLayer::builder(store).base_path("/fhir").build();
     let hold = Arc::new(Hold::default());
     let addr = serve(app(layer, hold.clone())).await;
@@ -385,4 +405,194 @@ async fn status_10_redis_unreachable_from_the_start_is_503_transient() {
         0,
         "refused kick-offs never reach the wrapped service"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A Redis Cluster (feature `redis-cluster`): the whole cluster goes away, and one master fails
+// over to its replica.
+
+#[cfg(feature = "redis-cluster")]
+mod cluster {
+    use super::*;
+    use support::private_redis::PrivateCluster;
+    use tower_fhir_async::RedisClusterStore;
+
+    impl Outage for PrivateCluster {
+        fn stop(&mut self) {
+            for node in &mut self.nodes {
+                node.stop();
+            }
+        }
+
+        async fn restart(&mut self) {
+            for node in &mut self.nodes {
+                node.restart().await;
+            }
+            self.wait_until_ok(3, 60 * SECOND).await;
+        }
+    }
+
+    async fn connect(cluster: &PrivateCluster) -> RedisClusterStore {
+        tokio::time::timeout(10 * SECOND, RedisClusterStore::connect(cluster.urls()))
+            .await
+            .expect("RedisClusterStore::connect within 10 s")
+            .expect("RedisClusterStore::connect to the test's cluster")
+    }
+
+    // Issue #16 item 1, STATUS-10, E7, KICK-5: the outage scenario on a three-master cluster of
+    // the test's own: every node goes away under a running job and comes back with its data.
+    #[tokio::test(flavor = "current_thread")]
+    async fn item_16_e7_cluster_outage_is_503_transient_and_a_finished_result_survives_it() {
+        let cluster = PrivateCluster::start(3, 0).await;
+        let store = connect(&cluster).await;
+        outage_survives(store, cluster).await;
+    }
+
+    /// `POST /fhir/$quick` answers at once; `POST /fhir/$hold` once `release` turns true.
+    fn work_app(layer: AsyncLayer, release: tokio::sync::watch::Receiver<bool>) -> Router {
+        Router::new()
+            .route(
+                "/fhir/$quick",
+                post(|body: String| async move {
+                    (
+                        [(CONTENT_TYPE, "application/fhir+json")],
+                        format!(r#"{{"resourceType":"Parameters","id":"{body}"}}"#),
+                    )
+                }),
+            )
+            .route(
+                "/fhir/$hold",
+                post(move |body: String| {
+                    let mut release = release.clone();
+                    async move {
+                        let _ = release.wait_for(|released| *released).await;
+                        (
+                            [(CONTENT_TYPE, "application/fhir+json")],
+                            format!(r#"{{"resourceType":"Parameters","id":"{body}"}}"#),
+                        )
+                    }
+                }),
+            )
+            .layer(layer)
+    }
+
+    async fn start_job(client: &TestClient, base: &str, op: &str, n: usize) -> String {
+        let reply = client
+            .send(
+                Method::POST,
+                &format!("{base}/{op}"),
+                &[("prefer", "respond-async")],
+                &format!("job-{n}"),
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED, "{reply:?}");
+        reply.header("content-location").to_owned()
+    }
+
+    fn assert_result(reply: &Reply, n: usize) {
+        assert_eq!(reply.status, StatusCode::OK, "job-{n}: {reply:?}");
+        let bundle = reply.json();
+        assert_eq!(
+            bundle["entry"][0]["resource"]["id"],
+            format!("job-{n}"),
+            "{bundle}"
+        );
+    }
+
+    // Issue #16 item 1, STATUS-14, STATUS-10: in a six-node cluster (three masters, one replica
+    // each), the master serving most of the jobs is killed (SIGKILL) and its replica takes over.
+    // No finished result is lost (the store waits for a replica's acknowledgement of every
+    // kick-off and result), and no job is stranded: jobs running through the failover record
+    // their results on the new master, and the layers (two instances) keep working.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn item_16_status_14_a_master_failover_loses_no_result_and_strands_no_job() {
+        let mut cluster = PrivateCluster::start(3, 1).await;
+        // Well below the layer's store timeout (1 s).
+        let acks = Duration::from_millis(300);
+        let a = connect(&cluster).await.with_replica_acks(1, acks);
+        let b = connect(&cluster).await.with_replica_acks(1, acks);
+        let (release, released) = tokio::sync::watch::channel(false);
+        let layer = |store: RedisClusterStore, name: &str| {
+            AsyncLayer::builder(store)
+                .base_path("/fhir")
+                .instance_id(name)
+                .build()
+        };
+        let base_a = format!(
+            "http://{}/fhir",
+            serve(work_app(layer(a.clone(), "a"), released.clone())).await
+        );
+        let base_b = format!(
+            "http://{}/fhir",
+            serve(work_app(layer(b.clone(), "b"), released.clone())).await
+        );
+        let client = TestClient::default();
+
+        // Finished results, spread over every partition (and so every master).
+        let mut finished = Vec::new();
+        for n in 0..48 {
+            finished.push(start_job(&client, &base_a, "$quick", n).await);
+        }
+        for (n, url) in finished.iter().enumerate() {
+            let done = poll_until_done(&client, url, 30 * SECOND).await;
+            assert_result(&done, n);
+        }
+        // Jobs still running when the master dies.
+        let mut running = Vec::new();
+        for n in 100..116 {
+            running.push(start_job(&client, &base_a, "$hold", n).await);
+        }
+
+        // Kill a master (each has a replica) and wait for its replica to take over.
+        let masters = cluster.masters(0).await;
+        assert_eq!(masters.len(), 3, "{}", cluster.nodes_seen_by(0).await);
+        let victim = masters[0];
+        let witness = (0..cluster.nodes.len())
+            .find(|&n| n != victim)
+            .expect("another node");
+        let killed = Instant::now();
+        cluster.nodes[victim].stop();
+        println!("killed master on node {victim}");
+        let deadline = Instant::now() + 60 * SECOND;
+        loop {
+            let now_masters = cluster.masters(witness).await;
+            if now_masters.len() == 3 && !now_masters.contains(&victim) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no replica took over within 60 s:\n{}",
+                cluster.nodes_seen_by(witness).await
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        println!("a replica took over {:?} after the kill", killed.elapsed());
+
+        // The running jobs finish after the failover and record their results.
+        release.send_replace(true);
+        for (n, url) in running.iter().enumerate() {
+            let done = poll_until_done(&client, url, 60 * SECOND).await;
+            assert_result(&done, 100 + n);
+        }
+        println!(
+            "every running job recorded its result {:?} after the kill",
+            killed.elapsed()
+        );
+
+        // Every result finished before the failover is still there, through either instance.
+        for (n, url) in finished.iter().enumerate() {
+            let through_b = url.replace(&base_a, &base_b);
+            for url in [url, &through_b] {
+                let done = poll_until_done(&client, url, 30 * SECOND).await;
+                assert_result(&done, n);
+            }
+        }
+
+        // And new jobs run, through both instances.
+        for (n, base) in [(200, &base_a), (201, &base_b)] {
+            let url = start_job(&client, base, "$quick", n).await;
+            let done = poll_until_done(&client, &url, 30 * SECOND).await;
+            assert_result(&done, n);
+        }
+    }
 }

@@ -9,11 +9,14 @@
 use std::fmt;
 use std::future::ready;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
+
+use dashmap::DashMap;
 
 use futures_util::StreamExt;
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr};
 use redis::{ProtocolVersion, PushInfo, PushKind, Value};
 
 use super::redis_core::{Core, Layout, decode_announcement, store_error};
@@ -22,6 +25,9 @@ use crate::job::{JobId, JobOutcome, JobRecord};
 
 /// How long `changes` may take to connect and subscribe before the store is unavailable.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long writes to a master stop waiting for replicas after it had too few.
+const SHORT_OF_REPLICAS_PAUSE: Duration = Duration::from_secs(5);
 
 /// Settings applied to every cluster client the store builds, after its own defaults.
 type Configure = dyn Fn(ClusterClientBuilder) -> ClusterClientBuilder + Send + Sync;
@@ -69,6 +75,12 @@ pub struct RedisClusterStore {
     nodes: Arc<[String]>,
     configure: Arc<Configure>,
     replica_acks: Option<(usize, Duration)>,
+    /// The connection of writes that wait for replicas (`WAIT` covers the writes of its own
+    /// connection, and blocks it meanwhile), opened at the first such write.
+    durable: Arc<tokio::sync::OnceCell<ClusterConnection>>,
+    /// Slots whose master lately had too few replicas, and until when writes to them do not
+    /// wait (a `WAIT` that cannot be satisfied would only hold up every write behind it).
+    short_of_replicas: Arc<DashMap<Slot, Instant>>,
 }
 
 impl fmt::Debug for RedisClusterStore {
@@ -174,6 +186,8 @@ impl RedisClusterStore {
             nodes,
             configure,
             replica_acks: None,
+            durable: Arc::new(tokio::sync::OnceCell::new()),
+            short_of_replicas: Arc::new(DashMap::new()),
         })
     }
 
@@ -243,11 +257,21 @@ impl RedisClusterStore {
         self
     }
 
-    /// Makes every finished job's result wait (up to `timeout`) until `replicas` replicas of
-    /// each master have acknowledged it (`WAIT`), so a master that fails right after recording
-    /// a result cannot take it with it. Off by default: it adds a round trip to every master
-    /// to each finish, and needs every master to have that many replicas. When fewer
-    /// acknowledge in time the result stays recorded on the master and a warning is logged.
+    /// Makes every new job and every finished result wait (up to `timeout`) until `replicas`
+    /// replicas of its master have acknowledged it (`WAIT`) before the store reports it
+    /// recorded, so a master that fails over right after a kick-off was answered `202`, or a
+    /// result recorded, cannot take it with it. Off by default: Redis replicates
+    /// asynchronously, and without it a failover loses what its master wrote in the last
+    /// moments (milliseconds, on a healthy network) before it died.
+    ///
+    /// These writes go through a connection of their own (`WAIT` blocks the connection it is
+    /// sent on), and each waits for a round trip to the replicas; every master needs that many
+    /// replicas: when one of a master's writes is not acknowledged within `timeout` (a master
+    /// left without replicas after a failover, until a new one joins), writes to it stop waiting
+    /// for 5 s, so one missing replica does not hold up every write behind it. Keep `timeout` well below the layer's
+    /// [`store_timeout`](crate::AsyncLayerBuilder::store_timeout), or a slow replica turns
+    /// into refused kick-offs. When fewer replicas acknowledge in time the write stays
+    /// recorded on the master and a warning is logged.
     ///
     /// ```no_run
     /// use std::time::Duration;
@@ -301,30 +325,88 @@ impl RedisClusterStore {
         self.core.layout.channels()
     }
 
-    /// Waits for the replicas [`with_replica_acks`](Self::with_replica_acks) asks for.
-    async fn await_replicas(&self, id: &JobId) {
+    /// The operations on the connection of writes that wait for replicas, when
+    /// [`with_replica_acks`](Self::with_replica_acks) asks for them.
+    async fn durable(&self) -> Result<Option<Core<ClusterConnection>>, StoreError> {
+        if self.replica_acks.is_none() {
+            return Ok(None);
+        }
+        let connection = self
+            .durable
+            .get_or_try_init(|| async {
+                let client = (self.configure)(Self::client_builder(self.nodes.iter()))
+                    .build()
+                    .map_err(store_error)?;
+                client.get_async_connection().await.map_err(store_error)
+            })
+            .await?;
+        Ok(Some(Core {
+            connection: connection.clone(),
+            ..self.core.clone()
+        }))
+    }
+
+    /// Waits until the replicas [`with_replica_acks`](Self::with_replica_acks) asks for have
+    /// every write sent on `durable`'s connection to the master of job `id` (and to the master
+    /// of the idempotency key `once`, when there is one).
+    async fn await_replicas(
+        &self,
+        durable: &Core<ClusterConnection>,
+        id: &JobId,
+        once: Option<&str>,
+    ) {
+        let job = self.job_key(id);
+        let mut slots = vec![Slot::for_key(&job)];
+        slots.extend(once.map(Slot::for_key));
+        slots.dedup();
+        for slot in slots {
+            self.await_replicas_of(durable, slot, id).await;
+        }
+    }
+
+    async fn await_replicas_of(&self, durable: &Core<ClusterConnection>, slot: Slot, id: &JobId) {
         let Some((replicas, timeout)) = self.replica_acks else {
             return;
         };
+        if let Some(until) = self.short_of_replicas.get(&slot).map(|until| *until) {
+            if Instant::now() < until {
+                return;
+            }
+            self.short_of_replicas.remove(&slot);
+        }
         let millis = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-        // redis-rs sends WAIT to every master and answers the least count.
-        let acked: Result<usize, _> = redis::cmd("WAIT")
-            .arg(replicas)
-            .arg(millis)
-            .query_async(&mut self.core.connection.clone())
-            .await;
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(replicas).arg(millis);
+        // The master that took the write: WAIT counts the replicas that have this connection's
+        // writes to it.
+        let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::with_slot(
+            slot,
+            SlotAddr::Master,
+        )));
+        let acked = durable
+            .connection
+            .clone()
+            .route_command(wait, route)
+            .await
+            .and_then(|value| redis::from_redis_value::<usize>(value).map_err(Into::into));
         match acked {
             Ok(acked) if acked >= replicas => {}
-            Ok(acked) => tracing::warn!(
-                job = %id,
-                acked,
-                wanted = replicas,
-                "the job's result is recorded on its master but not yet on enough replicas"
-            ),
+            Ok(acked) => {
+                self.short_of_replicas
+                    .insert(slot, Instant::now() + SHORT_OF_REPLICAS_PAUSE);
+                tracing::warn!(
+                    job = %id,
+                    acked,
+                    wanted = replicas,
+                    pause = ?SHORT_OF_REPLICAS_PAUSE,
+                    "the job is recorded on its master but not yet on enough replicas; writes \
+                     to this master do not wait for replicas for a while"
+                );
+            }
             Err(err) => tracing::warn!(
                 job = %id,
                 error = %err,
-                "could not wait for replicas to acknowledge the job's result"
+                "could not wait for replicas to acknowledge the job"
             ),
         }
     }
@@ -382,7 +464,13 @@ impl RedisClusterStore {
 
 impl JobStore for RedisClusterStore {
     async fn create(&self, record: JobRecord) -> Result<(), StoreError> {
-        self.core.create(record).await
+        let Some(durable) = self.durable().await? else {
+            return self.core.create(record).await;
+        };
+        let id = record.id;
+        durable.create(record).await?;
+        self.await_replicas(&durable, &id, None).await;
+        Ok(())
     }
 
     async fn create_once(
@@ -391,7 +479,17 @@ impl JobStore for RedisClusterStore {
         key: &str,
         now: SystemTime,
     ) -> Result<Created, StoreError> {
-        self.core.create_once_split(record, key, now).await
+        let Some(durable) = self.durable().await? else {
+            return self.core.create_once_split(record, key, now).await;
+        };
+        let id = record.id;
+        let once = record
+            .owner
+            .as_deref()
+            .map(|owner| durable.layout.once_key(owner, key));
+        let created = durable.create_once_split(record, key, now).await?;
+        self.await_replicas(&durable, &id, once.as_deref()).await;
+        Ok(created)
     }
 
     async fn get(&self, id: &JobId, now: SystemTime) -> Result<Option<JobRecord>, StoreError> {
@@ -399,10 +497,15 @@ impl JobStore for RedisClusterStore {
     }
 
     async fn transition(&self, id: &JobId, transition: Transition<'_>) -> Result<bool, StoreError> {
-        let finishing = matches!(transition, Transition::Finish { .. });
-        let applied = self.core.transition(id, transition).await?;
-        if applied && finishing {
-            self.await_replicas(id).await;
+        if !matches!(transition, Transition::Finish { .. }) {
+            return self.core.transition(id, transition).await;
+        }
+        let Some(durable) = self.durable().await? else {
+            return self.core.transition(id, transition).await;
+        };
+        let applied = durable.transition(id, transition).await?;
+        if applied {
+            self.await_replicas(&durable, id, None).await;
         }
         Ok(applied)
     }

@@ -37,6 +37,8 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
+    /// Further `redis-server` arguments (a cluster node's).
+    extra: Vec<String>,
 }
 
 impl RedisServer {
@@ -46,6 +48,7 @@ impl RedisServer {
             child: None,
             port,
             dir: dir.to_owned(),
+            extra: Vec::new(),
         };
         server.restart().await;
         server
@@ -70,6 +73,7 @@ impl RedisServer {
             .arg(&self.dir)
             .arg("--logfile")
             .arg(self.dir.join("redis.log"))
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -157,4 +161,188 @@ pub async fn ping(port: u16) -> bool {
         Ok::<_, std::io::Error>(reply[..read].starts_with(b"+PONG"))
     };
     matches!(tokio::time::timeout(SECOND, exchange).await, Ok(Ok(true)))
+}
+
+/// A Redis Cluster of a test's own: `masters` masters with `replicas` replicas each, every node
+/// a [`RedisServer`] on a free 127.0.0.1 port (its cluster bus on the port + 10000) with its own
+/// directory (append-only file and `nodes.conf`, so a restarted node rejoins with its data),
+/// `cluster-node-timeout` 1 s. Created with `redis-cli --cluster create`; dropping it kills every
+/// node.
+#[cfg(feature = "redis-cluster")]
+pub struct PrivateCluster {
+    pub nodes: Vec<RedisServer>,
+    _dir: TempDir,
+}
+
+#[cfg(feature = "redis-cluster")]
+impl PrivateCluster {
+    pub async fn start(masters: usize, replicas: usize) -> Self {
+        let dir = TempDir::new();
+        let mut nodes = Vec::new();
+        for port in cluster_ports(masters * (1 + replicas)) {
+            let node_dir = dir.0.join(port.to_string());
+            std::fs::create_dir(&node_dir).expect("a node directory");
+            let mut node = RedisServer {
+                child: None,
+                port,
+                dir: node_dir,
+                extra: [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "1000",
+                ]
+                .map(String::from)
+                .to_vec(),
+            };
+            node.restart().await;
+            nodes.push(node);
+        }
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let created = std::process::Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("cannot run `redis-cli --cluster create` ({e}); install redis-tools")
+            });
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        let cluster = Self { nodes, _dir: dir };
+        cluster.wait_until_ok(masters, 30 * SECOND).await;
+        cluster
+            .wait_for_replicas(masters * replicas, 30 * SECOND)
+            .await;
+        cluster
+    }
+
+    /// Waits until `count` replicas have finished their first sync (`master_link_status:up`).
+    pub async fn wait_for_replicas(&self, count: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let mut synced = 0;
+            for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+                let client = tower_fhir_async::redis::Client::open(node.url()).unwrap();
+                if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+                    let info: String = tower_fhir_async::redis::cmd("INFO")
+                        .arg("replication")
+                        .query_async(&mut c)
+                        .await
+                        .unwrap_or_default();
+                    if info.contains("role:slave") && info.contains("master_link_status:up") {
+                        synced += 1;
+                    }
+                }
+            }
+            if synced >= count {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{synced} of {count} replicas in sync after {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// `CLUSTER NODES` as one node sees it.
+    pub async fn nodes_seen_by(&self, node: usize) -> String {
+        let client = tower_fhir_async::redis::Client::open(self.nodes[node].url()).unwrap();
+        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+        tower_fhir_async::redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut connection)
+            .await
+            .unwrap()
+    }
+
+    /// The index in [`nodes`](Self::nodes) of every master with slots, as node `seen_by` sees it
+    /// (failed nodes left out).
+    pub async fn masters(&self, seen_by: usize) -> Vec<usize> {
+        let table = self.nodes_seen_by(seen_by).await;
+        table
+            .lines()
+            .filter(|line| {
+                let flags = line.split(' ').nth(2).unwrap_or_default();
+                flags.contains("master") && !flags.contains("fail") && line.split(' ').count() > 8
+            })
+            .filter_map(|line| {
+                let address = line.split(' ').nth(1)?.split('@').next()?;
+                let port: u16 = address.rsplit(':').next()?.parse().ok()?;
+                self.nodes.iter().position(|n| n.port == port)
+            })
+            .collect()
+    }
+
+    /// Waits until every running node reports `cluster_state:ok` and `masters` masters serve
+    /// slots.
+    pub async fn wait_until_ok(&self, masters: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let mut ok = true;
+            for (index, node) in self.nodes.iter().enumerate() {
+                if node.child.is_none() {
+                    continue;
+                }
+                let client = tower_fhir_async::redis::Client::open(node.url()).unwrap();
+                let info: Option<String> = match client.get_multiplexed_async_connection().await {
+                    Ok(mut c) => tower_fhir_async::redis::cmd("CLUSTER")
+                        .arg("INFO")
+                        .query_async(&mut c)
+                        .await
+                        .ok(),
+                    Err(_) => None,
+                };
+                let state_ok = info.is_some_and(|i| i.contains("cluster_state:ok"));
+                ok &= state_ok && self.masters(index).await.len() == masters;
+            }
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the test's Redis Cluster was not ok within {limit:?}; node 0 sees:\n{}",
+                self.nodes_seen_by(0).await
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// `count` consecutive free ports whose cluster bus ports (+ 10000) are free too.
+#[cfg(feature = "redis-cluster")]
+fn cluster_ports(count: usize) -> Vec<u16> {
+    let bindable = |port: u16| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
+    for _ in 0..200 {
+        let mut random = [0u8; 2];
+        getrandom_port(&mut random);
+        let first = 20_000 + u16::from_be_bytes(random) % 20_000;
+        let ports: Vec<u16> = (first..first + count as u16).collect();
+        if ports.iter().all(|&p| bindable(p) && bindable(p + 10_000)) {
+            return ports;
+        }
+    }
+    panic!("no {count} free ports (with their cluster bus ports) found on 127.0.0.1");
+}
+
+/// Random bytes for picking ports, from a fresh job id (the test crates have no RNG of their own).
+#[cfg(feature = "redis-cluster")]
+fn getrandom_port(bytes: &mut [u8; 2]) {
+    let id = JobId::new();
+    bytes.copy_from_slice(&id.as_bytes()[..2]);
 }
