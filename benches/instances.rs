@@ -15,9 +15,10 @@
 //!
 //! `REDIS_URL=redis://127.0.0.1:6379 S3_ENDPOINT=http://127.0.0.1:9000 cargo bench --features
 //! redis,s3 --bench instances` (as `.ci/run` starts them: Redis, and moto's S3 server).
-//! `INSTANCES_SECS` (default 20) sets the seconds of traffic with ten instances,
+//! `INSTANCES_STORE=redis-cluster://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002` runs the same
+//! on a Redis Cluster (the three masters `.ci/run` starts). `INSTANCES_SECS` (default 20) sets the seconds of traffic with ten instances,
 //! `INSTANCES_CLIENTS` (default 32) the concurrent clients. The bench builds the demo itself
-//! (`cargo build --release --example server --features redis,s3`) and makes an S3 bucket of its
+//! (`cargo build --release --example server --features redis,redis-cluster,s3`) and makes an S3 bucket of its
 //! own; its jobs' Redis keys expire with the demo's retention.
 
 use std::collections::HashMap;
@@ -68,7 +69,10 @@ fn number(name: &str, default: u64) -> Result<u64, String> {
 }
 
 async fn run() -> Result<bool, String> {
-    let redis = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    // The demo's `--store`: one Redis, or a Redis Cluster (`redis-cluster://HOST:PORT,…`).
+    let redis = std::env::var("INSTANCES_STORE")
+        .or_else(|_| std::env::var("REDIS_URL"))
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let s3 = std::env::var("S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:9000".into());
     let secs = number("INSTANCES_SECS", 20)?;
     let clients = number("INSTANCES_CLIENTS", 32)? as usize;
@@ -85,7 +89,7 @@ async fn run() -> Result<bool, String> {
             .collect()
     };
     println!(
-        "{INSTANCES} demo instances on 127.0.0.1 sharing Redis ({redis}) and S3 ({s3}, bucket \
+        "{INSTANCES} demo instances on 127.0.0.1 sharing the job store {redis} and S3 ({s3}, bucket \
          {bucket}); {clients} clients; {secs} s of traffic, {KILLED} instances killed half-way"
     );
 
@@ -533,7 +537,7 @@ fn build_demo() -> Result<std::path::PathBuf, String> {
             "--example",
             "server",
             "--features",
-            "redis,s3",
+            "redis,redis-cluster,s3",
         ])
         .status()
         .map_err(|e| format!("running cargo: {e}"))?;

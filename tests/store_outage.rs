@@ -8,6 +8,10 @@
 //! touch it: each outage test runs a `redis-server` of its own (on a free 127.0.0.1 port, with an
 //! append-only file in a fresh temporary directory, so a restart keeps the data), stops it and
 //! starts it again. The binary must be on PATH; without it the test fails, never skips.
+//!
+//! With `redis-cluster`, the same outage on a three-master Redis Cluster of the test's own, and
+//! a master failover in a six-node one (issue #16 item 1): nodes started the same way, joined by
+//! `redis-cli --cluster create` (so `redis-cli` must be on PATH too).
 
 mod support;
 
