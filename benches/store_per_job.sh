@@ -94,3 +94,35 @@ kill "$pid"; wait "$pid" 2>/dev/null || true
 echo "WAL written for the jobs (and $waits polls while waiting): $(( (w1 - w0) / JOBS )) bytes per job"
 echo "WAL written for one poll of each ended job: $(( w2 - w1 )) bytes in all (a poll writes nothing)"
 echo "rows: $(( r1 - r0 )) new; table with indexes and TOAST grew by $(( (s1 - s0) / (r1 - r0) )) bytes per job"
+
+# A Redis Cluster (CLUSTER_PORTS, default the three masters .ci/run starts on 7000-7002), when
+# one answers: MONITOR on every master, memory and keys summed over them. The cluster must be
+# quiet too (no test run against it meanwhile).
+CLUSTER_PORTS="${CLUSTER_PORTS:-7000 7001 7002}"
+first_port=${CLUSTER_PORTS%% *}
+if redis-cli -h 127.0.0.1 -p "$first_port" cluster info 2>/dev/null | grep -q '^cluster_state:ok'; then
+    cargo build -q --release --example server --features redis-cluster
+    nodes=$(for port in $CLUSTER_PORTS; do printf '127.0.0.1:%s,' "$port"; done)
+    echo "== Redis Cluster (masters on ports $CLUSTER_PORTS), $JOBS jobs"
+    sum() { local total=0; for port in $CLUSTER_PORTS; do
+        total=$(( total + $(redis-cli -h 127.0.0.1 -p "$port" "$@" | tr -d '\r' | tail -1) )); done; echo $total; }
+    used() { local total=0; for port in $CLUSTER_PORTS; do
+        total=$(( total + $(redis-cli -h 127.0.0.1 -p "$port" INFO memory | tr -d '\r' | sed -n 's/^used_memory://p') )); done; echo $total; }
+    start "redis-cluster://${nodes%,}"
+    sleep 1
+    cmonitor() { mons=(); for port in $CLUSTER_PORTS; do
+        redis-cli -h 127.0.0.1 -p "$port" MONITOR >"$1.$port" & mons+=($!); done; sleep 0.2; }
+    ccount() { cat "$2".* | grep -c "^[0-9.]* \[0 $1" || true; }
+    k0=$(sum DBSIZE); m0=$(used)
+    cmonitor "$log.jobs"; jobs; sleep 0.5; kill "${mons[@]}"
+    cmonitor "$log.polls"; poll_all; sleep 0.5; kill "${mons[@]}"
+    m1=$(used); k1=$(sum DBSIZE)
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+    poll_trips=$(ccount 127 "$log.polls")
+    job_trips=$(( $(ccount 127 "$log.jobs") - waits * poll_trips / JOBS ))
+    echo "round trips per 100 jobs (kick-off, run, end; the $waits polls while waiting left out): $(( job_trips * 100 / JOBS ))"
+    echo "commands run inside those scripts per 100 jobs: $(( $(ccount lua "$log.jobs") * 100 / JOBS ))"
+    echo "round trips per 100 polls of ended jobs: $(( poll_trips * 100 / JOBS ))"
+    echo "keys: $(( k1 - k0 )) new ($(( (k1 - k0) * 100 / JOBS )) per 100 jobs); memory: $(( (m1 - m0) / JOBS )) bytes per job (its result included)"
+    rm -f "$log".jobs.* "$log".polls.*
+fi

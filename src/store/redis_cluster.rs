@@ -265,13 +265,13 @@ impl RedisClusterStore {
     /// moments (milliseconds, on a healthy network) before it died.
     ///
     /// These writes go through a connection of their own (`WAIT` blocks the connection it is
-    /// sent on), and each waits for a round trip to the replicas; every master needs that many
-    /// replicas: when one of a master's writes is not acknowledged within `timeout` (a master
-    /// left without replicas after a failover, until a new one joins), writes to it stop waiting
-    /// for 5 s, so one missing replica does not hold up every write behind it. Keep `timeout` well below the layer's
+    /// sent on), and each waits for a round trip to the replicas, so every master needs that
+    /// many. When a write is not acknowledged within `timeout` it stays recorded on its master,
+    /// a warning is logged, and writes to that master stop waiting for 5 s (a master left
+    /// without replicas after a failover, until a new one joins, would otherwise hold up every
+    /// write behind it). Keep `timeout` well below the layer's
     /// [`store_timeout`](crate::AsyncLayerBuilder::store_timeout), or a slow replica turns
-    /// into refused kick-offs. When fewer replicas acknowledge in time the write stays
-    /// recorded on the master and a warning is logged.
+    /// into refused kick-offs.
     ///
     /// ```no_run
     /// use std::time::Duration;
@@ -400,7 +400,7 @@ impl RedisClusterStore {
                     wanted = replicas,
                     pause = ?SHORT_OF_REPLICAS_PAUSE,
                     "the job is recorded on its master but not yet on enough replicas; writes \
-                     to this master do not wait for replicas for a while"
+                     to its slot do not wait for replicas for a while"
                 );
             }
             Err(err) => tracing::warn!(

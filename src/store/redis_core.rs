@@ -1181,3 +1181,48 @@ pub(super) fn store_error(err: RedisError) -> StoreError {
         _ => StoreError::Unavailable(Box::new(err)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id_ending(high: u8, low: u8) -> JobId {
+        let mut bytes = [7u8; 16];
+        bytes[14] = high;
+        bytes[15] = low;
+        JobId::from_bytes(bytes)
+    }
+
+    // [DESIGN] On one server no key carries a hash tag: the layout of earlier versions.
+    #[test]
+    fn design_one_keyspace_keeps_the_untagged_layout() {
+        let layout = Layout::single("p:");
+        let id = id_ending(1, 2);
+        assert_eq!(layout.partitions(), 0..1);
+        assert_eq!(layout.partition(&id), 0);
+        assert_eq!(layout.job_key(&id), format!("p:job:{id}"));
+        assert_eq!(layout.index_key(0, RUNNING), "p:running");
+        assert_eq!(layout.channel(0), "p:changed");
+        assert_eq!(layout.publish_command(), "PUBLISH");
+        assert_eq!(layout.once_key("alice", "k"), "p:once:5:alice:k");
+    }
+
+    // [DESIGN] On a cluster a job's partition is its id's last two bytes modulo the count, and
+    // its key, its partition's indexes and channel share that partition's hash tag.
+    #[cfg(feature = "redis-cluster")]
+    #[test]
+    fn design_partitions_tag_a_job_and_its_indexes_alike() {
+        let layout = Layout::partitioned("p:", 16);
+        assert_eq!(layout.partitions(), 0..16);
+        let id = id_ending(0x01, 0x13); // 0x0113 = 275 = 17 * 16 + 3
+        assert_eq!(layout.partition(&id), 3);
+        assert_eq!(layout.job_key(&id), format!("p:{{3}}job:{id}"));
+        assert_eq!(layout.job_prefix(3), "p:{3}job:");
+        assert_eq!(layout.index_key(3, EXPIRING), "p:{3}expiring");
+        assert_eq!(layout.channel(3), "p:{3}changed");
+        assert_eq!(layout.channels().len(), 16);
+        assert_eq!(layout.publish_command(), "SPUBLISH");
+        assert_eq!(Layout::partitioned("p:", 0).partitions(), 0..1, "at least one");
+        assert_eq!(layout.with_prefix("q:").job_key(&id), format!("q:{{3}}job:{id}"));
+    }
+}
