@@ -411,23 +411,8 @@ mod cluster {
         )
     }
 
-    /// Plain connections to every master, for looking behind the stores' backs.
     async fn masters() -> Vec<MultiplexedConnection> {
-        let mut first = redis_connection(&cluster_urls()[0]).await;
-        let nodes: String = redis::cmd("CLUSTER")
-            .arg("NODES")
-            .query_async(&mut first)
-            .await
-            .unwrap_or_else(|err| no_cluster(err));
-        let mut masters = Vec::new();
-        for line in nodes.lines() {
-            let fields: Vec<&str> = line.split(' ').collect();
-            if fields.get(2).is_some_and(|f| f.contains("master")) {
-                let address = fields[1].split('@').next().unwrap_or_default();
-                masters.push(redis_connection(&format!("redis://{address}")).await);
-            }
-        }
-        masters
+        support::private_redis::cluster_masters(&cluster_urls()[0]).await
     }
 
     pub(super) struct ClusterBackend {
@@ -510,34 +495,7 @@ mod cluster {
                 }
                 return;
             }
-            for mut master in masters().await {
-                let mut cursor = 0u64;
-                loop {
-                    let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(format!("{}*", self.prefix))
-                        .arg("COUNT")
-                        .arg(1000)
-                        .query_async(&mut master)
-                        .await
-                        .expect("SCAN for the test's keys");
-                    let mut pipe = redis::pipe();
-                    for key in &keys {
-                        pipe.cmd("DEL").arg(key).ignore();
-                    }
-                    if !keys.is_empty() {
-                        let () = pipe
-                            .query_async(&mut master)
-                            .await
-                            .expect("DEL the test's keys");
-                    }
-                    if next == 0 {
-                        break;
-                    }
-                    cursor = next;
-                }
-            }
+            support::private_redis::delete_cluster_keys(&cluster_urls()[0], &self.prefix).await;
         }
     }
 }

@@ -1222,7 +1222,14 @@ mod tests {
         assert_eq!(layout.channel(3), "p:{3}changed");
         assert_eq!(layout.channels().len(), 16);
         assert_eq!(layout.publish_command(), "SPUBLISH");
-        assert_eq!(Layout::partitioned("p:", 0).partitions(), 0..1, "at least one");
-        assert_eq!(layout.with_prefix("q:").job_key(&id), format!("q:{{3}}job:{id}"));
+        assert_eq!(
+            Layout::partitioned("p:", 0).partitions(),
+            0..1,
+            "at least one"
+        );
+        assert_eq!(
+            layout.with_prefix("q:").job_key(&id),
+            format!("q:{{3}}job:{id}")
+        );
     }
 }

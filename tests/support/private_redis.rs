@@ -346,3 +346,77 @@ fn getrandom_port(bytes: &mut [u8; 2]) {
     let id = JobId::new();
     bytes.copy_from_slice(&id.as_bytes()[..2]);
 }
+
+/// Plain connections to every master of the Redis Cluster that the node at `url` belongs to,
+/// for looking behind a store's back.
+#[cfg(feature = "redis-cluster")]
+pub async fn cluster_masters(
+    url: &str,
+) -> Vec<tower_fhir_async::redis::aio::MultiplexedConnection> {
+    use tower_fhir_async::redis;
+    let connect = async |url: &str| {
+        let client = redis::Client::open(url)
+            .unwrap_or_else(|e| panic!("cannot use the Redis Cluster node {url}: {e}"));
+        tokio::time::timeout(10 * SECOND, client.get_multiplexed_async_connection())
+            .await
+            .unwrap_or_else(|_| panic!("no connection to {url} within 10 s"))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot reach the Redis Cluster node {url}: {e}. `bash .ci/run` starts a \
+                     cluster on 127.0.0.1:7000-7002, or set REDIS_CLUSTER_URLS"
+                )
+            })
+    };
+    let nodes: String = redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query_async(&mut connect(url).await)
+        .await
+        .expect("CLUSTER NODES");
+    let mut masters = Vec::new();
+    for line in nodes.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        if fields
+            .get(2)
+            .is_some_and(|f| f.contains("master") && !f.contains("fail"))
+        {
+            let address = fields[1].split('@').next().unwrap_or_default();
+            masters.push(connect(&format!("redis://{address}")).await);
+        }
+    }
+    masters
+}
+
+/// Deletes every key under `prefix` on every master of the cluster `url` belongs to, one key
+/// at a time (keys of different slots cannot share a `DEL`).
+#[cfg(feature = "redis-cluster")]
+pub async fn delete_cluster_keys(url: &str, prefix: &str) {
+    use tower_fhir_async::redis;
+    for mut master in cluster_masters(url).await {
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}*"))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut master)
+                .await
+                .expect("SCAN for the test's keys");
+            if !keys.is_empty() {
+                let mut pipe = redis::pipe();
+                for key in &keys {
+                    pipe.cmd("DEL").arg(key).ignore();
+                }
+                let () = pipe
+                    .query_async(&mut master)
+                    .await
+                    .expect("DEL the test's keys");
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+}
