@@ -617,6 +617,20 @@ where
     })
 }
 
+/// Whether the job's record holds `outcome` already: an earlier attempt that seemed to fail
+/// (the store applied it, then its answer was lost to a timeout or a dropped connection)
+/// recorded it after all, so the refusal of a later attempt is no refusal.
+async fn landed_earlier(runner: &Runner, id: &JobId, outcome: &JobOutcome) -> bool {
+    let Ok(Some(record)) = runner.store.get(id, runner.clock.now()).await else {
+        return false;
+    };
+    match (&record.state, outcome) {
+        (JobState::Completed(kept), JobOutcome::Completed(ours))
+        | (JobState::Failed(kept), JobOutcome::Failed(ours)) => kept == ours,
+        _ => false,
+    }
+}
+
 /// Says why the store refused a job's result: cancelled (expected), or fenced, because another
 /// instance took the job for lost and failed it (a defect to look into: logged at error level
 /// and counted).
@@ -668,6 +682,14 @@ async fn record(runner: &Runner, id: JobId, outcome: JobOutcome) -> bool {
                     status,
                     failed = matches!(outcome, JobOutcome::Failed(_)),
                     "asynchronous job finished"
+                );
+                return true;
+            }
+            Ok(false) if attempt > 1 && landed_earlier(runner, &id, &outcome).await => {
+                tracing::info!(
+                    status,
+                    failed = matches!(outcome, JobOutcome::Failed(_)),
+                    "asynchronous job finished (recorded by an attempt whose answer was lost)"
                 );
                 return true;
             }
