@@ -392,23 +392,15 @@ mod cluster {
     use tower_fhir_async::RedisClusterStore;
 
     /// `REDIS_CLUSTER_URLS` (default the three masters `.ci/run` starts).
+    use support::private_redis::no_cluster;
+
+    /// The cluster's node URLs, which must be on this machine.
     pub(super) fn cluster_urls() -> Vec<String> {
-        let urls = std::env::var("REDIS_CLUSTER_URLS").unwrap_or_else(|_| {
-            "redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002".into()
-        });
-        let urls: Vec<String> = urls.split(',').map(|u| u.trim().to_owned()).collect();
+        let urls = support::private_redis::cluster_urls();
         for url in &urls {
             require_loopback("REDIS_CLUSTER_URLS", url);
         }
         urls
-    }
-
-    fn no_cluster(why: impl std::fmt::Display) -> ! {
-        panic!(
-            "cannot reach the Redis Cluster at {:?}: {why}. `bash .ci/run` starts one on \
-             127.0.0.1:7000-7002, or set REDIS_CLUSTER_URLS",
-            cluster_urls()
-        )
     }
 
     async fn masters() -> Vec<MultiplexedConnection> {

@@ -493,6 +493,17 @@ mod cluster {
         reply.header("content-location").to_owned()
     }
 
+    /// The partition (of the default 16) of the job a status URL names.
+    fn partition_of(status_url: &str) -> u16 {
+        let id = status_url
+            .rsplit('/')
+            .next()
+            .and_then(JobId::parse)
+            .unwrap_or_else(|| panic!("no job id in {status_url}"));
+        let [.., high, low] = *id.as_bytes();
+        u16::from_be_bytes([high, low]) % RedisClusterStore::DEFAULT_PARTITIONS
+    }
+
     fn assert_result(reply: &Reply, n: usize) {
         assert_eq!(reply.status, StatusCode::OK, "job-{n}: {reply:?}");
         let bundle = reply.json();
@@ -504,7 +515,8 @@ mod cluster {
     }
 
     // Issue #16 item 1, STATUS-14, STATUS-10: in a six-node cluster (three masters, one replica
-    // each), the master serving most of the jobs is killed (SIGKILL) and its replica takes over.
+    // each), the master holding the most finished results (and at least four running jobs) is
+    // killed (SIGKILL) and its replica takes over.
     // No finished result is lost (the store waits for a replica's acknowledgement of every
     // kick-off and result), and no job is stranded: jobs running through the failover record
     // their results on the new master, and the layers (two instances) keep working.
@@ -541,16 +553,40 @@ mod cluster {
             let done = poll_until_done(&client, url, 30 * SECOND).await;
             assert_result(&done, n);
         }
-        // Jobs still running when the master dies.
-        let mut running = Vec::new();
-        for n in 100..116 {
-            running.push(start_job(&client, &base_a, "$hold", n).await);
-        }
-
-        // Kill a master (each has a replica) and wait for its replica to take over.
+        // The victim: the master holding the most of those results (each master has a replica).
         let masters = cluster.masters(0).await;
         assert_eq!(masters.len(), 3, "{}", cluster.nodes_seen_by(0).await);
-        let victim = masters[0];
+        let mut master_of_partition = Vec::new();
+        for partition in 0..RedisClusterStore::DEFAULT_PARTITIONS {
+            master_of_partition.push(cluster.master_of(&format!("{{{partition}}}"), 0).await);
+        }
+        let on = |master: usize, urls: &[String]| {
+            urls.iter()
+                .filter(|url| master_of_partition[usize::from(partition_of(url))] == master)
+                .count()
+        };
+        let victim = *masters
+            .iter()
+            .max_by_key(|&&master| on(master, &finished))
+            .expect("three masters");
+        let finished_on_victim = on(victim, &finished);
+        assert!(finished_on_victim > 0, "48 results over three masters");
+        // Jobs still running when the master dies: at least four of them on the victim.
+        let mut running = Vec::new();
+        while on(victim, &running) < 4 {
+            assert!(running.len() < 256, "no running job landed on the victim");
+            let n = 100 + running.len();
+            running.push(start_job(&client, &base_a, "$hold", n).await);
+        }
+        println!(
+            "killing node {victim}: it holds {finished_on_victim} of {} results and {} of {} \
+             running jobs",
+            finished.len(),
+            on(victim, &running),
+            running.len()
+        );
+
+        // Kill it and wait for its replica to take over.
         let witness = (0..cluster.nodes.len())
             .find(|&n| n != victim)
             .expect("another node");

@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use futures_util::FutureExt;
 use http::{HeaderValue, StatusCode};
-use support::private_redis::{cluster_masters, delete_cluster_keys};
+use support::private_redis::{cluster_masters, cluster_urls, delete_cluster_keys, no_cluster};
 use tower_fhir_async::redis;
 use tower_fhir_async::redis::cluster::ClusterClient;
 use tower_fhir_async::redis::cluster_async::ClusterConnection;
@@ -35,26 +35,6 @@ const SECOND: Duration = Duration::from_secs(1);
 
 /// One random prefix per run of this test binary, so runs never see each other's keys.
 static RUN: LazyLock<String> = LazyLock::new(|| format!("test-{}:", JobId::new()));
-
-fn cluster_urls() -> Vec<String> {
-    std::env::var("REDIS_CLUSTER_URLS")
-        .unwrap_or_else(|_| {
-            "redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002".into()
-        })
-        .split(',')
-        .map(|url| url.trim().to_owned())
-        .filter(|url| !url.is_empty())
-        .collect()
-}
-
-fn no_cluster(why: impl std::fmt::Display) -> ! {
-    panic!(
-        "cannot reach the Redis Cluster at {:?}: {why}. These tests need one: `bash .ci/run` \
-         starts three masters on 127.0.0.1:7000-7002 (see ensure_redis_cluster there), or set \
-         REDIS_CLUSTER_URLS",
-        cluster_urls()
-    )
-}
 
 /// A store with its own connections, keys under `prefix`.
 async fn connect(prefix: &str) -> RedisClusterStore {

@@ -6,6 +6,7 @@
 //! store's partitions, so every script runs on one slot, and announcements go out on each
 //! partition's sharded channel (`SPUBLISH`), so a message reaches only its shard.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::future::ready;
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, Sl
 use redis::{ProtocolVersion, PushInfo, PushKind, Value};
 
 use super::redis_core::{Core, Layout, decode_announcement, store_error};
-use super::{Changes, Created, JobStore, StoreError, Transition};
+use super::{Changes, Created, JobStore, StoreError, Transition, once_owner};
 use crate::job::{JobId, JobOutcome, JobRecord};
 
 /// How long `changes` may take to connect and subscribe before the store is unavailable.
@@ -325,11 +326,11 @@ impl RedisClusterStore {
         self.core.layout.channels()
     }
 
-    /// The operations on the connection of writes that wait for replicas, when
-    /// [`with_replica_acks`](Self::with_replica_acks) asks for them.
-    async fn durable(&self) -> Result<Option<Core<ClusterConnection>>, StoreError> {
+    /// The operations on the connection writes go through: the shared one, or, when
+    /// [`with_replica_acks`](Self::with_replica_acks) asks for replicas, one of their own.
+    async fn writer(&self) -> Result<Cow<'_, Core<ClusterConnection>>, StoreError> {
         if self.replica_acks.is_none() {
-            return Ok(None);
+            return Ok(Cow::Borrowed(&self.core));
         }
         let connection = self
             .durable
@@ -340,31 +341,34 @@ impl RedisClusterStore {
                 client.get_async_connection().await.map_err(store_error)
             })
             .await?;
-        Ok(Some(Core {
+        Ok(Cow::Owned(Core {
             connection: connection.clone(),
             ..self.core.clone()
         }))
     }
 
-    /// Waits until the replicas [`with_replica_acks`](Self::with_replica_acks) asks for have
-    /// every write sent on `durable`'s connection to the master of job `id` (and to the master
-    /// of the idempotency key `once`, when there is one).
+    /// Waits until the replicas [`with_replica_acks`](Self::with_replica_acks) asks for (if
+    /// any) have every write sent on `writer`'s connection to the master of job `id` (and to
+    /// the master of the idempotency key `once`, when there is one).
     async fn await_replicas(
         &self,
-        durable: &Core<ClusterConnection>,
+        writer: &Core<ClusterConnection>,
         id: &JobId,
         once: Option<&str>,
     ) {
+        if self.replica_acks.is_none() {
+            return;
+        }
         let job = self.job_key(id);
         let mut slots = vec![Slot::for_key(&job)];
         slots.extend(once.map(Slot::for_key));
         slots.dedup();
         for slot in slots {
-            self.await_replicas_of(durable, slot, id).await;
+            self.await_replicas_of(writer, slot, id).await;
         }
     }
 
-    async fn await_replicas_of(&self, durable: &Core<ClusterConnection>, slot: Slot, id: &JobId) {
+    async fn await_replicas_of(&self, writer: &Core<ClusterConnection>, slot: Slot, id: &JobId) {
         let Some((replicas, timeout)) = self.replica_acks else {
             return;
         };
@@ -383,7 +387,7 @@ impl RedisClusterStore {
             slot,
             SlotAddr::Master,
         )));
-        let acked = durable
+        let acked = writer
             .connection
             .clone()
             .route_command(wait, route)
@@ -464,12 +468,10 @@ impl RedisClusterStore {
 
 impl JobStore for RedisClusterStore {
     async fn create(&self, record: JobRecord) -> Result<(), StoreError> {
-        let Some(durable) = self.durable().await? else {
-            return self.core.create(record).await;
-        };
+        let writer = self.writer().await?;
         let id = record.id;
-        durable.create(record).await?;
-        self.await_replicas(&durable, &id, None).await;
+        writer.create(record).await?;
+        self.await_replicas(&writer, &id, None).await;
         Ok(())
     }
 
@@ -479,16 +481,13 @@ impl JobStore for RedisClusterStore {
         key: &str,
         now: SystemTime,
     ) -> Result<Created, StoreError> {
-        let Some(durable) = self.durable().await? else {
-            return self.core.create_once_split(record, key, now).await;
-        };
+        let writer = self.writer().await?;
         let id = record.id;
-        let once = record
-            .owner
-            .as_deref()
-            .map(|owner| durable.layout.once_key(owner, key));
-        let created = durable.create_once_split(record, key, now).await?;
-        self.await_replicas(&durable, &id, once.as_deref()).await;
+        let once = once_owner(&record)
+            .filter(|_| self.replica_acks.is_some())
+            .map(|owner| writer.layout.once_key(owner, key));
+        let created = writer.create_once_split(record, key, now).await?;
+        self.await_replicas(&writer, &id, once.as_deref()).await;
         Ok(created)
     }
 
@@ -500,12 +499,10 @@ impl JobStore for RedisClusterStore {
         if !matches!(transition, Transition::Finish { .. }) {
             return self.core.transition(id, transition).await;
         }
-        let Some(durable) = self.durable().await? else {
-            return self.core.transition(id, transition).await;
-        };
-        let applied = durable.transition(id, transition).await?;
+        let writer = self.writer().await?;
+        let applied = writer.transition(id, transition).await?;
         if applied {
-            self.await_replicas(&durable, id, None).await;
+            self.await_replicas(&writer, id, None).await;
         }
         Ok(applied)
     }

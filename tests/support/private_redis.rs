@@ -289,6 +289,43 @@ impl PrivateCluster {
             .collect()
     }
 
+    /// The index in [`nodes`](Self::nodes) of the master serving `key`'s slot, as node
+    /// `seen_by` sees it.
+    pub async fn master_of(&self, key: &str, seen_by: usize) -> usize {
+        use tower_fhir_async::redis;
+        let client = redis::Client::open(self.nodes[seen_by].url()).unwrap();
+        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        let table = self.nodes_seen_by(seen_by).await;
+        for line in table.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let serves = fields.iter().skip(8).any(|range| {
+                let (start, end) = range.split_once('-').unwrap_or((range, range));
+                matches!((start.parse::<u16>(), end.parse::<u16>()),
+                    (Ok(start), Ok(end)) if (start..=end).contains(&slot))
+            });
+            if serves && fields.get(2).is_some_and(|f| f.contains("master")) {
+                let port: u16 = fields[1]
+                    .split('@')
+                    .next()
+                    .and_then(|address| address.rsplit(':').next())
+                    .and_then(|port| port.parse().ok())
+                    .expect("a node address");
+                return self
+                    .nodes
+                    .iter()
+                    .position(|n| n.port == port)
+                    .expect("a node of this cluster");
+            }
+        }
+        panic!("no master serves slot {slot} of {key:?}:\n{table}");
+    }
+
     /// Waits until every running node reports `cluster_state:ok` and `masters` masters serve
     /// slots.
     pub async fn wait_until_ok(&self, masters: usize, limit: Duration) {
@@ -345,6 +382,30 @@ fn cluster_ports(count: usize) -> Vec<u16> {
 fn getrandom_port(bytes: &mut [u8; 2]) {
     let id = JobId::new();
     bytes.copy_from_slice(&id.as_bytes()[..2]);
+}
+
+/// `REDIS_CLUSTER_URLS`, comma-separated (default the three masters `.ci/run` starts).
+#[cfg(feature = "redis-cluster")]
+pub fn cluster_urls() -> Vec<String> {
+    std::env::var("REDIS_CLUSTER_URLS")
+        .unwrap_or_else(|_| {
+            "redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002".into()
+        })
+        .split(',')
+        .map(|url| url.trim().to_owned())
+        .filter(|url| !url.is_empty())
+        .collect()
+}
+
+/// Fails a test that cannot reach the cluster of [`cluster_urls`], saying how to get one.
+#[cfg(feature = "redis-cluster")]
+pub fn no_cluster(why: impl std::fmt::Display) -> ! {
+    panic!(
+        "cannot reach the Redis Cluster at {:?}: {why}. These tests need one: `bash .ci/run` \
+         starts three masters on 127.0.0.1:7000-7002 (see ensure_redis_cluster there), or set \
+         REDIS_CLUSTER_URLS",
+        cluster_urls()
+    )
 }
 
 /// Plain connections to every master of the Redis Cluster that the node at `url` belongs to,
