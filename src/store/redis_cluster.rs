@@ -9,10 +9,8 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::future::ready;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
-
-use dashmap::DashMap;
 
 use futures_util::StreamExt;
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
@@ -27,7 +25,7 @@ use crate::job::{JobId, JobOutcome, JobRecord};
 /// How long `changes` may take to connect and subscribe before the store is unavailable.
 const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long writes to a master stop waiting for replicas after it had too few.
+/// How long writes stop waiting for replicas after a master had too few.
 const SHORT_OF_REPLICAS_PAUSE: Duration = Duration::from_secs(5);
 
 /// Settings applied to every cluster client the store builds, after its own defaults.
@@ -79,9 +77,9 @@ pub struct RedisClusterStore {
     /// The connection of writes that wait for replicas (`WAIT` covers the writes of its own
     /// connection, and blocks it meanwhile), opened at the first such write.
     durable: Arc<tokio::sync::OnceCell<ClusterConnection>>,
-    /// Slots whose master lately had too few replicas, and until when writes to them do not
-    /// wait (a `WAIT` that cannot be satisfied would only hold up every write behind it).
-    short_of_replicas: Arc<DashMap<Slot, Instant>>,
+    /// Until when writes do not wait for replicas, after a master had too few (a `WAIT` that
+    /// cannot be satisfied would only hold up every write queued behind it).
+    waits_paused_until: Arc<Mutex<Option<Instant>>>,
 }
 
 impl fmt::Debug for RedisClusterStore {
@@ -188,7 +186,7 @@ impl RedisClusterStore {
             configure,
             replica_acks: None,
             durable: Arc::new(tokio::sync::OnceCell::new()),
-            short_of_replicas: Arc::new(DashMap::new()),
+            waits_paused_until: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -268,11 +266,12 @@ impl RedisClusterStore {
     /// These writes go through a connection of their own (`WAIT` blocks the connection it is
     /// sent on), and each waits for a round trip to the replicas, so every master needs that
     /// many. When a write is not acknowledged within `timeout` it stays recorded on its master,
-    /// a warning is logged, and writes to that master stop waiting for 5 s (a master left
-    /// without replicas after a failover, until a new one joins, would otherwise hold up every
-    /// write behind it). Keep `timeout` well below the layer's
-    /// [`store_timeout`](crate::AsyncLayerBuilder::store_timeout), or a slow replica turns
-    /// into refused kick-offs.
+    /// a warning is logged, and no write waits for replicas for the next 5 s: a master left
+    /// without replicas after a failover (until a new one joins) would otherwise hold up every
+    /// write queued behind its `WAIT`s. The `WAIT`s sent to one master before that run one
+    /// after another, so keep `timeout` a small fraction of the layer's
+    /// [`store_timeout`](crate::AsyncLayerBuilder::store_timeout) (a tenth, say), or a lost
+    /// replica turns into refused kick-offs.
     ///
     /// ```no_run
     /// use std::time::Duration;
@@ -281,7 +280,7 @@ impl RedisClusterStore {
     /// # async fn main() -> Result<(), tower_fhir_async::StoreError> {
     /// let store = tower_fhir_async::RedisClusterStore::connect(["redis://127.0.0.1:7000"])
     ///     .await?
-    ///     .with_replica_acks(1, Duration::from_millis(500));
+    ///     .with_replica_acks(1, Duration::from_millis(100));
     /// # drop(store);
     /// # Ok(())
     /// # }
@@ -368,15 +367,21 @@ impl RedisClusterStore {
         }
     }
 
+    /// Whether waiting for replicas is paused after a shortfall.
+    fn waits_paused(&self) -> bool {
+        let paused = self
+            .waits_paused_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        paused.is_some_and(|until| Instant::now() < until)
+    }
+
     async fn await_replicas_of(&self, writer: &Core<ClusterConnection>, slot: Slot, id: &JobId) {
         let Some((replicas, timeout)) = self.replica_acks else {
             return;
         };
-        if let Some(until) = self.short_of_replicas.get(&slot).map(|until| *until) {
-            if Instant::now() < until {
-                return;
-            }
-            self.short_of_replicas.remove(&slot);
+        if self.waits_paused() {
+            return;
         }
         let millis = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         let mut wait = redis::cmd("WAIT");
@@ -396,15 +401,18 @@ impl RedisClusterStore {
         match acked {
             Ok(acked) if acked >= replicas => {}
             Ok(acked) => {
-                self.short_of_replicas
-                    .insert(slot, Instant::now() + SHORT_OF_REPLICAS_PAUSE);
+                *self
+                    .waits_paused_until
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) =
+                    Some(Instant::now() + SHORT_OF_REPLICAS_PAUSE);
                 tracing::warn!(
                     job = %id,
                     acked,
                     wanted = replicas,
                     pause = ?SHORT_OF_REPLICAS_PAUSE,
                     "the job is recorded on its master but not yet on enough replicas; writes \
-                     to its slot do not wait for replicas for a while"
+                     do not wait for replicas for a while"
                 );
             }
             Err(err) => tracing::warn!(
